@@ -1,0 +1,45 @@
+"""suder: self-improving unified multimodal models with dual self-rewards.
+
+Public API only; importing suder does not import transformers or load weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import SuderError
+from .hookspecs import hookimpl
+from .protocol import ImageSamples, TextSamples, TokenLogProbs, UnifiedLMM
+from .registry import list_backbones, load_backbone
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ImageSamples",
+    "SuderError",
+    "TextSamples",
+    "TokenLogProbs",
+    "UnifiedLMM",
+    "hookimpl",
+    "list_backbones",
+    "load_backbone",
+    "train",
+    "pretrain",
+]
+
+
+def train(model: Any = "toy", algo: str = "simpo", **config: Any):
+    """Self-improve ``model`` (a backbone name or any ``UnifiedLMM``) with dual self-rewards.
+
+    See ``docs/python-api.md``; returns a ``TrainResult`` with the metrics and output paths.
+    """
+    from .trainer import train as _train
+
+    return _train(model, algo=algo, **config)
+
+
+def pretrain(model: Any = "toy", **options: Any):
+    """Supervised pre-training on paired ShapesWorld data (maximises both log-prob methods)."""
+    from .pretrain import pretrain as _pretrain
+
+    return _pretrain(model, **options)

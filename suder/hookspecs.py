@@ -1,0 +1,37 @@
+"""Hook specifications for suder plugins (pluggy project name ``suder``).
+
+A plugin is a module registered under the ``suder`` entry-point group that implements any of these hooks.
+The host owns the ``register`` callback; plugins only call it::
+
+    from suder import hookimpl
+
+    @hookimpl
+    def register_backbones(register):
+        register("hello", build_hello, summary="A small toy backbone")
+
+Built-in backbones and rewards use exactly this path (see ``[project.entry-points.suder]``).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("suder")
+hookimpl = pluggy.HookimplMarker("suder")
+
+
+@hookspec
+def register_backbones(register):
+    """Register backbones: ``register(name, factory, summary="...")``.
+
+    ``factory(**kwargs)`` returns an object satisfying ``suder.UnifiedLMM``. Keep imports of heavy
+    libraries (transformers, weights) inside the factory so ``suder backbones`` stays fast.
+    """
+
+
+@hookspec
+def register_rewards(register):
+    """Register rewards: ``register(name, factory, directions=("gen", "und"), summary="...")``.
+
+    ``factory(**options)`` returns a callable ``reward(model, rollout, **context) -> Tensor`` of shape (B*G,).
+    """
