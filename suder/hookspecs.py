@@ -33,5 +33,8 @@ def register_backbones(register):
 def register_rewards(register):
     """Register rewards: ``register(name, factory, directions=("gen", "und"), summary="...")``.
 
-    ``factory(**options)`` returns a callable ``reward(model, rollout, **context) -> Tensor`` of shape (B*G,).
+    ``factory(direction, **options)`` returns ``reward(ctx, samples) -> Tensor`` of shape (B*G,), where ``ctx`` is a
+    ``suder.rewards.RewardContext`` (``ctx.scorer`` is the model that scores, ``ctx.reference`` the frozen
+    reference) and ``samples`` the ``ImageSamples`` (direction ``gen``) or ``TextSamples`` (``und``) of the
+    rollout. Options are the run's reward settings (``reduction``, ``consensus_lambda``, ...); ignore the others.
     """

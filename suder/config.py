@@ -1,0 +1,229 @@
+"""``TrainConfig``: every setting of a DSR run, validated on construction.
+
+Precedence: YAML file < command-line flags < keyword arguments of ``suder.train``. Unknown keys are errors
+with the closest valid key suggested. The resolved config is written beside each run as ``config.yaml``.
+
+Defaults follow the paper's appendix A.1 (lr 3e-6 with cosine decay and 5 warm-up steps, G = 8, SimPO
+beta 2.0 / gamma 0.5, GRPO clip 0.2 / 0.28 and KL beta 0.04, grad-accum 2) for real backbones. The ``toy``
+backbone gets its own, tuned defaults (``TOY_DEFAULTS``): a 1M-parameter model needs lr 3e-5 (1e-4 collapses,
+dsr-prototype.md section 3.1), no guidance (CFG 1, the scale it is evaluated with), and 200 steps of 8 prompts and
+8 images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, closest
+
+ALGOS = ("simpo", "grpo")
+STRATEGIES = ("unified", "gen", "und", "separate")
+
+PAPER_DEFAULTS: dict[str, Any] = {
+    "lr": 3e-6,
+    "grad_accum": 2,
+    "gen_batch_size": 8,
+    "und_batch_size": 8,
+    "guidance_scale": None,  # the backbone's own default (Janus-Pro: 5)
+    "epochs": 5.0,
+    "steps": None,
+}
+TOY_DEFAULTS: dict[str, Any] = {
+    "lr": 3e-5,
+    "grad_accum": 1,
+    "gen_batch_size": 8,
+    "und_batch_size": 8,
+    "guidance_scale": 1.0,
+    "epochs": None,
+    "steps": 200,
+}
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a run; ``None`` means "the backbone's default" (see the module docstring)."""
+
+    # what to train
+    backbone: str = "toy"
+    model: str | None = None
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    algo: str = "simpo"
+    strategy: str = "unified"
+    # data (unpaired); on the toy backbone, None means ShapesWorld prompts / scenes
+    prompts: str | None = None
+    images: str | None = None
+    output_dir: str = "runs/suder"
+    # length and batch
+    steps: int | None = None
+    epochs: float | None = None
+    gen_batch_size: int | None = None
+    und_batch_size: int | None = None
+    group_size: int = 8
+    grad_accum: int | None = None
+    # optimiser
+    lr: float | None = None
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # SimPO (eq. 4)
+    simpo_beta: float = 2.0
+    simpo_gamma: float = 0.5
+    simpo_kl_beta: float = 0.0
+    # GRPO (eqs. 5-7)
+    grpo_eps_low: float = 0.2
+    grpo_eps_high: float = 0.28
+    grpo_beta: float = 0.04
+    grpo_iterations: int = 1
+    ratio_tolerance: float = 1e-3
+    # rewards
+    gen_reward: str = "dsr"
+    und_reward: str = "dsr-consensus"
+    reward_reduction: str = "mean"
+    reward_scorer: str = "policy"
+    consensus_lambda: float = 1.0
+    consensus_source: str = "reference"
+    gen_loss_weight: float = 1.0
+    und_loss_weight: float = 1.0
+    # sampling
+    guidance_scale: float | None = None
+    cfg_policy: str = "guided"
+    image_temperature: float = 1.0
+    text_temperature: float = 1.0
+    # separate strategy: steps per phase before the two models swap roles
+    switch_every: int = 50
+    # engineering
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    sample_every: int = 50
+    save_every: int = 100
+    eval_every: int = 0
+    eval_num: int = 400
+    early_stopping_patience: int = 0
+    early_stopping_num: int = 64
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        defaults = TOY_DEFAULTS if self.backbone == "toy" else PAPER_DEFAULTS
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self._check_choice("algo", ALGOS)
+        self._check_choice("strategy", STRATEGIES)
+        self._check_choice("lr_schedule", ("cosine", "constant"))
+        self._check_choice("reward_reduction", ("mean", "sum"))
+        self._check_choice("reward_scorer", ("policy", "frozen"))
+        self._check_choice("consensus_source", ("reference", "policy"))
+        self._check_choice("cfg_policy", ("cond", "guided"))
+        self._check_choice("mixed_precision", ("no", "bf16", "fp16"))
+        for key in ("group_size", "gen_batch_size", "und_batch_size", "grad_accum", "grpo_iterations", "switch_every"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}.")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 to compare samples within a group, got {self.group_size}.")
+        if not (self.lr and self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}.")
+        if self.steps is None and self.epochs is None:
+            raise ConfigError("Set steps or epochs (how long to train).")
+        if self.steps is not None and self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}.")
+        if not 0 <= self.grpo_eps_low < 1 or self.grpo_eps_high < 0:
+            raise ConfigError("grpo_eps_low must be in [0, 1) and grpo_eps_high >= 0.")
+        if self.algo == "simpo" and self.grpo_iterations != 1:
+            raise ConfigError("grpo_iterations applies to algo grpo only; SimPO takes one step per rollout.")
+        if self.backbone != "toy" and self.strategy in ("unified", "gen", "separate") and self.prompts is None:
+            raise ConfigError(f"The {self.backbone} backbone needs --prompts FILE (one prompt per line) to train 'gen'.")
+        if self.backbone != "toy" and self.strategy in ("unified", "und", "separate") and self.images is None:
+            raise ConfigError(f"The {self.backbone} backbone needs --images DIR (a folder of images) to train 'und'.")
+
+    def _check_choice(self, key: str, options: tuple[str, ...]) -> None:
+        value = getattr(self, key)
+        if value not in options:
+            hint = closest(str(value), options)
+            extra = f" Did you mean '{hint}'?" if hint else ""
+            raise ConfigError(f"{key} must be one of {', '.join(options)}; got '{value}'.{extra}")
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return {"unified": ("gen", "und"), "separate": ("gen", "und"), "gen": ("gen",), "und": ("und",)}[
+            self.strategy
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def check_keys(values: dict[str, Any], source: str) -> None:
+    """Unknown keys are errors that name the closest valid key."""
+    for key in values:
+        if key not in FIELDS:
+            hint = closest(key, FIELDS)
+            extra = f" Did you mean '{hint}'?" if hint else ""
+            raise ConfigError(f"Unknown config key '{key}' in {source}.{extra}")
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"Config file '{path}' does not exist.") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of keys to values.")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    check_keys(data, path)
+    return data
+
+
+def resolve(yaml_path: str | None = None, flags: dict[str, Any] | None = None, **kwargs: Any) -> TrainConfig:
+    """YAML < flags < keywords, validated."""
+    merged: dict[str, Any] = {}
+    if yaml_path:
+        merged.update(load_yaml(yaml_path))
+    for source, values in (("command-line flags", flags or {}), ("keyword arguments", kwargs)):
+        check_keys(values, source)
+        merged.update({k: v for k, v in values.items() if v is not None})
+    try:
+        return TrainConfig(**merged)
+    except TypeError as exc:  # wrong value types that dataclasses cannot catch
+        raise ConfigError(str(exc)) from exc
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """Convert a command-line string to the field's type (``--lr 1e-5``, ``--resume true``)."""
+    import yaml
+
+    if key not in FIELDS:
+        hint = closest(key, FIELDS)
+        extra = f" Did you mean '--{hint.replace('_', '-')}'?" if hint else ""
+        raise ConfigError(f"Unknown option '--{key.replace('_', '-')}'.{extra}")
+    kind = str(FIELDS[key].type)
+    try:
+        if raw.lower() in ("none", "null"):
+            return None
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("bool"):
+            value = yaml.safe_load(raw)
+            if not isinstance(value, bool):
+                raise ValueError(raw)
+            return value
+        if kind.startswith("str"):
+            return raw
+        return yaml.safe_load(raw)
+    except ValueError as exc:
+        raise ConfigError(f"--{key.replace('_', '-')} expects {kind.split(' ')[0]}, got '{raw}'.") from exc

@@ -1,0 +1,110 @@
+"""Unpaired training data: a prompt list and an image folder, or ShapesWorld's own streams.
+
+Batches are a pure function of (seed, step, rank), so a resumed run sees exactly the data an uninterrupted
+run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """Records with a ``prompt`` field from a ``.txt`` (one prompt a line) or GenEval-style ``.jsonl`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"Prompt file '{p}' does not exist.")
+    records: list[dict[str, Any]] = []
+    lines = p.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{p}:{n} is not valid JSON: {exc.msg}.") from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise DataError(f"{p}:{n} has no string 'prompt' field.")
+            records.append(rec)
+        else:
+            records.append({"prompt": line.strip()})
+    if not records:
+        raise DataError(f"Prompt file '{p}' has no prompts.")
+    return records
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files of a folder, in file-name order."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise DataError(f"Image folder '{d}' does not exist.")
+    files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise DataError(f"Image folder '{d}' has no images ({', '.join(IMAGE_SUFFIXES)}).")
+    return files
+
+
+def load_image(path: str | Path):
+    """An RGB PIL image, or a one-line ``DataError``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"Cannot read image '{path}': {exc.__class__.__name__}.") from exc
+
+
+class Pool:
+    """A finite list of items served in seeded, reshuffled epochs."""
+
+    def __init__(self, items: list[Any], seed: int, load=None):
+        if not items:
+            raise DataError("No training data.")
+        self.items, self.seed, self.load = items, seed, load
+        self._perms: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            order = list(range(len(self.items)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._perms = {epoch: order}
+        return self._perms[epoch]
+
+    def batch(self, index: int, size: int) -> list[Any]:
+        """The ``index``-th batch of ``size`` items of the endless epoch stream."""
+        out = []
+        for i in range(index * size, (index + 1) * size):
+            epoch, pos = divmod(i, len(self.items))
+            item = self.items[self._perm(epoch)[pos]]
+            out.append(self.load(item) if self.load else item)
+        return out
+
+
+def prompt_pool(path: str | None, seed: int) -> Pool:
+    if path is None:
+        from .worlds import shapes
+
+        return Pool(shapes.sample_prompts(2000, seed=seed + 1), seed)
+    return Pool([r["prompt"] for r in read_prompts(path)], seed)
+
+
+def image_pool(folder: str | None, seed: int) -> Pool:
+    if folder is None:
+        from .worlds import shapes
+
+        return Pool(shapes.sample_scenes(2000, seed=seed + 2), seed, load=shapes.render)
+    files = list_images(folder)
+    load_image(files[0])  # fail early on an unreadable folder
+    return Pool(files, seed, load=load_image)

@@ -1,0 +1,231 @@
+"""Rollouts: sampling groups in both directions into typed records, and the per-algorithm batch assembly.
+
+The trainer is one loop; what differs between directions and algorithms lives here, looked up by name:
+
+- ``DIRECTIONS[d]`` knows how to sample a group for direction ``d`` and how to score the policy on its samples.
+- ``ALGORITHMS[name]`` turns a rewarded rollout into a training batch (``prepare``) and a batch into a loss
+  (``loss``), using the pure functions of ``suder.losses``.
+
+Departures from the paper, on purpose:
+
+- GRPO's "old" log-probs are recomputed by the same teacher-forced function as the new ones (not taken from the
+  sampler), so the first importance ratio is exactly 1 whatever CFG policy or temperature was used to sample; the
+  trainer checks this (``TrainingError``) to catch dropout, nondeterminism or a mismatched scoring path.
+- SimPO skips groups whose best and worst sample are identical (same tokens), as well as zero-spread groups.
+- An optional KL penalty to the reference policy is available for SimPO too (``simpo_kl_beta``), as a guard for
+  the understanding direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import losses
+from .errors import TrainingError
+from .protocol import ImageSamples, TextSamples, TokenLogProbs
+
+
+@dataclass
+class Rollout:
+    """One direction's sampled groups with their rewards. ``samples`` and ``rewards`` have B*G rows."""
+
+    direction: str
+    samples: ImageSamples | TextSamples
+    rewards: torch.Tensor
+    group_size: int
+    judge: torch.Tensor | None = None  # (B*G,) 1/0 from an exact judge, monitors only
+
+
+@dataclass
+class Batch:
+    """What one loss call needs: the selected samples and the no-grad tensors computed before the update."""
+
+    direction: str
+    samples: ImageSamples | TextSamples
+    count: int  # pairs (SimPO) or rows (GRPO)
+    tokens: int  # real target tokens in ``samples``
+    advantages: torch.Tensor | None = None
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ directions
+def sample_group(model: Any, direction: str, inputs: list[Any], cfg: Any, generator: torch.Generator):
+    """Sample ``cfg.group_size`` outputs per input (no grad)."""
+    if direction == "gen":
+        return model.sample_image(
+            inputs,
+            num_samples=cfg.group_size,
+            generator=generator,
+            guidance_scale=cfg.guidance_scale,
+            temperature=cfg.image_temperature,
+        )
+    return model.sample_text(inputs, num_samples=cfg.group_size, generator=generator, temperature=cfg.text_temperature)
+
+
+def policy_logps(model: Any, direction: str, samples: ImageSamples | TextSamples, cfg: Any) -> TokenLogProbs:
+    """log pi(output | input) of the policy on its own samples: (rows, N) images or (rows, T) captions."""
+    if direction == "gen":
+        return model.logp_image_given_text(
+            samples,
+            samples.prompts,
+            policy=cfg.cfg_policy,
+            guidance_scale=samples.guidance_scale,
+            temperature=cfg.image_temperature,
+        )
+    return model.logp_text_given_image(samples, samples.images, temperature=cfg.text_temperature or 1.0)
+
+
+def target_tokens(samples: ImageSamples | TextSamples) -> torch.Tensor:
+    """(rows, L) token ids that identify a sample (for duplicate checks)."""
+    return samples.tokens if isinstance(samples, ImageSamples) else samples.tokens * samples.mask
+
+
+def distinct_per_group(samples: ImageSamples | TextSamples, group_size: int) -> float:
+    """Mean fraction of distinct samples in a group (1.0: all different)."""
+    rows = target_tokens(samples).cpu()
+    fracs = []
+    for g in range(0, rows.shape[0], group_size):
+        fracs.append(len({tuple(r.tolist()) for r in rows[g : g + group_size]}) / group_size)
+    return sum(fracs) / max(len(fracs), 1)
+
+
+def rollout_metrics(r: Rollout, best: torch.Tensor, worst: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+    """Monitors: reward mean/std/spread, diversity, caption length, judge accuracy and reward-judge agreement."""
+    d, G = r.direction, r.group_size
+    grouped = r.rewards.view(-1, G)
+    out = {
+        f"{d}/reward_mean": r.rewards.mean().item(),
+        f"{d}/reward_std": r.rewards.std(unbiased=False).item(),
+        f"{d}/reward_spread": (grouped.max(-1).values - grouped.min(-1).values).mean().item(),
+        f"{d}/distinct": distinct_per_group(r.samples, G),
+        f"{d}/groups_skipped": float((~valid).sum().item()),
+        f"{d}/groups": float(valid.numel()),
+    }
+    if isinstance(r.samples, TextSamples):
+        out[f"{d}/caption_words"] = sum(len(t.split()) for t in r.samples.texts) / max(len(r.samples), 1)
+    if r.judge is not None:
+        out[f"{d}/judge_acc"] = r.judge.mean().item()
+        jb, jw = r.judge[best], r.judge[worst]
+        decisive = valid & (jb != jw)
+        out[f"{d}/judge_decisive"] = float(decisive.sum().item())
+        out[f"{d}/judge_agree"] = (jb[decisive] > jw[decisive]).float().mean().item() if decisive.any() else float("nan")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ algorithms
+class SimPO:
+    """Online SimPO (SUDER eq. 4): best vs worst sample of each group by reward."""
+
+    name = "simpo"
+    iterations_field = None
+
+    def prepare(self, policy: Any, rollout: Rollout, cfg: Any, reference: Any) -> tuple[Batch | None, dict]:
+        best, worst, valid = losses.best_worst(rollout.rewards, rollout.group_size)
+        tokens = target_tokens(rollout.samples)
+        same = (tokens[best] == tokens[worst]).all(-1).to(valid.device)
+        keep = valid & ~same
+        metrics = rollout_metrics(rollout, best, worst, valid)
+        metrics[f"{rollout.direction}/groups_identical"] = float((valid & same).sum().item())
+        if not keep.any():
+            return None, metrics
+        rows = torch.cat([best[keep], worst[keep]])
+        samples = rollout.samples.select(rows)
+        batch = Batch(rollout.direction, samples, count=int(keep.sum()), tokens=_count_tokens(samples))
+        if cfg.simpo_kl_beta > 0:
+            batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg)
+        return batch, metrics
+
+    def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], first: bool):
+        lp = policy_logps(policy, batch.direction, batch.samples, cfg)
+        mean = lp.mean()
+        P = batch.count
+        loss, metrics = losses.simpo_loss(
+            mean[:P], mean[P:], beta=cfg.simpo_beta, gamma=cfg.simpo_gamma, normalizer=normalizer["count"]
+        )
+        if batch.ref_logps is not None:
+            kl, kl_metrics = losses.kl_penalty(lp.values, batch.ref_logps, lp.mask, normalizer=normalizer["tokens"])
+            loss = loss + cfg.simpo_kl_beta * kl
+            metrics.update(kl_metrics)
+        return loss, metrics
+
+
+class GRPO:
+    """GRPO with group-normalised advantages (SUDER eqs. 5-7), DAPO clip-higher and token-level loss."""
+
+    name = "grpo"
+
+    def prepare(self, policy: Any, rollout: Rollout, cfg: Any, reference: Any) -> tuple[Batch | None, dict]:
+        advantages, valid = losses.group_advantages(rollout.rewards, rollout.group_size)
+        best, worst, _ = losses.best_worst(rollout.rewards, rollout.group_size)
+        metrics = rollout_metrics(rollout, best, worst, valid)
+        if not valid.any():
+            return None, metrics
+        rows = torch.arange(len(rollout.rewards)).view(-1, rollout.group_size)[valid].flatten()
+        samples = rollout.samples.select(rows)
+        batch = Batch(rollout.direction, samples, count=len(rows), tokens=_count_tokens(samples))
+        batch.advantages = advantages[rows].detach()
+        batch.old_logps = _no_grad_logps(policy, rollout.direction, samples, cfg)
+        if cfg.grpo_beta > 0:
+            batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg)
+        return batch, metrics
+
+    def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], first: bool):
+        lp = policy_logps(policy, batch.direction, batch.samples, cfg)
+        adv = batch.advantages.to(lp.values.device)
+        loss, metrics = losses.grpo_loss(
+            lp.values,
+            batch.old_logps.to(lp.values.device),
+            adv,
+            lp.mask,
+            ref_logps=None if batch.ref_logps is None else batch.ref_logps.to(lp.values.device),
+            eps_low=cfg.grpo_eps_low,
+            eps_high=cfg.grpo_eps_high,
+            beta=cfg.grpo_beta,
+            normalizer=normalizer["tokens"],
+        )
+        if first and metrics["grpo/ratio_max_abs_dev"] > cfg.ratio_tolerance:
+            raise TrainingError(
+                f"GRPO importance ratio is not 1 at the first inner step ({batch.direction}: max |ratio - 1| = "
+                f"{metrics['grpo/ratio_max_abs_dev']:.2e} > {cfg.ratio_tolerance}); the policy's log-probs are "
+                "not reproducible (dropout on? nondeterministic kernels? different scoring path?)."
+            )
+        return loss, metrics
+
+
+ALGORITHMS: dict[str, Any] = {"simpo": SimPO(), "grpo": GRPO()}
+
+
+class ReferenceScope:
+    """A frozen reference computed by the policy itself under ``reference_scope()`` (LoRA adapters off)."""
+
+    def __init__(self, policy: Any):
+        self.policy = policy
+
+    def __getattr__(self, name: str):
+        method = getattr(self.policy, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            with self.policy.reference_scope():
+                return method(*args, **kwargs)
+
+        return call
+
+
+def _no_grad_logps(model: Any, direction: str, samples: Any, cfg: Any) -> torch.Tensor:
+    if model is None:
+        raise TrainingError("A reference model is needed (KL or consensus) but none was built.")
+    with torch.no_grad():
+        return policy_logps(model, direction, samples, cfg).values.detach()
+
+
+def _count_tokens(samples: ImageSamples | TextSamples) -> int:
+    if isinstance(samples, ImageSamples):
+        return int(samples.tokens.numel())
+    return int(samples.mask.sum().item())

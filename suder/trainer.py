@@ -1,0 +1,355 @@
+"""The one DSR training loop, on accelerate: rollout -> reward -> pairs/groups -> update.
+
+Read it top to bottom: ``train`` resolves the config and builds the models, ``Trainer.run`` evaluates the base,
+loops over steps and evaluates the result. Strategies differ only in ``plan`` (which model trains which
+direction this step, and who scores it); algorithms differ only in ``rollout.ALGORITHMS``.
+
+Scaling is accelerate's: ``accelerate launch`` / ``torchrun`` give DDP, DeepSpeed ZeRO-2 or FSDP with no code
+of ours. Every call that touches trained weights goes through the prepared module's ``forward`` (``Dispatch``),
+so DDP/ZeRO/FSDP hooks see exactly one forward per backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import rewards as rewards_mod
+from .config import TrainConfig, resolve
+from .data import image_pool, prompt_pool
+from .registry import get_reward_spec, load_backbone
+from .rollout import ALGORITHMS, ReferenceScope, Rollout, sample_group
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: paths and numbers (also in ``run.json``)."""
+
+    output_dir: str
+    base_model: str | None
+    final_model: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+class Dispatch(nn.Module):
+    """``forward(fn) = fn(backbone)``: routes any backbone method through the (DDP/ZeRO/FSDP-)wrapped forward."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
+        return fn(self.backbone)
+
+
+def train(model: Any = "toy", /, algo: str = "simpo", *, config_file: str | None = None, flags=None,
+          callback: Callable[[dict], None] | None = None, **config: Any) -> TrainResult:
+    """Self-improve ``model`` (backbone name or ``UnifiedLMM``) with dual self-rewards; see ``docs/python-api.md``."""
+    policy = None
+    if isinstance(model, str):
+        config.setdefault("backbone", model)
+    else:
+        policy = model
+        config.setdefault("backbone", getattr(model, "name", "custom"))
+    cfg = resolve(config_file, flags, algo=algo, **config)
+    return Trainer(cfg, policy, callback).run()
+
+
+def plan(cfg: TrainConfig, step: int) -> list[tuple[str, str, str]]:
+    """This step's work as (trained model, direction, scoring model). ``separate`` alternates every
+    ``switch_every`` steps: one model trains while the other, frozen, provides its dual rewards."""
+    if cfg.strategy == "separate":
+        if (step // cfg.switch_every) % 2 == 0:
+            return [("gen", "gen", "und")]
+        return [("und", "und", "gen")]
+    scorer = "frozen" if cfg.reward_scorer == "frozen" else "policy"
+    return [("policy", d, scorer) for d in cfg.directions]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, policy: Any = None, callback=None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg, self.callback = cfg, callback
+        self.acc = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        )
+        self.out = Path(cfg.output_dir)
+        self.base_path = cfg.model
+        if policy is None:
+            if cfg.backbone == "toy" and cfg.model is None:
+                from .pretrain import ensure_toy_base
+
+                self.base_path = str(ensure_toy_base())
+            policy = load_backbone(cfg.backbone, **({"model": self.base_path} if self.base_path else {}),
+                                   **cfg.backbone_options)
+        self.judge = cfg.backbone == "toy" and cfg.prompts is None and cfg.images is None
+        self.pools = {}
+        if "gen" in cfg.directions:
+            self.pools["gen"] = prompt_pool(cfg.prompts, cfg.seed)
+        if "und" in cfg.directions:
+            self.pools["und"] = image_pool(cfg.images, cfg.seed)
+        self.rewards = {d: self._reward(d) for d in cfg.directions}
+        self.models = self._build_models(policy)
+
+    # ------------------------------------------------------------------ setup
+    def _reward(self, direction: str):
+        name = self.cfg.gen_reward if direction == "gen" else self.cfg.und_reward
+        spec = get_reward_spec(name)
+        if direction not in spec.directions:
+            from .errors import ConfigError
+
+            raise ConfigError(f"Reward '{name}' does not score the {direction} direction (it scores {spec.directions}).")
+        c = self.cfg
+        return spec.factory(direction, reduction=c.reward_reduction, consensus_lambda=c.consensus_lambda,
+                            consensus_source=c.consensus_source)
+
+    def _needs_reference(self) -> bool:
+        c = self.cfg
+        und_ref = "und" in c.directions and rewards_mod.needs_reference(c.und_reward, c.to_dict())
+        return (c.algo == "grpo" and c.grpo_beta > 0) or c.simpo_kl_beta > 0 or und_ref or c.reward_scorer == "frozen"
+
+    def _build_models(self, policy: nn.Module) -> dict[str, Any]:
+        from trl.trainer.utils import disable_dropout_in_model
+
+        c = self.cfg
+        disable_dropout_in_model(policy)  # GRPO's first ratio must be exactly 1; SimPO pairs must be comparable
+        if c.gradient_checkpointing and hasattr(policy, "gradient_checkpointing_enable"):
+            policy.gradient_checkpointing_enable()
+        frozen = None
+        if self._needs_reference():
+            if callable(getattr(policy, "reference_scope", None)):
+                frozen = ReferenceScope(policy)
+            else:
+                frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+                frozen.to(self.acc.device)
+        keys = {"gen": ("gen",), "und": ("und",)} if c.strategy == "separate" else {"policy": c.directions}
+        models: dict[str, Any] = {"frozen": frozen, "reference": frozen}
+        for i, (key, directions) in enumerate(keys.items()):
+            m = policy if i == 0 else copy.deepcopy(policy)
+            trainable = {id(p) for d in directions for p in m.trainable_parameters(d)}
+            for p in m.parameters():
+                p.requires_grad_(id(p) in trainable)
+            params = [p for p in m.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda(self._steps_for(key)))
+            wrapped, opt, sched = self.acc.prepare(Dispatch(m), opt, sched)
+            models[key] = {"wrapped": wrapped, "opt": opt, "sched": sched, "params": params}
+        return models
+
+    def _lr_lambda(self, total: int) -> Callable[[int], float]:
+        warm, cosine = self.cfg.warmup_steps, self.cfg.lr_schedule == "cosine"
+
+        def f(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if not cosine:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        return f
+
+    def max_steps(self) -> int:
+        c = self.cfg
+        if c.steps is not None:
+            return int(c.steps)
+        sizes = []
+        if "gen" in c.directions:
+            sizes.append(len(self.pools["gen"]) / (c.gen_batch_size * c.grad_accum * self.acc.num_processes))
+        if "und" in c.directions:
+            sizes.append(len(self.pools["und"]) / (c.und_batch_size * c.grad_accum * self.acc.num_processes))
+        return max(1, math.ceil(c.epochs * max(sizes)))
+
+    def _steps_for(self, key: str) -> int:
+        total = self.max_steps()
+        return total if key == "policy" else max(1, total // 2)
+
+    def unwrapped(self, key: str) -> Any:
+        return self.acc.unwrap_model(self.models[key]["wrapped"]).backbone
+
+    def scorer(self, key: str) -> Any:
+        return self.models["frozen"] if key == "frozen" else self.unwrapped("policy" if key == "policy" else key)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> TrainResult:
+        from .outputs import RunWriter
+
+        c = self.cfg
+        writer = RunWriter(self.out, self.acc.is_main_process)
+        writer.write_config(c, extra={"base_model": self.base_path, "num_processes": self.acc.num_processes})
+        start = writer.restore(self) if c.resume else 0
+        total = self.max_steps()
+        before = self.evaluate("before") if self.judge else {}
+        history: list[dict[str, Any]] = []
+        stopped = False
+        for step in range(start, total):
+            metrics = self.train_step(step)
+            metrics.update(step=step + 1, lr=self.models[plan(c, step)[0][0]]["sched"].get_last_lr()[0])
+            history.append(metrics)
+            writer.log(metrics)
+            if self.callback:
+                self.callback(metrics | {"total_steps": total})
+            if c.sample_every and (step + 1) % c.sample_every == 0:
+                writer.sample_grids(step + 1, self._last_rollouts)
+            if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < total:
+                writer.checkpoint(self, step + 1)
+            if self.judge and c.eval_every and (step + 1) % c.eval_every == 0 and writer.early_stop(self, step + 1):
+                stopped = True
+                break
+        final = writer.save_final(self)
+        after = self.evaluate("after") if self.judge else {}
+        return writer.finish(self, before, after, history, final, stopped)
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        c = self.cfg
+        algo = ALGORITHMS[c.algo]
+        work = plan(c, step)
+        t0 = time.perf_counter()
+        micro: list[dict[str, Any]] = []
+        metrics: dict[str, Any] = {}
+        self._last_rollouts = []
+        self._phase_times: dict[str, float] = {}
+        for m in range(c.grad_accum):
+            batches = {}
+            for key, direction, scorer_key in work:
+                rollout = self.rollout(key, direction, scorer_key, step, m)
+                batch, rm = algo.prepare(self.unwrapped(key), rollout, c, self.models["reference"])
+                _accumulate(metrics, rm, c.grad_accum)
+                batches[(key, direction)] = batch
+            micro.append(batches)
+        t1 = time.perf_counter()
+        norm = {kd: {"count": sum(b[kd].count for b in micro if b[kd]), "tokens": sum(b[kd].tokens for b in micro if b[kd])}
+                for kd in micro[0]}
+        for key in {k for k, _, _ in work}:
+            metrics.update(self.update(key, algo, micro, norm))
+        metrics.update({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
+        return metrics
+
+    def rollout(self, key: str, direction: str, scorer_key: str, step: int, micro: int) -> Rollout:
+        c = self.cfg
+        size = c.gen_batch_size if direction == "gen" else c.und_batch_size
+        index = (step * c.grad_accum + micro) * self.acc.num_processes + self.acc.process_index
+        inputs = self.pools[direction].batch(index, size)
+        gen = torch.Generator().manual_seed(derive_seed(c.seed, step, micro, direction == "und", self.acc.process_index))
+        policy = self.unwrapped(key)
+        t = time.perf_counter()
+        policy.eval()
+        samples = sample_group(policy, direction, inputs, c, gen)
+        ctx = rewards_mod.RewardContext(scorer=self.scorer(scorer_key), reference=self.models["reference"])
+        t_reward = time.perf_counter()
+        rewards = self.rewards[direction](ctx, samples).detach().float().cpu()
+        judge = None
+        if self.judge:
+            judge = (rewards_mod.judge_generation if direction == "gen" else rewards_mod.judge_understanding)(samples)
+        policy.train()
+        rollout = Rollout(direction, samples, rewards, c.group_size, judge)
+        self._last_rollouts.append(rollout)
+        self._phase_times[f"time/{direction}_sample"] = self._phase_times.get(f"time/{direction}_sample", 0) + t_reward - t
+        self._phase_times[f"time/{direction}_reward"] = (
+            self._phase_times.get(f"time/{direction}_reward", 0) + time.perf_counter() - t_reward
+        )
+        return rollout
+
+    def update(self, key: str, algo: Any, micro: list[dict], norm: dict) -> dict[str, Any]:
+        """``grpo_iterations`` optimizer steps over the collected micro-batches (1 for SimPO)."""
+        c, model = self.cfg, self.models[key]
+        wrapped, opt, sched = model["wrapped"], model["opt"], model["sched"]
+        weights = {"gen": c.gen_loss_weight, "und": c.und_loss_weight}
+        metrics: dict[str, Any] = {}
+        iterations = c.grpo_iterations if c.algo == "grpo" else 1
+        for it in range(iterations):
+            for i, batches in enumerate(micro):
+                mine = {kd: b for kd, b in batches.items() if kd[0] == key}
+
+                def step_loss(backbone, mine=mine, first=it == 0):
+                    total = sum(p.sum() for p in model["params"]) * 0.0  # keeps every rank in the backward
+                    parts = {}
+                    for (_, d), b in mine.items():
+                        if b is None:
+                            continue
+                        loss, lm = algo.loss(backbone, b, c, norm[(key, d)], first)
+                        total = total + weights[d] * loss
+                        parts.update({f"{d}/{k}": v for k, v in lm.items()} | {f"{d}/loss": loss.item()})
+                    return total, parts
+
+                sync = i == len(micro) - 1
+                ctx = self.acc.no_sync(wrapped) if not sync and self.acc.num_processes > 1 else _nullcontext()
+                with ctx:
+                    loss, parts = wrapped(step_loss)
+                    self.acc.backward(loss)
+                _accumulate(metrics, parts, len(micro) * iterations)
+            if c.max_grad_norm:
+                metrics["grad_norm"] = float(self.acc.clip_grad_norm_(model["params"], c.max_grad_norm))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sched.step()
+        metrics.update(getattr(self, "_phase_times", {}))
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, when: str) -> dict[str, Any]:
+        from .evaluate import evaluate
+
+        if not self.acc.is_main_process:
+            return {}
+        c = self.cfg
+        if c.strategy == "separate":
+            gen = evaluate(self.unwrapped("gen"), num=c.eval_num, what=("t2i",))
+            und = evaluate(self.unwrapped("und"), num=c.eval_num, what=("caption",))
+            return gen | und
+        return evaluate(self.unwrapped("policy"), num=c.eval_num)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _accumulate(into: dict[str, Any], values: dict[str, Any], n: int) -> None:
+    """Average metrics over micro-batches (counts are summed by passing n=1 upstream)."""
+    for k, v in values.items():
+        if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+            into[k] = into.get(k, 0.0) + v / n
+        elif k not in into:
+            into[k] = v
+
+
+def atomic_replace(tmp: Path, final: Path) -> None:
+    """Rename a fully written folder into place (write, then rename)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (Python's ``hash`` of strings changes per process)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % 2**64
+    return h % 2**63
+
+
+def dump_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
