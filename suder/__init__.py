@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-def train(model: Any = "toy", algo: str = "simpo", **config: Any):
+def train(model: Any = "toy", /, algo: str = "simpo", **config: Any):
     """Self-improve ``model`` (a backbone name or any ``UnifiedLMM``) with dual self-rewards.
 
     See ``docs/python-api.md``; returns a ``TrainResult`` with the metrics and output paths.
@@ -38,7 +38,7 @@ def train(model: Any = "toy", algo: str = "simpo", **config: Any):
     return _train(model, algo=algo, **config)
 
 
-def pretrain(model: Any = "toy", **options: Any):
+def pretrain(model: Any = "toy", /, **options: Any):
     """Supervised pre-training on paired ShapesWorld data (maximises both log-prob methods)."""
     from .pretrain import pretrain as _pretrain
 

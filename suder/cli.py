@@ -22,7 +22,14 @@ def _console(stderr: bool = True):
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -53,8 +60,13 @@ def cmd_backbones(args) -> None:
     from .registry import list_backbones
 
     rows = [
-        {"name": s.name, "summary": s.summary, "plugin": s.plugin, "distribution": s.distribution,
-         "version": plugin_info(s.plugin).version}
+        {
+            "name": s.name,
+            "summary": s.summary,
+            "plugin": s.plugin,
+            "distribution": s.distribution,
+            "version": plugin_info(s.plugin).version,
+        }
         for s in list_backbones()
     ]
     if args.json:
@@ -83,7 +95,10 @@ def cmd_pretrain(args) -> None:
     with _progress() as bar:
         task = bar.add_task("pretrain", total=args.steps, info="")
         result = pretrain(
-            args.backbone, out=args.out, steps=args.steps, seed=args.seed,
+            args.backbone,
+            out=args.out,
+            steps=args.steps,
+            seed=args.seed,
             callback=lambda m: bar.update(task, completed=m["step"], info=f"loss {m['loss']:.3f}"),
         )
     _console().print(f"Saved to {args.out} ({result.seconds:.0f} s, final loss {result.losses[-1]:.3f})")
@@ -104,8 +119,9 @@ def cmd_generate(args) -> None:
             folder = out / f"{i:05d}"
             (folder / "samples").mkdir(parents=True, exist_ok=True)
             (folder / "metadata.jsonl").write_text(json.dumps(rec) + "\n")
-            samples = model.sample_image([rec["prompt"]], num_samples=args.num_samples, generator=gen,
-                                         guidance_scale=args.guidance_scale)
+            samples = model.sample_image(
+                [rec["prompt"]], num_samples=args.num_samples, generator=gen, guidance_scale=args.guidance_scale
+            )
             for j, image in enumerate(samples.images):
                 image.save(folder / "samples" / f"{j:04d}.png")
             bar.update(task, advance=1)
@@ -127,7 +143,9 @@ def cmd_caption(args) -> None:
         task = bar.add_task("caption", total=len(files), info="")
         for i in range(0, len(files), args.batch_size):
             texts = model.sample_text(images[i : i + args.batch_size], generator=gen, temperature=temperature).texts
-            lines += [json.dumps({"image": f.name, "caption": t}) for f, t in zip(files[i : i + args.batch_size], texts)]
+            lines += [
+                json.dumps({"image": f.name, "caption": t}) for f, t in zip(files[i : i + args.batch_size], texts)
+            ]
             bar.update(task, advance=len(texts))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
@@ -148,8 +166,15 @@ def cmd_eval(args) -> None:
 def results_table(rows: list[tuple[str, dict]], title: str = "ShapesWorld judge accuracy (%)"):
     from rich.table import Table
 
-    cols = [("t2i", "single"), ("t2i", "pair"), ("t2i", "count"), ("t2i", "relation"), ("t2i", "overall"),
-            ("caption", "overall"), ("caption_greedy", "overall")]
+    cols = [
+        ("t2i", "single"),
+        ("t2i", "pair"),
+        ("t2i", "count"),
+        ("t2i", "relation"),
+        ("t2i", "overall"),
+        ("caption", "overall"),
+        ("caption_greedy", "overall"),
+    ]
     names = ["T2I single", "pair", "count", "relation", "T2I all", "caption T=1", "caption greedy"]
     table = Table(title=title)
     table.add_column("")
@@ -212,7 +237,9 @@ def cmd_run(args, extra: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="suder", description="Self-improve unified multimodal models with dual self-rewards.")
+    p = argparse.ArgumentParser(
+        prog="suder", description="Self-improve unified multimodal models with dual self-rewards."
+    )
     sub = p.add_subparsers(dest="command")
 
     b = sub.add_parser("backbones", help="list installed backbones")
@@ -300,8 +327,13 @@ def main(argv: list[str] | None = None) -> int:
                 parser.parse_args(["world", "--help"])
             cmd_world_export(args)
         else:
-            {"backbones": cmd_backbones, "pretrain": cmd_pretrain, "generate": cmd_generate,
-             "caption": cmd_caption, "eval": cmd_eval}[args.command](args)
+            {
+                "backbones": cmd_backbones,
+                "pretrain": cmd_pretrain,
+                "generate": cmd_generate,
+                "caption": cmd_caption,
+                "eval": cmd_eval,
+            }[args.command](args)
     except SuderError as exc:
         _console().print(f"[bold red]Error:[/] {exc}", highlight=False)
         return 2

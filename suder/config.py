@@ -137,7 +137,9 @@ class TrainConfig:
         if self.algo == "simpo" and self.grpo_iterations != 1:
             raise ConfigError("grpo_iterations applies to algo grpo only; SimPO takes one step per rollout.")
         if self.backbone != "toy" and self.strategy in ("unified", "gen", "separate") and self.prompts is None:
-            raise ConfigError(f"The {self.backbone} backbone needs --prompts FILE (one prompt per line) to train 'gen'.")
+            raise ConfigError(
+                f"The {self.backbone} backbone needs --prompts FILE (one prompt per line) to train 'gen'."
+            )
         if self.backbone != "toy" and self.strategy in ("unified", "und", "separate") and self.images is None:
             raise ConfigError(f"The {self.backbone} backbone needs --images DIR (a folder of images) to train 'und'.")
 
@@ -150,9 +152,7 @@ class TrainConfig:
 
     @property
     def directions(self) -> tuple[str, ...]:
-        return {"unified": ("gen", "und"), "separate": ("gen", "und"), "gen": ("gen",), "und": ("und",)}[
-            self.strategy
-        ]
+        return {"unified": ("gen", "und"), "separate": ("gen", "und"), "gen": ("gen",), "und": ("und",)}[self.strategy]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

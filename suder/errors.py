@@ -49,6 +49,4 @@ def unknown(kind: str, name: str, options: Iterable[str]) -> UnknownNameError:
     opts = sorted(options)
     hint = closest(name, opts)
     suggestion = f" Did you mean '{hint}'?" if hint and hint != name else ""
-    return UnknownNameError(
-        f"Unknown {kind} '{name}'. Available: {', '.join(opts) if opts else '(none)'}.{suggestion}"
-    )
+    return UnknownNameError(f"Unknown {kind} '{name}'. Available: {', '.join(opts) if opts else '(none)'}.{suggestion}")

@@ -147,8 +147,7 @@ def simpo_loss(
         ``simpo/chosen_logp``, ``simpo/rejected_logp`` (means), ``simpo/pairs`` (P).
     """
     assert chosen_logps.dim() == 1 and chosen_logps.shape == rejected_logps.shape, (
-        f"chosen/rejected must both be (P,), got {tuple(chosen_logps.shape)} "
-        f"and {tuple(rejected_logps.shape)}"
+        f"chosen/rejected must both be (P,), got {tuple(chosen_logps.shape)} and {tuple(rejected_logps.shape)}"
     )
     P = chosen_logps.shape[0]
     norm = float(max(P, 1) if normalizer is None else normalizer)
@@ -195,9 +194,7 @@ def _check_tokens(mask: Tensor, **tensors: Tensor | None) -> Tensor:
             f"{name} must have the mask's shape {tuple(mask.shape)}, got {tuple(t.shape)}"
         )
     if mask.dtype != torch.bool:
-        assert bool(((mask == 0) | (mask == 1)).all()), (
-            f"mask must be 0/1, got values {mask.unique().tolist()}"
-        )
+        assert bool(((mask == 0) | (mask == 1)).all()), f"mask must be 0/1, got values {mask.unique().tolist()}"
     return mask.bool()
 
 
@@ -250,9 +247,7 @@ def grpo_loss(
     assert advantages.shape == (mask.shape[0],), (
         f"advantages must be (B,) = ({mask.shape[0]},), got {tuple(advantages.shape)}"
     )
-    assert eps_low >= 0 and eps_high >= 0, (
-        f"clip epsilons must be >= 0, got eps_low={eps_low}, eps_high={eps_high}"
-    )
+    assert eps_low >= 0 and eps_high >= 0, f"clip epsilons must be >= 0, got eps_low={eps_low}, eps_high={eps_high}"
     dtype = torch.promote_types(logps.dtype, torch.float32)
     m = real.to(dtype)
     tokens = m.sum()

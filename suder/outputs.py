@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -42,8 +43,9 @@ class RunWriter:
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.main:
+            clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics, default=float) + "\n")
+                f.write(json.dumps(clean, default=float) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
     def _save_models(self, trainer: Any, folder: Path) -> None:

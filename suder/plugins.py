@@ -63,8 +63,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not take the others down
             warnings.warn(
-                f"suder plugin '{ep.name}' from {dist} failed to load and was skipped: "
-                f"{type(exc).__name__}: {exc}",
+                f"suder plugin '{ep.name}' from {dist} failed to load and was skipped: {type(exc).__name__}: {exc}",
                 SuderPluginWarning,
                 stacklevel=2,
             )

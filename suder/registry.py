@@ -53,7 +53,7 @@ def _collect(hook_name: str, make: Callable[..., Any]) -> dict[str, Any]:
         def register(name: str, factory: Callable[..., Any], *args: Any, _plugin=plugin, _info=info, **kw):
             if name in found:
                 raise DuplicateNameError(
-                    f"{hook_name[len('register_'):-1]} '{name}' is registered by both plugin "
+                    f"{hook_name[len('register_') : -1]} '{name}' is registered by both plugin "
                     f"'{found[name].plugin}' and plugin '{_plugin}'; uninstall one or set SUDER_LOAD_PLUGINS."
                 )
             found[name] = make(name, factory, *args, plugin=_plugin, distribution=_info.distribution, **kw)

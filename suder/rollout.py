@@ -113,7 +113,9 @@ def rollout_metrics(r: Rollout, best: torch.Tensor, worst: torch.Tensor, valid: 
         jb, jw = r.judge[best], r.judge[worst]
         decisive = valid & (jb != jw)
         out[f"{d}/judge_decisive"] = float(decisive.sum().item())
-        out[f"{d}/judge_agree"] = (jb[decisive] > jw[decisive]).float().mean().item() if decisive.any() else float("nan")
+        out[f"{d}/judge_agree"] = (
+            (jb[decisive] > jw[decisive]).float().mean().item() if decisive.any() else float("nan")
+        )
     return out
 
 

@@ -57,8 +57,16 @@ class Dispatch(nn.Module):
         return fn(self.backbone)
 
 
-def train(model: Any = "toy", /, algo: str = "simpo", *, config_file: str | None = None, flags=None,
-          callback: Callable[[dict], None] | None = None, **config: Any) -> TrainResult:
+def train(
+    model: Any = "toy",
+    /,
+    algo: str = "simpo",
+    *,
+    config_file: str | None = None,
+    flags=None,
+    callback: Callable[[dict], None] | None = None,
+    **config: Any,
+) -> TrainResult:
     """Self-improve ``model`` (backbone name or ``UnifiedLMM``) with dual self-rewards; see ``docs/python-api.md``."""
     policy = None
     if isinstance(model, str):
@@ -88,6 +96,9 @@ class Trainer:
 
         self.cfg, self.callback = cfg, callback
         self.acc = Accelerator(
+            # without an accelerator, torchrun's processes still form a (gloo) group; accelerate only
+            # recognises it with cpu=True
+            cpu=not torch.accelerator.is_available(),
             mixed_precision=cfg.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
@@ -98,8 +109,9 @@ class Trainer:
                 from .pretrain import ensure_toy_base
 
                 self.base_path = str(ensure_toy_base())
-            policy = load_backbone(cfg.backbone, **({"model": self.base_path} if self.base_path else {}),
-                                   **cfg.backbone_options)
+            policy = load_backbone(
+                cfg.backbone, **({"model": self.base_path} if self.base_path else {}), **cfg.backbone_options
+            )
         self.judge = cfg.backbone == "toy" and cfg.prompts is None and cfg.images is None
         self.pools = {}
         if "gen" in cfg.directions:
@@ -116,10 +128,16 @@ class Trainer:
         if direction not in spec.directions:
             from .errors import ConfigError
 
-            raise ConfigError(f"Reward '{name}' does not score the {direction} direction (it scores {spec.directions}).")
+            raise ConfigError(
+                f"Reward '{name}' does not score the {direction} direction (it scores {spec.directions})."
+            )
         c = self.cfg
-        return spec.factory(direction, reduction=c.reward_reduction, consensus_lambda=c.consensus_lambda,
-                            consensus_source=c.consensus_source)
+        return spec.factory(
+            direction,
+            reduction=c.reward_reduction,
+            consensus_lambda=c.consensus_lambda,
+            consensus_source=c.consensus_source,
+        )
 
     def _needs_reference(self) -> bool:
         c = self.cfg
@@ -235,8 +253,10 @@ class Trainer:
                 batches[(key, direction)] = batch
             micro.append(batches)
         t1 = time.perf_counter()
-        norm = {kd: {"count": sum(b[kd].count for b in micro if b[kd]), "tokens": sum(b[kd].tokens for b in micro if b[kd])}
-                for kd in micro[0]}
+        norm = {
+            kd: {"count": sum(b[kd].count for b in micro if b[kd]), "tokens": sum(b[kd].tokens for b in micro if b[kd])}
+            for kd in micro[0]
+        }
         for key in {k for k, _, _ in work}:
             metrics.update(self.update(key, algo, micro, norm))
         metrics.update({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
@@ -247,7 +267,9 @@ class Trainer:
         size = c.gen_batch_size if direction == "gen" else c.und_batch_size
         index = (step * c.grad_accum + micro) * self.acc.num_processes + self.acc.process_index
         inputs = self.pools[direction].batch(index, size)
-        gen = torch.Generator().manual_seed(derive_seed(c.seed, step, micro, direction == "und", self.acc.process_index))
+        gen = torch.Generator().manual_seed(
+            derive_seed(c.seed, step, micro, direction == "und", self.acc.process_index)
+        )
         policy = self.unwrapped(key)
         t = time.perf_counter()
         policy.eval()
@@ -261,7 +283,9 @@ class Trainer:
         policy.train()
         rollout = Rollout(direction, samples, rewards, c.group_size, judge)
         self._last_rollouts.append(rollout)
-        self._phase_times[f"time/{direction}_sample"] = self._phase_times.get(f"time/{direction}_sample", 0) + t_reward - t
+        self._phase_times[f"time/{direction}_sample"] = (
+            self._phase_times.get(f"time/{direction}_sample", 0) + t_reward - t
+        )
         self._phase_times[f"time/{direction}_reward"] = (
             self._phase_times.get(f"time/{direction}_reward", 0) + time.perf_counter() - t_reward
         )

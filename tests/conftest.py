@@ -23,8 +23,18 @@ def tiny_toy_path(tmp_path_factory):
     from suder.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("tiny-toy")
-    pretrain("toy", out=str(out), steps=30, seed=0, batch_size=16, warmup_steps=5,
-             hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    pretrain(
+        "toy",
+        out=str(out),
+        steps=30,
+        seed=0,
+        batch_size=16,
+        warmup_steps=5,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+    )
     return str(out)
 
 

@@ -15,7 +15,12 @@ def test_backbone_defaults():
     # appendix A.1: lr 3e-6, grad-accum 2, 5 epochs, SimPO 2.0/0.5, GRPO 0.2/0.28 and beta 0.04, G = 8
     assert (real.lr, real.grad_accum, real.epochs, real.steps) == (3e-6, 2, 5.0, None)
     assert (real.simpo_beta, real.simpo_gamma, real.grpo_eps_low, real.grpo_eps_high, real.grpo_beta) == (
-        2.0, 0.5, 0.2, 0.28, 0.04)
+        2.0,
+        0.5,
+        0.2,
+        0.28,
+        0.04,
+    )
     assert real.group_size == 8 and real.warmup_steps == 5 and real.lr_schedule == "cosine"
 
 

@@ -97,7 +97,9 @@ def test_broken_plugin_warns_and_others_load(tmp_path):
     assert "good" in rows and rows["good"]["distribution"] == "suder-good" and "toy" in rows
     assert "suder plugin 'broken' from suder-broken failed to load" in proc.stderr
     # gate: empty = no third-party plugins; a list = only those
-    rows = {r["name"] for r in json.loads(_cli("backbones", "--json", env_extra=env | {"SUDER_LOAD_PLUGINS": ""}).stdout)}
+    rows = {
+        r["name"] for r in json.loads(_cli("backbones", "--json", env_extra=env | {"SUDER_LOAD_PLUGINS": ""}).stdout)
+    }
     assert "good" not in rows and "toy" in rows
     proc = _cli("backbones", "--json", env_extra=env | {"SUDER_LOAD_PLUGINS": "good"})
     assert "good" in {r["name"] for r in json.loads(proc.stdout)} and "broken" not in proc.stderr
@@ -107,9 +109,20 @@ def test_hello_plugin_installs_and_is_discovered(tmp_path):
     """A real `pip install` of the example package into a target folder, then discovery by entry point."""
     target = tmp_path / "site"
     pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT / "plugins" / "suder-hello")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "plugins" / "suder-hello"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert pip.returncode == 0, pip.stderr
     env = {"PYTHONPATH": str(target)}

@@ -16,7 +16,9 @@ from suder.worlds import shapes
 def test_protocol_conformance(tiny_toy):
     assert isinstance(tiny_toy, UnifiedLMM)
     check_backbone(tiny_toy)
-    s = tiny_toy.sample_image(["a red square", "two blue circles"], num_samples=3, generator=torch.Generator().manual_seed(0))
+    s = tiny_toy.sample_image(
+        ["a red square", "two blue circles"], num_samples=3, generator=torch.Generator().manual_seed(0)
+    )
     assert isinstance(s, ImageSamples) and len(s) == 6 and s.prompts[:3] == ["a red square"] * 3
     assert s.tokens.shape == s.logps.shape == (6, NUM_IMAGE_TOKENS) and s.tokens.dtype == torch.long
     assert len(s.images) == 6 and s.images[0].size == (32, 32)
@@ -84,8 +86,10 @@ def test_left_padding_does_not_change_logps(tiny_toy):
 
 def test_gradients_reach_every_trained_parameter(tiny_toy):
     images = [shapes.render(sc) for sc in shapes.sample_scenes(3, seed=9)]
-    loss = -(tiny_toy.logp_text_given_image(["a red square"] * 3, images).mean().sum()
-             + tiny_toy.logp_image_given_text(images, ["a red square", "", "two blue circles"]).mean().sum())
+    loss = -(
+        tiny_toy.logp_text_given_image(["a red square"] * 3, images).mean().sum()
+        + tiny_toy.logp_image_given_text(images, ["a red square", "", "two blue circles"]).mean().sum()
+    )
     loss.backward()
     for d in ("gen", "und"):
         for p in tiny_toy.trainable_parameters(d):

@@ -220,7 +220,9 @@ class ToyUnifiedLM(nn.Module):
     def _forward(self, ids, mask, cache=None, positions=None):
         if positions is None:
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        return self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None)
+        return self.lm(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None
+        )
 
     def _guided(self, logits: torch.Tensor, scale: float) -> torch.Tensor:
         """Rows [cond; uncond] -> uncond + s * (cond - uncond) (Ho & Salimans 2022, eq. 6)."""

@@ -15,8 +15,9 @@ def build_hello(model: str | None = None, device: str | None = None):
     if model is not None:
         built = HelloBackbone.from_pretrained(model)
     else:
-        built = HelloBackbone(ToyConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
-                                        max_caption_tokens=8))
+        built = HelloBackbone(
+            ToyConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_caption_tokens=8)
+        )
     return built.to(device) if device else built
 
 

@@ -1,0 +1,270 @@
+"""The DSR trainer: strategies, algorithms, run outputs, resume, grad-accum equivalence, rewards, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import suder
+from suder import plugins, rewards
+from suder.config import TrainConfig
+from suder.errors import ConfigError, DataError, TrainingError
+from suder.rollout import ALGORITHMS, Rollout, sample_group
+from suder.worlds import shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(steps=2, group_size=4, gen_batch_size=2, und_batch_size=2, eval_num=8, sample_every=1, save_every=0)
+
+
+def _train(path, out, **kw):
+    return suder.train("toy", model=path, output_dir=str(out), **(TINY | kw))
+
+
+@pytest.mark.parametrize("algo", ["simpo", "grpo"])
+@pytest.mark.parametrize("strategy", ["unified", "gen", "und", "separate"])
+def test_every_strategy_and_algo_runs(tiny_toy_path, tmp_path, algo, strategy):
+    res = _train(tiny_toy_path, tmp_path, algo=algo, strategy=strategy, switch_every=1)
+    assert len(res.metrics) == 2
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["base_model"] == tiny_toy_path and run["final_model"] == str(tmp_path / "final")
+    assert set(run["before"]) >= ({"t2i"} if strategy == "gen" else set()) and run["after"]
+    if strategy == "separate":
+        assert (tmp_path / "final" / "gen" / "model.safetensors").exists()
+        assert (tmp_path / "final" / "und" / "model.safetensors").exists()
+        assert "gen/loss" in res.metrics[0] and "und/loss" in res.metrics[1]  # they alternate
+    else:
+        suder.load_backbone("toy", model=res.final_model)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    assert "NaN" not in lines[0]
+
+
+def test_every_trainable_parameter_changes_after_a_step(tiny_toy_path, tmp_path):
+    before = suder.load_backbone("toy", model=tiny_toy_path).state_dict()
+    res = _train(tiny_toy_path, tmp_path, steps=1, sample_every=0, lr=1e-3)
+    after = suder.load_backbone("toy", model=res.final_model).state_dict()
+    for name, p in before.items():
+        if name == "codebook":
+            assert torch.equal(p, after[name])
+        else:
+            assert not torch.equal(p, after[name]), f"{name} did not change"
+
+
+def test_outputs_config_grids_checkpoints(tiny_toy_path, tmp_path):
+    _train(tiny_toy_path, tmp_path, steps=3, save_every=2)
+    cfg = (tmp_path / "config.yaml").read_text()
+    assert "algo: simpo" in cfg and "cfg_policy: guided" in cfg
+    assert (tmp_path / "samples" / "step-000001-gen.png").exists()
+    assert (tmp_path / "samples" / "step-000001-und.png").exists()
+    ck = tmp_path / "checkpoints" / "step-000002"
+    assert (ck / "model" / "model.safetensors").exists() and (ck / "state").is_dir()
+    assert not list((tmp_path / "checkpoints").glob(".*tmp"))
+
+
+def test_resume_gives_the_same_losses(tiny_toy_path, tmp_path):
+    full = _train(tiny_toy_path, tmp_path / "a", steps=4, save_every=2, sample_every=0)
+
+    class Stop(Exception):
+        pass
+
+    def crash(m):
+        if m["step"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        suder.train(
+            "toy",
+            model=tiny_toy_path,
+            output_dir=str(tmp_path / "b"),
+            callback=crash,
+            **(TINY | dict(steps=4, save_every=2, sample_every=0)),
+        )
+    resumed = _train(tiny_toy_path, tmp_path / "b", steps=4, save_every=2, sample_every=0, resume=True)
+    assert [m["step"] for m in resumed.metrics] == [3, 4]
+    for a, b in zip(full.metrics[2:], resumed.metrics):
+        for key in ("gen/loss", "und/loss", "gen/reward_mean", "und/reward_mean"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("algo", ["simpo", "grpo"])
+def test_grad_accumulation_equals_one_big_batch(tiny_toy_path, algo):
+    """Two micro-batches with the whole batch's normalizer give the same update as one batch."""
+    from suder.trainer import Trainer
+
+    cfg = TrainConfig(
+        model=tiny_toy_path,
+        algo=algo,
+        group_size=4,
+        gen_batch_size=4,
+        und_batch_size=4,
+        output_dir="unused",
+        steps=1,
+        warmup_steps=1,
+        grpo_beta=0.0,
+    )
+    results = []
+    for split in (1, 2):
+        torch.manual_seed(0)
+        tr = Trainer(cfg)
+        policy = tr.unwrapped("policy")
+        gen = torch.Generator().manual_seed(3)
+        prompts = ["a red square", "two blue circles", "a white triangle", "a green circle above a red square"]
+        samples = sample_group(policy, "gen", prompts, cfg, gen)
+        r = rewards.dsr_generation(rewards.RewardContext(scorer=policy), samples)
+        algo_obj = ALGORITHMS[algo]
+        per = 4 // split
+        micro = []
+        for m in range(split):
+            rows = list(range(m * per * 4, (m + 1) * per * 4))
+            roll = Rollout("gen", samples.select(rows), r[rows], 4)
+            micro.append({("policy", "gen"): algo_obj.prepare(policy, roll, cfg, None)[0]})
+        norm = {
+            ("policy", "gen"): {
+                "count": sum(b[("policy", "gen")].count for b in micro),
+                "tokens": sum(b[("policy", "gen")].tokens for b in micro),
+            }
+        }
+        tr.update("policy", algo_obj, micro, norm)
+        results.append([p.detach().clone() for p in policy.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_rewards_batched_equal_one_by_one(tiny_toy):
+    gen = torch.Generator().manual_seed(0)
+    s = tiny_toy.sample_image(["a red square", "three blue triangles"], num_samples=4, generator=gen)
+    ctx = rewards.RewardContext(scorer=tiny_toy, reference=tiny_toy)
+    batched = rewards.dsr_generation(ctx, s)
+    single = torch.cat([rewards.dsr_generation(ctx, s.select([i])) for i in range(len(s))])
+    assert torch.allclose(batched, single, atol=1e-5)
+    images = [shapes.render(x) for x in shapes.sample_scenes(2, seed=1)]
+    t = tiny_toy.sample_text(images, num_samples=4, generator=gen)
+    for fn in (rewards.dsr_understanding, rewards.dsr_consensus):
+        batched = fn(ctx, t)
+        single = torch.cat([fn(ctx, t.select([i])) for i in range(len(t))])
+        assert torch.allclose(batched, single, atol=1e-4), fn.__name__
+
+
+def test_consensus_is_image_term_plus_lambda_caption_term(tiny_toy):
+    images = [shapes.render(x) for x in shapes.sample_scenes(2, seed=1)]
+    t = tiny_toy.sample_text(images, num_samples=3, generator=torch.Generator().manual_seed(1))
+    ctx = rewards.RewardContext(scorer=tiny_toy, reference=tiny_toy)
+    image = tiny_toy.logp_image_given_text(t.images, t, policy="cond").sum()
+    caption = tiny_toy.logp_text_given_image(t, t.images).sum()
+    got = rewards.dsr_consensus(ctx, t, lam=0.5)
+    assert torch.allclose(got, image + 0.5 * caption, atol=1e-4)
+
+
+def test_zero_variance_groups_are_skipped_and_counted(tiny_toy):
+    s = tiny_toy.sample_image(
+        ["a red square", "a blue circle"], num_samples=4, generator=torch.Generator().manual_seed(0)
+    )
+    r = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 3.0])
+    cfg = TrainConfig(algo="grpo", group_size=4, grpo_beta=0.0)
+    batch, metrics = ALGORITHMS["grpo"].prepare(tiny_toy, Rollout("gen", s, r, 4), cfg, None)
+    assert batch.count == 4 and metrics["gen/groups_skipped"] == 1.0
+    batch, metrics = ALGORITHMS["simpo"].prepare(tiny_toy, Rollout("gen", s, r, 4), TrainConfig(group_size=4), None)
+    assert batch.count == 1 and metrics["gen/groups_skipped"] == 1.0
+    assert batch.samples.prompts == ["a blue circle", "a blue circle"]
+
+
+def test_grpo_fails_loudly_when_first_ratio_is_not_one(tiny_toy_path, tmp_path, monkeypatch):
+    from suder.backbones.toy import ToyUnifiedLM
+
+    original = ToyUnifiedLM.logp_image_given_text
+
+    def noisy(self, images, texts, **options):
+        lp = original(self, images, texts, **options)
+        if torch.is_grad_enabled():
+            lp.values = lp.values + 0.01
+        return lp
+
+    monkeypatch.setattr(ToyUnifiedLM, "logp_image_given_text", noisy)
+    with pytest.raises(TrainingError, match="importance ratio is not 1"):
+        _train(tiny_toy_path, tmp_path, algo="grpo", strategy="gen", steps=1)
+
+
+def test_plugin_reward_needs_no_trainer_change(tiny_toy_path, tmp_path):
+    seen = {}
+
+    class LengthReward:
+        @suder.hookimpl
+        def register_rewards(self, register):
+            def factory(direction, **options):
+                def reward(ctx, samples):
+                    seen["n"] = len(samples)
+                    return torch.tensor([-float(len(t.split())) for t in samples.texts])
+
+                return reward
+
+            register("brevity", factory, ("und",), "shorter is better")
+
+    plugins.register_plugin(LengthReward(), name="brevity-plugin")
+    try:
+        _train(tiny_toy_path, tmp_path, strategy="und", und_reward="brevity", steps=1)
+    finally:
+        plugins.unregister_plugin("brevity-plugin")
+    assert seen["n"] == 2 * 4
+
+
+def test_bad_inputs_are_one_line_errors(tiny_toy_path, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="has no prompts"):
+        _train(tiny_toy_path, tmp_path / "r", prompts=str(empty), strategy="gen")
+    with pytest.raises(DataError, match="does not exist"):
+        _train(tiny_toy_path, tmp_path / "r", images=str(tmp_path / "missing"), strategy="und")
+    with pytest.raises(ConfigError, match="Did you mean 'group_size'"):
+        _train(tiny_toy_path, tmp_path / "r", groupsize=4)
+    with pytest.raises(ConfigError, match="does not score the gen direction"):
+        _train(tiny_toy_path, tmp_path / "r", gen_reward="dsr-consensus")
+    proc = subprocess.run([sys.executable, "-m", "suder", "run", "--lrr", "1e-4"], capture_output=True, text=True)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Did you mean '--lr'" in lines[0], proc.stderr
+
+
+def test_custom_data_files(tiny_toy_path, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red square"}\n{"prompt": "two blue circles"}\n')
+    shapes.export(3, 0, tmp_path / "imgs")
+    res = _train(tiny_toy_path, tmp_path / "r", prompts=str(prompts), images=str(tmp_path / "imgs"))
+    assert res.before == {} and len(res.metrics) == 2  # no judge on user data
+    assert "gen/judge_acc" not in res.metrics[0]
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_weights(tiny_toy_path, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): after 2 DDP steps both ranks hold the same weights."""
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys, torch, suder, torch.distributed as dist\n"
+        "from suder.trainer import Trainer\nfrom suder.config import resolve\n"
+        f"cfg = resolve(None, None, backbone='toy', model={tiny_toy_path!r}, output_dir={str(tmp_path / 'run')!r},"
+        " steps=2, group_size=4, gen_batch_size=2, und_batch_size=2, sample_every=0, save_every=0)\n"
+        "tr = Trainer(cfg)\nfor step in range(2):\n    m = tr.train_step(step)\n"
+        "vec = torch.cat([p.detach().flatten() for p in tr.unwrapped('policy').parameters()])\n"
+        "gathered = [torch.zeros_like(vec) for _ in range(2)]\ndist.all_gather(gathered, vec)\n"
+        "assert tr.acc.num_processes == 2\n"
+        "assert torch.equal(gathered[0], gathered[1]), (gathered[0] - gathered[1]).abs().max()\n"
+        "base = torch.cat([p.flatten() for p in suder.load_backbone('toy', model=cfg.model).parameters()])\n"
+        "assert not torch.equal(vec, base)\nprint('RANK_OK', dist.get_rank())\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("RANK_OK") == 2
