@@ -305,7 +305,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     from .plugins import SuderPluginWarning
 
     if issubclass(category, SuderPluginWarning):
-        _console().print(f"[yellow]Warning:[/] {message}", highlight=False)
+        _console().print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 "eval": cmd_eval,
             }[args.command](args)
     except SuderError as exc:
-        _console().print(f"[bold red]Error:[/] {exc}", highlight=False)
+        _console().print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130

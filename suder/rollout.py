@@ -149,6 +149,7 @@ class SimPO:
         loss, metrics = losses.simpo_loss(
             mean[:P], mean[P:], beta=cfg.simpo_beta, gamma=cfg.simpo_gamma, normalizer=normalizer["count"]
         )
+        metrics["logp_estimate"] = float(lp.estimate)
         if batch.ref_logps is not None:
             kl, kl_metrics = losses.kl_penalty(lp.values, batch.ref_logps, lp.mask, normalizer=normalizer["tokens"])
             loss = loss + cfg.simpo_kl_beta * kl
@@ -190,6 +191,7 @@ class GRPO:
             beta=cfg.grpo_beta,
             normalizer=normalizer["tokens"],
         )
+        metrics["logp_estimate"] = float(lp.estimate)
         if first and metrics["grpo/ratio_max_abs_dev"] > cfg.ratio_tolerance:
             raise TrainingError(
                 f"GRPO importance ratio is not 1 at the first inner step ({batch.direction}: max |ratio - 1| = "

@@ -247,8 +247,10 @@ class Trainer:
         for m in range(c.grad_accum):
             batches = {}
             for key, direction, scorer_key in work:
-                rollout = self.rollout(key, direction, scorer_key, step, m)
-                batch, rm = algo.prepare(self.unwrapped(key), rollout, c, self.models["reference"])
+                # the same autocast as the loss pass, so that old and new log-probs agree under mixed precision
+                with self.acc.autocast():
+                    rollout = self.rollout(key, direction, scorer_key, step, m)
+                    batch, rm = algo.prepare(self.unwrapped(key), rollout, c, self.models["reference"])
                 _accumulate(metrics, rm, c.grad_accum)
                 batches[(key, direction)] = batch
             micro.append(batches)

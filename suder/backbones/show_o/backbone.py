@@ -1,0 +1,453 @@
+"""The ``show-o`` backbone: Show-o (Xie et al. 2024, arXiv:2408.12528) behind suder's ``UnifiedLMM`` protocol.
+
+- ``sample_image``: Show-o's MaskGIT sampler (``sampling.maskgit_sample``), 18 cosine steps by default,
+  guidance ``(1 + g) cond - g uncond`` with cond and uncond rows in one batch. ``guidance_scale`` follows
+  Show-o's convention: 0 means no guidance (suder's toy uses 1 for that).
+- ``logp_image_given_text``: **an estimate**. A masked-token model has no exact sequence likelihood; we use
+  diffu-GRPO's mean-field "one-step per-token log-probability estimation" (Zhao et al. 2025, "d1: Scaling
+  Reasoning in Diffusion LLMs via RL", arXiv:2504.12216, the diffu-GRPO section): log p(x | c) ~ sum_i log
+  p(x_i | c, all image tokens masked), one forward with every image position set to the mask token,
+  ``log_softmax`` over the 8192 image columns (the sampler's support), gather the scored codes; with
+  ``policy="guided"`` the guided logits are normalised.
+  Departures from d1: d1 perturbs the *prompt* with random masks; text has no mask token in Show-o, so the
+  optional perturbation (``remask_ratio < 1``) re-masks a random subset of the *image* instead, the rest
+  staying visible, and only the re-masked positions are scored (``mask``). ``TokenLogProbs.estimate`` is True.
+- ``ImageSamples.logps`` are the same estimator's values on the final tokens (one extra forward), not the
+  per-step sampling probabilities, so GRPO's first importance ratio is exactly 1 by construction.
+- ``sample_text`` / ``logp_text_given_image``: exact causal log-probs of captions after
+  ``<|mmu|> <|soi|> image <|eoi|> bos``, KV-cached decoding, normalised over the 50295 text columns (the
+  sampler's support; the image and special tokens are never drawn), ``temperature`` as for the toy backbone.
+
+Show-o's sampler applies no temperature to token probabilities (it only anneals the re-masking noise), so the
+image estimator ignores ``temperature``. The CLIP-ViT understanding path of ``show-o-w-clip-vit`` is not
+implemented: those checkpoints load, but captions use the MAGVIT tokens like the other checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import BackboneError, DataError
+from ...protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave
+from .magvit import MAGVITv2, image_to_tensor, tensor_to_images
+from .modeling import CheckpointNotFound, Showo, resolve_checkpoint
+from .prompting import (
+    ShowoTokens,
+    add_special_tokens,
+    mmu_attention_mask,
+    mmu_prefix,
+    t2i_attention_mask,
+    t2i_sequences,
+)
+from .sampling import draw, guided, mask_schedule, maskgit_sample
+
+SETTINGS_FILE = "suder_show_o.json"
+VQ_FOLDER = "magvitv2"
+TOKENIZER_FOLDER = "tokenizer"
+DEFAULTS = {"model": "showlab/show-o", "vq_model": "showlab/magvitv2", "tokenizer": "microsoft/phi-1_5"}
+CHUNK = 16  # images per VQ encode/decode call
+
+
+@dataclass
+class ShowOSettings:
+    """How the backbone is used; saved beside its weights (``suder_show_o.json``).
+
+    ``guidance_scale``: None means Show-o's README value for the resolution (1.75 at 256 px, 5 at 512 px).
+    ``caption_prompt``: "" scores/samples captions in Show-o's captioning format (``bos caption eos``);
+    a question uses the chat format of ``inference_mmu.py``:
+    ``bos USER: \\n{question} ASSISTANT: caption eos``.
+    """
+
+    guidance_scale: float | None = None
+    steps: int = 18
+    schedule: str = "cosine"
+    max_caption_tokens: int = 64
+    caption_prompt: str = ""
+
+
+class ShowOBackbone(nn.Module):
+    """Show-o + MAGVIT-v2 + Phi-1.5 tokenizer as a ``UnifiedLMM`` (see the module docstring)."""
+
+    name = "show-o"
+
+    def __init__(self, showo: Showo, vq: MAGVITv2, tokenizer: Any, settings: ShowOSettings | None = None):
+        super().__init__()
+        self.model = showo
+        self.vq = vq.eval().requires_grad_(False)
+        self.settings = settings or ShowOSettings()
+        cfg = showo.config
+        self.tokenizer = add_special_tokens(tokenizer, cfg.llm_vocab_size)
+        self.tokens = ShowoTokens.from_config(cfg, bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id)
+        if vq.codebook_size != cfg.codebook_size:
+            raise BackboneError(f"The VQ model has {vq.codebook_size} codes but Show-o expects {cfg.codebook_size}.")
+        side = math.isqrt(cfg.num_vq_tokens)
+        if side * side != cfg.num_vq_tokens:
+            raise BackboneError(f"num_vq_tokens {cfg.num_vq_tokens} is not a square grid.")
+        self.resolution = side * vq.downsample_factor
+        if self.settings.guidance_scale is None:
+            self.settings.guidance_scale = 5.0 if self.resolution >= 512 else 1.75
+        mask_schedule(self.settings.schedule)  # fail early on an unknown schedule
+        question = self.settings.caption_prompt
+        self._question = self._encode(f"USER: \n{question} ASSISTANT:") if question else []
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.model.showo.lm_head.weight.device
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.settings.guidance_scale)
+
+    def trainable_parameters(self, direction: str) -> list[nn.Parameter]:
+        """Both directions train the whole Show-o transformer (``showo.*``). The MAGVIT-v2 tokenizer is always
+        frozen, and so is ``mm_projector`` of CLIP-ViT checkpoints: the CLIP path is not implemented, so it
+        never takes part in a forward."""
+        if direction not in ("gen", "und"):
+            raise ValueError(f"direction must be 'gen' or 'und', got {direction!r}")
+        return list(self.model.showo.parameters())
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.model.showo.gradient_checkpointing_enable()
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def image_codes(self, images: Sequence[Any] | ImageSamples | torch.Tensor) -> torch.Tensor:
+        """(B, N) codes in [0, 8192): ``ImageSamples.tokens``, a (B, N) long tensor, (B, 3, R, R) pixels in
+        [-1, 1], or PIL images (resized and centre-cropped to the model's resolution, then VQ-encoded)."""
+        if isinstance(images, ImageSamples):
+            codes = images.tokens
+        elif isinstance(images, torch.Tensor) and images.dim() == 2:
+            codes = images
+        else:
+            if isinstance(images, torch.Tensor):
+                pixels = images
+            else:
+                try:
+                    pixels = torch.stack([image_to_tensor(im, self.resolution) for im in images])
+                except (AttributeError, TypeError, ValueError) as exc:
+                    raise DataError(f"Cannot read the images passed to show-o: {exc}") from exc
+            dtype = self.vq.decoder.conv_in.weight.dtype
+            codes = torch.cat(
+                [self.vq.get_code(pixels[i : i + CHUNK].to(self.device, dtype)) for i in range(0, len(pixels), CHUNK)]
+            )
+        n = self.tokens.num_image_tokens
+        assert codes.dim() == 2 and codes.shape[1] == n, f"expected (B, {n}) image codes, got {tuple(codes.shape)}"
+        return codes.to(self.device).long()
+
+    @torch.no_grad()
+    def decode_images(self, codes: torch.Tensor) -> list[Any]:
+        """(B, N) codes -> PIL images (resolution x resolution)."""
+        out: list[Any] = []
+        for i in range(0, codes.shape[0], CHUNK):
+            out += tensor_to_images(self.vq.decode_code(codes[i : i + CHUNK].to(self.device)))
+        return out
+
+    # ------------------------------------------------------------------ text -> image
+    def _t2i_inputs(self, prompts: list[str], image_ids: torch.Tensor, cfg: bool):
+        """ids (B or 2B, L) with [cond; uncond] rows, and their omni-attention mask."""
+        texts = [self._encode(p) for p in prompts]
+        if cfg:
+            texts, image_ids = texts + [[]] * len(prompts), image_ids.repeat(2, 1)
+        ids = t2i_sequences(texts, image_ids, self.tokens)
+        return ids, t2i_attention_mask(ids, self.tokens)
+
+    def _image_logits(self, ids: torch.Tensor, mask: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
+        """(B, N, K) float32 logits over the K image codes at the image positions (guided when ``cfg``)."""
+        n, off, k = self.tokens.num_image_tokens, self.tokens.image_offset, self.tokens.codebook_size
+        hidden = self.model.hidden_states(ids, mask)[:, -(n + 1) : -1]
+        logits = self.model.head(hidden, off, off + k)
+        return guided(*logits.chunk(2), scale) if cfg else logits
+
+    def _policy(self, options: dict[str, Any]) -> tuple[bool, float]:
+        scale = options.get("guidance_scale")
+        scale = self.guidance_scale if scale is None else float(scale)
+        policy = options.get("policy", "guided")
+        if policy not in ("cond", "guided"):
+            raise ValueError(f"policy must be 'cond' or 'guided', got {policy!r}")
+        return policy == "guided" and scale != 0, scale
+
+    @torch.no_grad()
+    def sample_image(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        guidance_scale: float | None = None,
+        temperature: float = 1.0,
+        **options: Any,
+    ) -> ImageSamples:
+        """MaskGIT sampling of ``num_samples`` images per prompt (options: ``steps``, ``schedule``)."""
+        rows = repeat_interleave(list(prompts), num_samples)
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        cfg = scale != 0
+        n, mask_id, off = self.tokens.num_image_tokens, self.tokens.mask, self.tokens.image_offset
+        start = torch.full((len(rows), n), -1, dtype=torch.long, device=self.device)
+        ids, attn = self._t2i_inputs(rows, torch.full_like(start, mask_id), cfg)
+
+        def image_logits(codes: torch.Tensor) -> torch.Tensor:
+            image = torch.where(codes < 0, mask_id, codes + off)
+            ids[:, -(n + 1) : -1] = image.repeat(2, 1) if cfg else image
+            return self._image_logits(ids, attn, cfg, scale)
+
+        tokens = maskgit_sample(
+            image_logits,
+            start,
+            steps=int(options.get("steps", self.settings.steps)),
+            temperature=temperature,
+            schedule=options.get("schedule", self.settings.schedule),
+            generator=generator,
+        )
+        logps = self.logp_image_given_text(tokens, rows, policy="guided", guidance_scale=scale).values
+        return ImageSamples(
+            prompts=rows,
+            tokens=tokens,
+            logps=logps,
+            num_samples=num_samples,
+            guidance_scale=scale,
+            temperature=temperature,
+            decode=self.decode_images,
+        )
+
+    def logp_image_given_text(
+        self, images: Sequence[Any] | ImageSamples, texts: Sequence[str] | TextSamples, **options: Any
+    ) -> TokenLogProbs:
+        """One-step unmasking estimate of log p(image codes | text): (B, N), ``estimate=True``.
+
+        Options: ``policy`` ("guided" (default) or "cond"), ``guidance_scale`` (default: the backbone's),
+        ``remask_ratio`` (default 1: every image position masked; below 1, that fraction is masked at random
+        and only those positions are scored) with ``remask_seed`` or ``generator`` (required then: pass a
+        fresh seed per inner iteration, the same for the old and the new policy). ``temperature`` is accepted
+        and ignored.
+        """
+        prompts = list(texts.texts) if isinstance(texts, TextSamples) else list(texts)
+        codes = self.image_codes(images)
+        assert codes.shape[0] == len(prompts), f"{codes.shape[0]} images for {len(prompts)} texts"
+        cfg, scale = self._policy(options)
+        scored = self._remask(codes, options)
+        image_ids = torch.where(scored, self.tokens.mask, codes + self.tokens.image_offset)
+        ids, attn = self._t2i_inputs(prompts, image_ids, cfg)
+        logits = self._image_logits(ids, attn, cfg, scale)
+        values = _gather_logps(logits, codes) * scored
+        return TokenLogProbs(values, scored, estimate=True)
+
+    def _remask(self, codes: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
+        """(B, N) bool: the positions that are masked in the input and scored."""
+        ratio = float(options.get("remask_ratio", 1.0))
+        if not 0 < ratio <= 1:
+            raise ValueError(f"remask_ratio must be in (0, 1], got {ratio}")
+        if ratio == 1:
+            return torch.ones_like(codes, dtype=torch.bool)
+        gen = options.get("generator")
+        if gen is None:
+            if options.get("remask_seed") is None:
+                raise ValueError("remask_ratio < 1 needs remask_seed= or generator= (the same for old and new logps)")
+            gen = torch.Generator().manual_seed(int(options["remask_seed"]))
+        b, n = codes.shape
+        noise = torch.rand((b, n), generator=gen, device=gen.device).to(codes.device)
+        count = max(1, round(ratio * n))
+        picked = noise.argsort(-1)[:, :count]
+        return torch.zeros_like(codes, dtype=torch.bool).scatter(1, picked, True)
+
+    # ------------------------------------------------------------------ image -> text
+    def _caption_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        lead = " " if self._question else ""
+        seqs = [self._encode(lead + t.strip()) + [self.tokens.eos] for t in texts]
+        width = max(len(s) for s in seqs)
+        tokens = torch.full((len(seqs), width), self.tokens.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = True
+        return tokens.to(self.device), mask.to(self.device)
+
+    def _decode_caption(self, ids: list[int]) -> str:
+        if ids and ids[-1] == self.tokens.eos:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def sample_text(
+        self,
+        images: Sequence[Any] | ImageSamples,
+        *,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        **options: Any,
+    ) -> TextSamples:
+        """KV-cached caption sampling (``temperature=0``: greedy); option ``max_tokens``."""
+        from transformers import DynamicCache
+
+        codes = self.image_codes(images).repeat_interleave(num_samples, 0)
+        prefix = mmu_prefix(codes + self.tokens.image_offset, self.tokens, self._question)
+        rows, limit = prefix.shape[0], int(options.get("max_tokens", self.settings.max_caption_tokens))
+        vocab, eos, pad = self.tokens.text_vocab_size, self.tokens.eos, self.tokens.pad
+        cache = DynamicCache(config=self.model.showo.config)
+        hidden = self.model.hidden_states(prefix, mmu_attention_mask(prefix, self.tokens), cache)[:, -1]
+        tokens = torch.full((rows, limit), pad, dtype=torch.long, device=self.device)
+        logps = torch.zeros(rows, limit, device=self.device)
+        alive = torch.zeros(rows, limit, dtype=torch.bool, device=self.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        for t in range(limit):
+            choice, logp = draw(self.model.head(hidden, 0, vocab), temperature, generator)
+            alive[:, t] = ~done
+            tokens[:, t] = torch.where(done, pad, choice)
+            logps[:, t] = torch.where(done, 0.0, logp)
+            done = done | (choice == eos)
+            if bool(done.all()) or t + 1 == limit:
+                break
+            # one new row that may see every cached position: no mask needed
+            hidden = self.model.hidden_states(tokens[:, t : t + 1], None, cache)[:, -1]
+        width = int(alive.sum(-1).max())
+        texts = [self._decode_caption(row[alive[i]].tolist()) for i, row in enumerate(tokens)]
+        if isinstance(images, ImageSamples):
+            sources = images.select(torch.arange(len(images)).repeat_interleave(num_samples))
+        elif isinstance(images, torch.Tensor):
+            sources = images.repeat_interleave(num_samples, 0)
+        else:
+            sources = repeat_interleave(list(images), num_samples)
+        return TextSamples(
+            texts=texts,
+            tokens=tokens[:, :width],
+            logps=logps[:, :width],
+            mask=alive[:, :width],
+            images=sources,
+            num_samples=num_samples,
+            temperature=temperature,
+        )
+
+    def logp_text_given_image(
+        self, texts: Sequence[str] | TextSamples, images: Sequence[Any] | ImageSamples, **options: Any
+    ) -> TokenLogProbs:
+        """Exact log p(caption tokens + eos | image), (B, T), one causal forward; option ``temperature``.
+
+        ``TextSamples`` are scored on their ``tokens`` as sampled; strings are tokenised (plus eos).
+        """
+        if isinstance(texts, TextSamples):
+            tokens, tmask = texts.tokens.to(self.device), texts.mask.to(self.device)
+        else:
+            tokens, tmask = self._caption_ids(list(texts))
+        codes = self.image_codes(images)
+        assert codes.shape[0] == tokens.shape[0], f"{codes.shape[0]} images for {tokens.shape[0]} texts"
+        prefix = mmu_prefix(codes + self.tokens.image_offset, self.tokens, self._question)
+        ids = torch.cat([prefix, torch.where(tmask, tokens, self.tokens.pad)], 1)
+        p, t = prefix.shape[1], tokens.shape[1]
+        hidden = self.model.hidden_states(ids, mmu_attention_mask(ids, self.tokens))[:, p - 1 : p - 1 + t]
+        logits = self.model.head(hidden, 0, self.tokens.text_vocab_size)
+        temperature = float(options.get("temperature", 1.0) or 1.0)
+        values = _gather_logps(logits / temperature, torch.where(tmask, tokens, 0)) * tmask
+        return TokenLogProbs(values, tmask)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Show-o weights in showlab's layout at ``path`` (config.json + pytorch_model.safetensors), the VQ
+        model in ``path/magvitv2``, the tokenizer in ``path/tokenizer`` and the settings in
+        ``suder_show_o.json``."""
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.vq.save_pretrained(path / VQ_FOLDER)
+        self.tokenizer.save_pretrained(str(path / TOKENIZER_FOLDER))
+        (path / SETTINGS_FILE).write_text(json.dumps({"backbone": "show-o", **asdict(self.settings)}, indent=2))
+
+
+def _gather_logps(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[index] without materialising the log-softmax (TRL's selective_log_softmax)."""
+    from trl.trainer.utils import selective_log_softmax
+
+    return selective_log_softmax(logits, index)
+
+
+# --------------------------------------------------------------------------------------------- factory
+def _dtype(value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if str(value) not in names:
+        raise BackboneError(f"Unknown dtype '{value}'; use one of {', '.join(names)}.")
+    return names[str(value)]
+
+
+def _missing(what: str, name: str, reason: str) -> BackboneError:
+    return BackboneError(
+        f"The {what} '{name}' is not available here ({reason}); download it on a connected machine "
+        f"(`hf download {name}`) or pass a local folder."
+    )
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, padding_side="left")
+    except (OSError, ValueError) as exc:
+        raise _missing("tokenizer", name, type(exc).__name__) from exc
+
+
+def build_show_o(
+    model: str | None = None,
+    vq_model: str | None = None,
+    tokenizer: str | None = None,
+    dtype: Any = None,
+    device: str | None = None,
+    **settings: Any,
+) -> ShowOBackbone:
+    """Load Show-o: ``model`` (default ``showlab/show-o``; a folder from ``save_pretrained`` brings its own VQ
+    model, tokenizer and settings), ``vq_model`` (default ``showlab/magvitv2``), ``tokenizer`` (default
+    ``microsoft/phi-1_5``), ``dtype`` (default float32), ``device`` (default cuda when available) and the
+    ``ShowOSettings`` fields (``guidance_scale``, ``steps``, ``schedule``, ``max_caption_tokens``,
+    ``caption_prompt``). Weights must be local or in the Hugging Face cache when offline."""
+    valid = {f.name for f in fields(ShowOSettings)}
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise BackboneError(
+            f"Unknown show-o option(s) {unknown}; valid: dtype, device, model, tokenizer, vq_model, "
+            f"{', '.join(sorted(valid))}."
+        )
+    model = str(model or DEFAULTS["model"])
+    saved = Path(model) / SETTINGS_FILE
+    stored: dict[str, Any] = {}
+    if saved.is_file():
+        stored = {k: v for k, v in json.loads(saved.read_text()).items() if k in valid}
+        vq_model = vq_model or str(Path(model) / VQ_FOLDER)
+        tokenizer = tokenizer or str(Path(model) / TOKENIZER_FOLDER)
+    vq_model, tokenizer = str(vq_model or DEFAULTS["vq_model"]), str(tokenizer or DEFAULTS["tokenizer"])
+    chosen = ShowOSettings(**(stored | {k: v for k, v in settings.items() if v is not None}))
+    for what, name in (("Show-o model", model), ("MAGVIT-v2 model", vq_model)):  # fail before loading GBs
+        try:
+            resolve_checkpoint(name)
+        except CheckpointNotFound as exc:
+            raise _missing(what, name, exc.reason) from exc
+    tok = load_tokenizer(tokenizer)
+    torch_dtype = _dtype(dtype)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        showo = Showo.from_pretrained(model, torch_dtype=torch_dtype, device=device)
+        vq = MAGVITv2.from_pretrained(vq_model, torch_dtype=torch_dtype, device=device)
+        return ShowOBackbone(showo, vq, tok, chosen)
+    except ValueError as exc:
+        raise BackboneError(f"Cannot load show-o from '{model}': {exc}.") from exc
+
+
+def from_parts(showo: Showo, vq: MAGVITv2, tokenizer: Any, **settings: Any) -> ShowOBackbone:
+    """The backbone from already-built parts (tests, notebooks): no files, no downloads."""
+    return ShowOBackbone(showo, vq, tokenizer, ShowOSettings(**settings))
