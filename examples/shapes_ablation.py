@@ -2,7 +2,7 @@
 
     python examples/shapes_ablation.py --out runs/ablation            # 3 seeds x 8 configurations, ~1 h on 2 cores
 
-Every configuration starts from the same cached pre-trained toy base and runs 200 DSR steps (no paired data);
+Every configuration starts from the same cached pre-trained toy base and runs 300 DSR steps (the default; no paired data);
 the judge scores held-out prompts and scenes before and after. Runs execute as separate processes, ``--jobs`` at
 a time with one thread each, and are skipped when their ``run.json`` exists, so the script can be re-run to
 finish or extend a study. It writes ``docs/results.md`` and ``docs/results.png``.
@@ -63,7 +63,7 @@ def run_one(name: str, seed: int, out: Path, base: str | None, steps: int, eval_
 
 
 def run_all(names: list[str], seeds: list[int], out: Path, base: str | None, steps: int, eval_num: int, jobs: int):
-    todo = [(n, s) for n in names for s in seeds]
+    todo = [(n, s) for s in seeds for n in names]  # seed-major: a partial study still covers every configuration
     running: list[tuple] = []
     while todo or running:
         while todo and len(running) < jobs:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-num", type=int, default=400)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--base", default=None, help="toy model folder (default: the cached pre-trained base)")

@@ -215,10 +215,22 @@ def cmd_run(args, extra: list[str]) -> None:
             raw, i = extra[i + 1], i + 2
         flags[key] = parse_value(key, raw)
     console = _console()
+    from .config import resolve
+
+    resolve(args.config, flags)  # fail on a bad option before any expensive work
     if args.backbone in (None, "toy") and not flags.get("model") and not args.config:
-        from .pretrain import cache_dir
+        from .pretrain import cache_dir, ensure_toy_base
 
         console.print(f"[bold]suder run[/]: the embedded default (toy backbone on ShapesWorld); cache: {cache_dir()}")
+        with _progress() as bar:  # the pre-trained base is built once, on first use
+            task = bar.add_task("pretrain base (first use)", total=None, info="")
+            flags["model"] = str(
+                ensure_toy_base(
+                    callback=lambda m: bar.update(
+                        task, total=m["total_steps"], completed=m["step"], info=f"loss {m['loss']:.3f}"
+                    )
+                )
+            )
     with _progress() as bar:
         task = bar.add_task("dsr", total=None, info="")
 

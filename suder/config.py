@@ -6,8 +6,9 @@ with the closest valid key suggested. The resolved config is written beside each
 Defaults follow the paper's appendix A.1 (lr 3e-6 with cosine decay and 5 warm-up steps, G = 8, SimPO
 beta 2.0 / gamma 0.5, GRPO clip 0.2 / 0.28 and KL beta 0.04, grad-accum 2) for real backbones. The ``toy``
 backbone gets its own, tuned defaults (``TOY_DEFAULTS``): a 1M-parameter model needs lr 3e-5 (1e-4 collapses,
-dsr-prototype.md section 3.1), no guidance (CFG 1, the scale it is evaluated with), and 200 steps of 8 prompts and
-8 images.
+our prototype), a constant learning rate (cosine decay to 0 over 200 steps halved the T2I gain: +6 instead of
++11 points), no guidance (CFG 1, the scale it is evaluated with), and 300 steps of 8 prompts and 8 images (200
+steps reached the T2I target but only +1.8 points of greedy captions; 300 gave +12.5 and +5.5).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "guidance_scale": None,  # the backbone's own default (Janus-Pro: 5)
     "epochs": 5.0,
     "steps": None,
+    "lr_schedule": "cosine",
 }
 TOY_DEFAULTS: dict[str, Any] = {
     "lr": 3e-5,
@@ -38,7 +40,8 @@ TOY_DEFAULTS: dict[str, Any] = {
     "und_batch_size": 8,
     "guidance_scale": 1.0,
     "epochs": None,
-    "steps": 200,
+    "steps": 300,
+    "lr_schedule": "constant",
 }
 
 
@@ -65,7 +68,7 @@ class TrainConfig:
     grad_accum: int | None = None
     # optimiser
     lr: float | None = None
-    lr_schedule: str = "cosine"
+    lr_schedule: str | None = None
     warmup_steps: int = 5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -42,6 +42,7 @@ def pretrain(
     steps: int = 500,
     seed: int = 0,
     batch_size: int = 48,
+    caption_batch_size: int | None = None,
     lr: float = 1e-3,
     warmup_steps: int = 100,
     cond_dropout: float = 0.1,
@@ -72,7 +73,7 @@ def pretrain(
         pairs = shapes.t2i_pairs(batch_size, seed=rng.randrange(2**31))
         prompts = ["" if rng.random() < cond_dropout else p for p, _ in pairs]
         t2i_images = [shapes.render(s) for _, s in pairs]
-        caps = shapes.caption_pairs(batch_size, seed=rng.randrange(2**31))
+        caps = shapes.caption_pairs(caption_batch_size or batch_size, seed=rng.randrange(2**31))
         cap_images = [shapes.render(s) for s, _ in caps]
         img = model.logp_image_given_text(t2i_images, prompts, policy="cond")
         txt = model.logp_text_given_image([c for _, c in caps], cap_images)

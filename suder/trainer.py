@@ -6,7 +6,8 @@ direction this step, and who scores it); algorithms differ only in ``rollout.ALG
 
 Scaling is accelerate's: ``accelerate launch`` / ``torchrun`` give DDP, DeepSpeed ZeRO-2 or FSDP with no code
 of ours. Every call that touches trained weights goes through the prepared module's ``forward`` (``Dispatch``),
-so DDP/ZeRO/FSDP hooks see exactly one forward per backward.
+so DDP/ZeRO/FSDP hooks see exactly one forward per backward; sampling, rewards and the no-grad log-probs go
+through it too (``Routed``), under ``torch.no_grad``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ class Dispatch(nn.Module):
 
     def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
         return fn(self.backbone)
+
+
+class Routed:
+    """A backbone seen through its wrapped module: ``routed.sample_image(...)`` runs inside ``wrapped.forward``
+    (so FSDP gathers its shards), attributes that are not methods come from the backbone itself."""
+
+    def __init__(self, wrapped: nn.Module, backbone: nn.Module):
+        self._wrapped, self._backbone = wrapped, backbone
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._backbone, name)
+        if not callable(attr) or name in ("train", "eval"):
+            return attr
+        return lambda *args, **kwargs: self._wrapped(lambda m: getattr(m, name)(*args, **kwargs))
 
 
 def train(
@@ -202,8 +217,11 @@ class Trainer:
     def unwrapped(self, key: str) -> Any:
         return self.acc.unwrap_model(self.models[key]["wrapped"]).backbone
 
+    def routed(self, key: str) -> Routed:
+        return Routed(self.models[key]["wrapped"], self.unwrapped(key))
+
     def scorer(self, key: str) -> Any:
-        return self.models["frozen"] if key == "frozen" else self.unwrapped("policy" if key == "policy" else key)
+        return self.models["frozen"] if key == "frozen" else self.routed(key)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -250,7 +268,7 @@ class Trainer:
                 # the same autocast as the loss pass, so that old and new log-probs agree under mixed precision
                 with self.acc.autocast():
                     rollout = self.rollout(key, direction, scorer_key, step, m)
-                    batch, rm = algo.prepare(self.unwrapped(key), rollout, c, self.models["reference"])
+                    batch, rm = algo.prepare(self.routed(key), rollout, c, self.models["reference"])
                 _accumulate(metrics, rm, c.grad_accum)
                 batches[(key, direction)] = batch
             micro.append(batches)
@@ -275,7 +293,7 @@ class Trainer:
         policy = self.unwrapped(key)
         t = time.perf_counter()
         policy.eval()
-        samples = sample_group(policy, direction, inputs, c, gen)
+        samples = sample_group(self.routed(key), direction, inputs, c, gen)
         ctx = rewards_mod.RewardContext(scorer=self.scorer(scorer_key), reference=self.models["reference"])
         t_reward = time.perf_counter()
         rewards = self.rewards[direction](ctx, samples).detach().float().cpu()

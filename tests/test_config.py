@@ -10,7 +10,7 @@ from suder.errors import ConfigError
 
 def test_backbone_defaults():
     toy = TrainConfig()
-    assert toy.lr == TOY_DEFAULTS["lr"] == 3e-5 and toy.steps == 200 and toy.guidance_scale == 1.0
+    assert toy.lr == TOY_DEFAULTS["lr"] == 3e-5 and toy.steps == 300 and toy.guidance_scale == 1.0
     real = TrainConfig(backbone="janus-pro", prompts="p.txt", images="imgs")
     # appendix A.1: lr 3e-6, grad-accum 2, 5 epochs, SimPO 2.0/0.5, GRPO 0.2/0.28 and beta 0.04, G = 8
     assert (real.lr, real.grad_accum, real.epochs, real.steps) == (3e-6, 2, 5.0, None)

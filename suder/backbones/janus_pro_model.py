@@ -21,12 +21,16 @@ Sequences, formatted the documented way (the processor's chat template with ``ad
 Why not ``model.generate``: image mode hides ``top_k=50`` (P3), takes no ``generator`` (P5), has no no-CFG
 path (P1) and returns no per-step scores (P4); text mode takes no ``generator`` either. The samplers below
 follow HF's image loop otherwise, sample from the full softmax, and record per-token log-probs equal to the
-teacher-forced ones (tested to 1e-4 in float32). Positions are ``cumsum(mask) - 1`` everywhere.
+teacher-forced ones (tested to 1e-4 in float32). Positions are ``cumsum(mask) - 1`` everywhere. Image
+samplers are looked up by name (``IMAGE_SAMPLERS``): ``reference`` is the plain loop, ``fast`` (the default)
+gives the same tokens and log-probs for a seed on a pre-allocated cache, with CUDA graphs on CUDA
+(``suder.fast_sampling``; measured in ``docs/performance.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -126,21 +130,24 @@ def sample_image_tokens(model: nn.Module, embeds: torch.Tensor, mask: torch.Tens
 
 def sample_image_tokens_fast(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, *, num_tokens: int,
                              guidance_scale: float | None, temperature: float,
-                             generator: torch.Generator | None, cuda_graphs: bool | None = None):
-    """The fast image sampler: the reference loop's distribution, tokens and log-probs (same generator, same
-    result; tested), on a pre-allocated cache (``suder.fast_sampling``), CUDA graphs on CUDA.
+                             generator: torch.Generator | None, loop: str = "auto", bucket: int = 64):
+    """The fast image sampler: the reference loop's tokens and log-probs for the same generator (tested), on a
+    pre-allocated cache with the per-step work hoisted out of the loop (``suder.fast_sampling``).
 
-    Signature and returns as ``sample_image_tokens``. ``cuda_graphs``: default on for CUDA models; off, every
-    step runs eagerly. Falls back to the reference loop for language models ``StaticDecoder`` cannot drive.
+    Signature and returns as ``sample_image_tokens``. ``loop``: ``"auto"`` (CUDA graphs on CUDA, else eager),
+    ``"eager"`` or ``"graphs"`` (on CPU: the graph protocol without capture, for tests); ``bucket``: cache
+    slots per CUDA graph (attention reads up to a bucket's end, masked). Falls back to the
+    reference loop for language models ``StaticDecoder`` cannot drive (``fast_sampling.supports``).
     """
     from ..fast_sampling import StaticDecoder, run_steps, supports, uniforms
 
+    if loop not in ("auto", "eager", "graphs"):
+        raise ValueError(f"loop must be 'auto', 'eager' or 'graphs', got {loop!r}")
     lm = model.model.language_model
     if not supports(lm):
         return sample_image_tokens(model, embeds, mask, num_tokens=num_tokens, guidance_scale=guidance_scale,
                                    temperature=temperature, generator=generator)
     device = embeds.device
-    graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs and device.type == "cuda")
     rows = embeds.shape[0]
     n = rows // 2 if guidance_scale is not None else rows
     decoder = StaticDecoder(lm, embeds, mask, num_tokens)
@@ -149,23 +156,26 @@ def sample_image_tokens_fast(model: nn.Module, embeds: torch.Tensor, mask: torch
     logps = torch.empty(n, num_tokens, dtype=torch.float32, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)  # the step, on the device (graph replays read it)
 
-    def body(span: int) -> None:
+    def body(span: int, advance: bool) -> None:
         token, logp = pick(image_logits(model, decoder.hidden, guidance_scale), temperature,
                            None if u is None else u.index_select(0, t)[0])
         tokens.index_copy_(1, t, token[:, None])
         logps.index_copy_(1, t, logp[:, None])
         t.add_(1)
-        if span <= decoder.capacity - 1 or graphs:  # the last token is never fed (eager), or fed unread
+        if advance:
             feed = token.repeat(rows // n)  # the same code continues the cond and the uncond row
             decoder.step(model.prepare_embeddings_for_image_generation(feed)[:, None], span)
 
-    run_steps(body, num_tokens, decoder, graphs=graphs, state=[tokens, logps, t])
+    graphs = loop == "graphs" or (loop == "auto" and device.type == "cuda")
+    run_steps(body, num_tokens, decoder, graphs=graphs, state=[tokens, logps, t], bucket=bucket)
     return tokens, logps
 
 
 IMAGE_SAMPLERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-    "dynamic": sample_image_tokens,  # the reference: a plain loop over transformers' forward
-    "fast": sample_image_tokens_fast,  # the same tokens and log-probs, faster (the default)
+    "fast": sample_image_tokens_fast,  # the default: the reference's tokens and log-probs, faster
+    "fast-eager": functools.partial(sample_image_tokens_fast, loop="eager"),  # no CUDA graphs
+    "reference": sample_image_tokens,  # a plain loop over transformers' forward with a DynamicCache
+    "dynamic": sample_image_tokens,  # the reference's first name, kept for saved settings
 }
 
 
@@ -189,7 +199,8 @@ class JanusProBackbone(nn.Module):
     Settings: ``guidance_scale`` (5.0, Janus-Pro's default; 1 turns guidance off), ``cfg_policy``
     (``"guided"``: image log-probs score the guided distribution the sampler draws from; ``"cond"``: the
     conditional model), ``caption_instruction``, ``max_caption_tokens`` (256), ``freeze_vision_encoder``
-    (True: SigLIP is not trained), ``image_sampler`` (``"dynamic"``), ``decode_batch_size`` (VQ decoding),
+    (True: SigLIP is not trained), ``image_sampler`` (``"fast"``; ``"reference"`` is the plain loop it is
+    tested against, see ``IMAGE_SAMPLERS``), ``decode_batch_size`` (VQ decoding),
     ``sample_batch_size`` (samples per sampler call, bounding the KV cache; default all at once).
     """
 
@@ -198,7 +209,7 @@ class JanusProBackbone(nn.Module):
     def __init__(self, model: nn.Module, processor: Any, *, guidance_scale: float = 5.0,
                  cfg_policy: str = "guided", caption_instruction: str = DEFAULT_INSTRUCTION,
                  max_caption_tokens: int = 256, freeze_vision_encoder: bool = True,
-                 image_sampler: str = "dynamic", decode_batch_size: int = 8,
+                 image_sampler: str = "fast", decode_batch_size: int = 8,
                  sample_batch_size: int | None = None):
         super().__init__()
         if cfg_policy not in ("cond", "guided"):

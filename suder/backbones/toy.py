@@ -169,6 +169,8 @@ class ToyUnifiedLM(nn.Module):
                 pad_token_id=PAD,
                 bos_token_id=BOS,
                 eos_token_id=EOS,
+                # eager attention: on CPU, SDPA with a padding mask is 4x slower at this size (benchmarks/)
+                attn_implementation="eager",
             )
         )
         self.register_buffer("codebook", torch.from_numpy(np.asarray(codebook, dtype=np.uint8)), persistent=True)
@@ -241,34 +243,20 @@ class ToyUnifiedLM(nn.Module):
         temperature: float = 1.0,
         **options: Any,
     ) -> ImageSamples:
-        """KV-cached sampling of 64 codes per image; cond and uncond rows share one batch when guided."""
+        """KV-cached sampling of 64 codes per image; cond and uncond rows share one batch when guided.
+
+        ``sampler``: ``"fast"`` (default: a pre-allocated cache, ``suder.fast_sampling``) or ``"reference"``
+        (a plain loop over transformers' forward); the same generator gives both the same codes and log-probs.
+        """
         scale = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        sampler = options.get("sampler", "fast")
+        if sampler not in IMAGE_SAMPLERS:
+            raise BackboneError(f"Unknown image sampler '{sampler}'. Available: {', '.join(IMAGE_SAMPLERS)}.")
         rows = repeat_interleave(list(prompts), num_samples)
         guided = scale != 1.0
         ids, mask = self._t2i_prefix(rows + [""] * len(rows) if guided else rows)
-        n = len(rows)
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.lm.config)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = self._forward(ids, mask, cache, positions).logits[:, -1]
-        tokens = torch.empty(n, NUM_IMAGE_TOKENS, dtype=torch.long, device=self.device)
-        logps = torch.empty(n, NUM_IMAGE_TOKENS, device=self.device)
-        next_pos = positions[:, -1:] + 1
-        for t in range(NUM_IMAGE_TOKENS):
-            step = self._restricted(logits, self._code_ids).float()
-            if guided:
-                step = self._guided(step, scale)
-            code, logp = _sample(step, temperature, generator)
-            tokens[:, t], logps[:, t] = code, logp
-            if t + 1 == NUM_IMAGE_TOKENS:
-                break
-            feed = (code + self.code_offset)[:, None]
-            if guided:
-                feed = feed.repeat(2, 1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            logits = self._forward(feed, mask, cache, next_pos).logits[:, -1]
-            next_pos = next_pos + 1
+        loop = getattr(self, IMAGE_SAMPLERS[sampler])
+        tokens, logps = loop(ids, mask, scale if guided else None, temperature, generator)
         return ImageSamples(
             prompts=rows,
             tokens=tokens,
@@ -278,6 +266,63 @@ class ToyUnifiedLM(nn.Module):
             temperature=temperature,
             decode=self.tokenizer.decode,
         )
+
+    def _sample_codes_reference(self, ids, mask, scale, temperature, generator):
+        """The reference loop: ``DynamicCache`` and one transformers forward per code. ``ids``, ``mask``: (R, L)
+        prefixes, R = 2n rows ``[cond; uncond]`` when ``scale`` is set; returns codes and log-probs, (n, 64)."""
+        from transformers import DynamicCache
+
+        n = ids.shape[0] // 2 if scale is not None else ids.shape[0]
+        cache = DynamicCache(config=self.lm.config)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = self._forward(ids, mask, cache, positions).logits[:, -1]
+        tokens = torch.empty(n, NUM_IMAGE_TOKENS, dtype=torch.long, device=self.device)
+        logps = torch.empty(n, NUM_IMAGE_TOKENS, device=self.device)
+        next_pos = positions[:, -1:] + 1
+        for t in range(NUM_IMAGE_TOKENS):
+            step = self._restricted(logits, self._code_ids).float()
+            if scale is not None:
+                step = self._guided(step, scale)
+            code, logp = _sample(step, temperature, generator)
+            tokens[:, t], logps[:, t] = code, logp
+            if t + 1 == NUM_IMAGE_TOKENS:
+                break
+            feed = (code + self.code_offset)[:, None]
+            if scale is not None:
+                feed = feed.repeat(2, 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            logits = self._forward(feed, mask, cache, next_pos).logits[:, -1]
+            next_pos = next_pos + 1
+        return tokens, logps
+
+    def _sample_codes_fast(self, ids, mask, scale, temperature, generator):
+        """The reference loop's codes and log-probs on a pre-allocated cache (``suder.fast_sampling``).
+
+        Besides the decoder, one change: logits are computed for the codes only (the code rows of the tied
+        output matrix, sliced once per call), not for the whole vocabulary and then restricted.
+        """
+        from ..fast_sampling import StaticDecoder
+
+        n = ids.shape[0] // 2 if scale is not None else ids.shape[0]
+        body = self.lm.model
+        decoder = StaticDecoder(body, body.embed_tokens(ids), mask, NUM_IMAGE_TOKENS - 1)
+        head = self.lm.lm_head.weight.index_select(0, self._code_ids.to(self.device))  # (K, H)
+        tokens = torch.empty(n, NUM_IMAGE_TOKENS, dtype=torch.long, device=self.device)
+        logps = torch.empty(n, NUM_IMAGE_TOKENS, device=self.device)
+        start = decoder.prompt_length
+        for t in range(NUM_IMAGE_TOKENS):
+            step = nn.functional.linear(decoder.hidden, head).float()
+            if scale is not None:
+                step = self._guided(step, scale)
+            code, logp = _sample(step, temperature, generator)
+            tokens[:, t], logps[:, t] = code, logp
+            if t + 1 == NUM_IMAGE_TOKENS:
+                break
+            feed = code + self.code_offset
+            if scale is not None:
+                feed = feed.repeat(2)
+            decoder.step(body.embed_tokens(feed)[:, None], start + t + 1)
+        return tokens, logps
 
     def logp_image_given_text(
         self, images: Sequence[Any] | ImageSamples, texts: Sequence[str] | TextSamples, **options: Any
@@ -423,6 +468,9 @@ class ToyUnifiedLM(nn.Module):
         model = cls(ToyConfig(**known), codebook=codebook)
         load_model(model, weights)
         return model.to(device) if device else model
+
+
+IMAGE_SAMPLERS = {"fast": "_sample_codes_fast", "reference": "_sample_codes_reference"}  # name -> loop method
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
