@@ -3,8 +3,8 @@
     python examples/shapes_ablation.py --out runs/ablation            # 3 seeds x 8 configurations, ~1 h on 2 cores
 
 Every configuration starts from the same cached pre-trained toy base and runs 300 DSR steps (the default; no
-paired data); the judge scores held-out prompts and scenes before and after. Runs execute as separate processes, ``--jobs`` at
-a time with one thread each, and are skipped when their ``run.json`` exists, so the script can be re-run to
+paired data); the judge scores held-out prompts and scenes before and after. Runs execute as separate
+processes, ``--jobs`` at a time with one thread each, and are skipped when their ``run.json`` exists, so the script can be re-run to
 finish or extend a study. It writes ``docs/results.md`` and ``docs/results.png``.
 """
 
