@@ -4,8 +4,8 @@
 
 Every configuration starts from the same cached pre-trained toy base and runs 300 DSR steps (the default; no
 paired data); the judge scores held-out prompts and scenes before and after. Runs execute as separate
-processes, ``--jobs`` at a time with one thread each, and are skipped when their ``run.json`` exists, so the script can be re-run to
-finish or extend a study. It writes ``docs/results.md`` and ``docs/results.png``.
+processes, ``--jobs`` at a time with one thread each, and are skipped when their ``run.json`` exists, so the
+script can be re-run to finish or extend a study. It writes ``docs/results.md`` and ``docs/results.png``.
 """
 
 from __future__ import annotations
