@@ -94,6 +94,7 @@ class TrainConfig:
     # sampling
     guidance_scale: float | None = None
     cfg_policy: str = "guided"
+    image_logp_options: dict[str, Any] = field(default_factory=dict)
     image_temperature: float = 1.0
     text_temperature: float = 1.0
     # separate strategy: steps per phase before the two models swap roles

@@ -48,8 +48,9 @@ class Batch:
     count: int  # pairs (SimPO) or rows (GRPO)
     tokens: int  # real target tokens in ``samples``
     advantages: torch.Tensor | None = None
-    old_logps: torch.Tensor | None = None
+    old_logps: list[torch.Tensor] | None = None  # one per inner iteration (they differ only when re-masking)
     ref_logps: torch.Tensor | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])  # re-masking seed per inner iteration
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -67,17 +68,31 @@ def sample_group(model: Any, direction: str, inputs: list[Any], cfg: Any, genera
     return model.sample_text(inputs, num_samples=cfg.group_size, generator=generator, temperature=cfg.text_temperature)
 
 
-def policy_logps(model: Any, direction: str, samples: ImageSamples | TextSamples, cfg: Any) -> TokenLogProbs:
-    """log pi(output | input) of the policy on its own samples: (rows, N) images or (rows, T) captions."""
+def policy_logps(
+    model: Any, direction: str, samples: ImageSamples | TextSamples, cfg: Any, seed: int | None = None
+) -> TokenLogProbs:
+    """log pi(output | input) of the policy on its own samples: (rows, N) images or (rows, T) captions.
+
+    ``cfg.image_logp_options`` go to ``logp_image_given_text`` (e.g. Show-o's ``remask_ratio``); when they ask
+    for random re-masking, ``seed`` is passed as ``remask_seed`` so old and new log-probs share a mask.
+    """
     if direction == "gen":
+        extra = dict(cfg.image_logp_options)
+        if _remasks(cfg) and seed is not None:
+            extra["remask_seed"] = seed
         return model.logp_image_given_text(
             samples,
             samples.prompts,
             policy=cfg.cfg_policy,
             guidance_scale=samples.guidance_scale,
             temperature=cfg.image_temperature,
+            **extra,
         )
     return model.logp_text_given_image(samples, samples.images, temperature=cfg.text_temperature or 1.0)
+
+
+def _remasks(cfg: Any) -> bool:
+    return float(cfg.image_logp_options.get("remask_ratio", 1.0)) < 1.0
 
 
 def target_tokens(samples: ImageSamples | TextSamples) -> torch.Tensor:
@@ -126,7 +141,7 @@ class SimPO:
     name = "simpo"
     iterations_field = None
 
-    def prepare(self, policy: Any, rollout: Rollout, cfg: Any, reference: Any) -> tuple[Batch | None, dict]:
+    def prepare(self, policy, rollout: Rollout, cfg, reference, seeds: list[int]) -> tuple[Batch | None, dict]:
         best, worst, valid = losses.best_worst(rollout.rewards, rollout.group_size)
         tokens = target_tokens(rollout.samples)
         same = (tokens[best] == tokens[worst]).all(-1).to(valid.device)
@@ -137,13 +152,13 @@ class SimPO:
             return None, metrics
         rows = torch.cat([best[keep], worst[keep]])
         samples = rollout.samples.select(rows)
-        batch = Batch(rollout.direction, samples, count=int(keep.sum()), tokens=_count_tokens(samples))
+        batch = Batch(rollout.direction, samples, count=int(keep.sum()), tokens=_count_tokens(samples), seeds=seeds)
         if cfg.simpo_kl_beta > 0:
-            batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg)
+            batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg, seeds[0])
         return batch, metrics
 
-    def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], first: bool):
-        lp = policy_logps(policy, batch.direction, batch.samples, cfg)
+    def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], iteration: int):
+        lp = policy_logps(policy, batch.direction, batch.samples, cfg, batch.seeds[0])
         mean = lp.mean()
         P = batch.count
         loss, metrics = losses.simpo_loss(
@@ -162,7 +177,7 @@ class GRPO:
 
     name = "grpo"
 
-    def prepare(self, policy: Any, rollout: Rollout, cfg: Any, reference: Any) -> tuple[Batch | None, dict]:
+    def prepare(self, policy, rollout: Rollout, cfg, reference, seeds: list[int]) -> tuple[Batch | None, dict]:
         advantages, valid = losses.group_advantages(rollout.rewards, rollout.group_size)
         best, worst, _ = losses.best_worst(rollout.rewards, rollout.group_size)
         metrics = rollout_metrics(rollout, best, worst, valid)
@@ -170,19 +185,22 @@ class GRPO:
             return None, metrics
         rows = torch.arange(len(rollout.rewards)).view(-1, rollout.group_size)[valid].flatten()
         samples = rollout.samples.select(rows)
-        batch = Batch(rollout.direction, samples, count=len(rows), tokens=_count_tokens(samples))
+        batch = Batch(rollout.direction, samples, count=len(rows), tokens=_count_tokens(samples), seeds=seeds)
         batch.advantages = advantages[rows].detach()
-        batch.old_logps = _no_grad_logps(policy, rollout.direction, samples, cfg)
+        # old log-probs before any update; with re-masking (Show-o), one per inner iteration's mask (diffu-GRPO)
+        per_iteration = seeds if _remasks(cfg) and rollout.direction == "gen" else seeds[:1]
+        batch.old_logps = [_no_grad_logps(policy, rollout.direction, samples, cfg, s) for s in per_iteration]
         if cfg.grpo_beta > 0:
-            batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg)
+            batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg, seeds[0])
         return batch, metrics
 
-    def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], first: bool):
-        lp = policy_logps(policy, batch.direction, batch.samples, cfg)
+    def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], iteration: int):
+        k = iteration if len(batch.old_logps) > 1 else 0
+        lp = policy_logps(policy, batch.direction, batch.samples, cfg, batch.seeds[k])
         adv = batch.advantages.to(lp.values.device)
         loss, metrics = losses.grpo_loss(
             lp.values,
-            batch.old_logps.to(lp.values.device),
+            batch.old_logps[k].to(lp.values.device),
             adv,
             lp.mask,
             ref_logps=None if batch.ref_logps is None else batch.ref_logps.to(lp.values.device),
@@ -192,7 +210,7 @@ class GRPO:
             normalizer=normalizer["tokens"],
         )
         metrics["logp_estimate"] = float(lp.estimate)
-        if first and metrics["grpo/ratio_max_abs_dev"] > cfg.ratio_tolerance:
+        if iteration == 0 and metrics["grpo/ratio_max_abs_dev"] > cfg.ratio_tolerance:
             raise TrainingError(
                 f"GRPO importance ratio is not 1 at the first inner step ({batch.direction}: max |ratio - 1| = "
                 f"{metrics['grpo/ratio_max_abs_dev']:.2e} > {cfg.ratio_tolerance}); the policy's log-probs are "
@@ -222,11 +240,11 @@ class ReferenceScope:
         return call
 
 
-def _no_grad_logps(model: Any, direction: str, samples: Any, cfg: Any) -> torch.Tensor:
+def _no_grad_logps(model: Any, direction: str, samples: Any, cfg: Any, seed: int | None = None) -> torch.Tensor:
     if model is None:
         raise TrainingError("A reference model is needed (KL or consensus) but none was built.")
     with torch.no_grad():
-        return policy_logps(model, direction, samples, cfg).values.detach()
+        return policy_logps(model, direction, samples, cfg, seed).values.detach()
 
 
 def _count_tokens(samples: ImageSamples | TextSamples) -> int:

@@ -268,7 +268,8 @@ class Trainer:
                 # the same autocast as the loss pass, so that old and new log-probs agree under mixed precision
                 with self.acc.autocast():
                     rollout = self.rollout(key, direction, scorer_key, step, m)
-                    batch, rm = algo.prepare(self.routed(key), rollout, c, self.models["reference"])
+                    seeds = [derive_seed(c.seed, step, m, it, 7) for it in range(c.grpo_iterations)]
+                    batch, rm = algo.prepare(self.routed(key), rollout, c, self.models["reference"], seeds)
                 _accumulate(metrics, rm, c.grad_accum)
                 batches[(key, direction)] = batch
             micro.append(batches)
@@ -322,13 +323,13 @@ class Trainer:
             for i, batches in enumerate(micro):
                 mine = {kd: b for kd, b in batches.items() if kd[0] == key}
 
-                def step_loss(backbone, mine=mine, first=it == 0):
+                def step_loss(backbone, mine=mine, it=it):
                     total = sum(p.sum() for p in model["params"]) * 0.0  # keeps every rank in the backward
                     parts = {}
                     for (_, d), b in mine.items():
                         if b is None:
                             continue
-                        loss, lm = algo.loss(backbone, b, c, norm[(key, d)], first)
+                        loss, lm = algo.loss(backbone, b, c, norm[(key, d)], it)
                         total = total + weights[d] * loss
                         parts.update({f"{d}/{k}": v for k, v in lm.items()} | {f"{d}/loss": loss.item()})
                     return total, parts

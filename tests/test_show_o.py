@@ -634,3 +634,39 @@ def test_trainer_runs_two_steps(tmp_path, show_o_data, algo, strategy):
     for name, p in bb.named_parameters():
         if "vq" in name.split(".")[0]:
             assert torch.equal(p, before[name]), f"{name} changed"
+
+
+def test_grpo_remasking_uses_a_fresh_mask_per_inner_iteration(tmp_path, show_o_data, monkeypatch):
+    """diffu-GRPO: each inner iteration scores under its own random mask, shared by its old and new log-probs
+    (so every first ratio of an iteration's mask is 1 and the trainer's check passes)."""
+    import suder
+    from suder.backbones.show_o.backbone import ShowOBackbone
+
+    seen = []
+    original = ShowOBackbone.logp_image_given_text
+
+    def spy(self, images, texts, **options):
+        seen.append((torch.is_grad_enabled(), options.get("remask_seed"), options.get("remask_ratio")))
+        return original(self, images, texts, **options)
+
+    monkeypatch.setattr(ShowOBackbone, "logp_image_given_text", spy)
+    res = suder.train(
+        tiny_backbone(),
+        algo="grpo",
+        strategy="gen",
+        steps=1,
+        group_size=2,
+        gen_batch_size=2,
+        grpo_iterations=2,
+        grpo_beta=0.0,
+        image_logp_options={"remask_ratio": 0.5},
+        lr=1e-3,
+        sample_every=0,
+        save_every=0,
+        output_dir=str(tmp_path / "run"),
+        **show_o_data,
+    )
+    assert math.isfinite(res.metrics[0]["gen/loss"])
+    old = [s for g, s, r in seen if not g and r == 0.5]
+    new = [s for g, s, r in seen if g and r == 0.5]
+    assert len(set(old)) == 2 and old == new  # two masks, each used once without and once with gradient

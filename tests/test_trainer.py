@@ -125,7 +125,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_toy_path, algo):
         for m in range(split):
             rows = list(range(m * per * 4, (m + 1) * per * 4))
             roll = Rollout("gen", samples.select(rows), r[rows], 4)
-            micro.append({("policy", "gen"): algo_obj.prepare(policy, roll, cfg, None)[0]})
+            micro.append({("policy", "gen"): algo_obj.prepare(policy, roll, cfg, None, [0])[0]})
         norm = {
             ("policy", "gen"): {
                 "count": sum(b[("policy", "gen")].count for b in micro),
@@ -169,9 +169,11 @@ def test_zero_variance_groups_are_skipped_and_counted(tiny_toy):
     )
     r = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 3.0])
     cfg = TrainConfig(algo="grpo", group_size=4, grpo_beta=0.0)
-    batch, metrics = ALGORITHMS["grpo"].prepare(tiny_toy, Rollout("gen", s, r, 4), cfg, None)
+    batch, metrics = ALGORITHMS["grpo"].prepare(tiny_toy, Rollout("gen", s, r, 4), cfg, None, [0])
     assert batch.count == 4 and metrics["gen/groups_skipped"] == 1.0
-    batch, metrics = ALGORITHMS["simpo"].prepare(tiny_toy, Rollout("gen", s, r, 4), TrainConfig(group_size=4), None)
+    batch, metrics = ALGORITHMS["simpo"].prepare(
+        tiny_toy, Rollout("gen", s, r, 4), TrainConfig(group_size=4), None, [0]
+    )
     assert batch.count == 1 and metrics["gen/groups_skipped"] == 1.0
     assert batch.samples.prompts == ["a blue circle", "a blue circle"]
 
