@@ -657,6 +657,7 @@ def test_grpo_remasking_uses_a_fresh_mask_per_inner_iteration(tmp_path, show_o_d
         steps=1,
         group_size=2,
         gen_batch_size=2,
+        grad_accum=1,
         grpo_iterations=2,
         grpo_beta=0.0,
         image_logp_options={"remask_ratio": 0.5},
