@@ -294,7 +294,7 @@ def parse_prompt(text: str) -> Prompt | None:
 
 
 def _off_grammar(text) -> DataError:
-    return DataError(f"Prompt {text!r} is not in the ShapesWorld grammar; see shared/specs/shapes-world.md.")
+    return DataError(f"Prompt {text!r} is not in the ShapesWorld grammar; see docs/shapes-world.md.")
 
 
 def _relation_holds(relation: str, qa: int, qb: int) -> bool:
