@@ -270,3 +270,22 @@ def test_two_processes_hold_identical_weights(tiny_toy_path, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("RANK_OK") == 2
+
+
+def test_early_stopping_on_a_held_out_judged_slice(tiny_toy_path, tmp_path):
+    """With a learning rate too small to change anything, the held-out score never improves: patience 1 stops
+    the run at the second evaluation."""
+    res = _train(
+        tiny_toy_path,
+        tmp_path,
+        steps=5,
+        lr=1e-12,
+        eval_every=1,
+        early_stopping_patience=1,
+        early_stopping_num=8,
+        sample_every=0,
+    )
+    assert res.stopped_early and len(res.metrics) == 2
+    held = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "heldout/t2i" in x]
+    assert [h["step"] for h in held] == [1, 2]
+    assert json.loads((tmp_path / "run.json").read_text())["stopped_early"] is True
