@@ -127,6 +127,7 @@ class Trainer:
             policy = load_backbone(
                 cfg.backbone, **({"model": self.base_path} if self.base_path else {}), **cfg.backbone_options
             )
+        store_guidance(policy, cfg.guidance_scale)
         self.judge = cfg.backbone == "toy" and cfg.prompts is None and cfg.images is None
         self.pools = {}
         if "gen" in cfg.directions:
@@ -384,6 +385,22 @@ def atomic_replace(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def store_guidance(model: Any, scale: float | None) -> None:
+    """Make the training guidance scale the model's default, so checkpoints carry the scale the model was
+    optimised for and ``suder generate`` uses it (gains do not carry across scales). Backbones keep it on
+    ``config``, ``settings`` or themselves."""
+    if scale is None:
+        return
+    for holder in (getattr(model, "config", None), getattr(model, "settings", None)):
+        if holder is not None and not callable(holder) and hasattr(holder, "guidance_scale"):
+            holder.guidance_scale = float(scale)
+            return
+    try:
+        model.guidance_scale = float(scale)
+    except AttributeError:
+        pass
 
 
 def derive_seed(*parts: int) -> int:

@@ -289,3 +289,9 @@ def test_early_stopping_on_a_held_out_judged_slice(tiny_toy_path, tmp_path):
     held = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "heldout/t2i" in x]
     assert [h["step"] for h in held] == [1, 2]
     assert json.loads((tmp_path / "run.json").read_text())["stopped_early"] is True
+
+
+def test_training_guidance_scale_is_stored_with_the_model(tiny_toy_path, tmp_path):
+    res = _train(tiny_toy_path, tmp_path, steps=1, strategy="gen", guidance_scale=2.0, sample_every=0)
+    assert suder.load_backbone("toy", model=res.final_model).config.guidance_scale == 2.0
+    assert json.loads((tmp_path / "run.json").read_text())["guidance_scale"] == 2.0
