@@ -1,6 +1,6 @@
 """The ShapesWorld ablation behind docs/results.md.
 
-    python examples/shapes_ablation.py --out runs/ablation            # 3 seeds x 8 configurations, ~1 h on 2 cores
+    python examples/shapes_ablation.py --out runs/ablation            # 3 seeds x 7 configurations, ~70 min on 2 cores
 
 Every configuration starts from the same cached pre-trained toy base and runs 300 DSR steps (the default; no
 paired data); the judge scores held-out prompts and scenes before and after. Runs execute as separate
@@ -24,10 +24,6 @@ from pathlib import Path
 CONFIGS: dict[str, tuple[str, dict]] = {
     "simpo-gen": ("DSR SimPO, generation only", {"strategy": "gen"}),
     "simpo-und": ("DSR SimPO, understanding only (dsr-consensus)", {"strategy": "und"}),
-    "simpo-und-plain": (
-        "DSR SimPO, understanding only, paper's reward (dsr)",
-        {"strategy": "und", "und_reward": "dsr"},
-    ),
     "simpo-unified": ("DSR SimPO, unified (dsr-consensus): the default", {}),
     "simpo-unified-plain": ("DSR SimPO, unified, paper's caption reward (dsr)", {"und_reward": "dsr"}),
     "simpo-separate": ("DSR SimPO, two models alternating (dsr-consensus)", {"strategy": "separate"}),
