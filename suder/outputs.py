@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -215,6 +214,3 @@ def caption_grid(r: Any, groups: int = 4, scale: int = 2):
             draw.text((size + 8, g * row_h + j * line_h), text, fill=(230, 230, 230))
     return canvas
 
-
-def remove_tree(path: str | os.PathLike) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -254,6 +254,3 @@ def check_backbone(obj: Any) -> None:
 def texts_of(texts: Sequence[str] | TextSamples) -> list[str]:
     return list(texts.texts) if isinstance(texts, TextSamples) else list(texts)
 
-
-def prompts_of(images: Sequence[Any] | ImageSamples) -> list[str] | None:
-    return images.prompts if isinstance(images, ImageSamples) else None

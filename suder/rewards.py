@@ -26,7 +26,6 @@ Built-ins:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +40,13 @@ from .protocol import ImageSamples, TextSamples, TokenLogProbs
 class RewardContext:
     """What a reward may use.
 
-    ``scorer``: the model that computes self-rewards (the policy, or a frozen snapshot of it, or in the
-    ``separate`` strategy the other, frozen model). ``reference``: the frozen initial policy (``None`` when the run
-    keeps none). ``reference_scope``: a context-manager factory under which ``reference`` acts as the reference
-    (LoRA adapters disabled), or ``None``.
+    ``scorer``: the model that computes self-rewards (the policy, a frozen snapshot of it, or in the ``separate``
+    strategy the other, frozen model). ``reference``: the frozen initial policy (``None`` when the run keeps
+    none; for LoRA backbones the policy with its adapter switched off, ``suder.rollout.ReferenceScope``).
     """
 
     scorer: Any
     reference: Any = None
-    reference_scope: Callable[[], Any] | None = None
-    guidance_scale: float | None = None
 
     def reference_model(self):
         if self.reference is None:
@@ -93,9 +89,6 @@ def dsr_consensus(
     with torch.no_grad():
         if source == "policy":
             caption_term = ctx.scorer.logp_text_given_image(samples, samples.images).sum()
-        elif ctx.reference_scope is not None:
-            with ctx.reference_scope():
-                caption_term = ctx.scorer.logp_text_given_image(samples, samples.images).sum()
         else:
             caption_term = ctx.reference_model().logp_text_given_image(samples, samples.images).sum()
     return image_term + lam * caption_term.float()
