@@ -223,11 +223,11 @@ def cmd_run(args, extra: list[str]) -> None:
 
         console.print(f"[bold]suder run[/]: the embedded default (toy backbone on ShapesWorld); cache: {cache_dir()}")
         with _progress() as bar:  # the pre-trained base is built once, on first use
-            task = bar.add_task("pretrain base (first use)", total=None, info="")
+            task = bar.add_task("pretrain base (first use)", total=None, info="", visible=False)
             flags["model"] = str(
                 ensure_toy_base(
                     callback=lambda m: bar.update(
-                        task, total=m["total_steps"], completed=m["step"], info=f"loss {m['loss']:.3f}"
+                        task, total=m["total_steps"], completed=m["step"], info=f"loss {m['loss']:.3f}", visible=True
                     )
                 )
             )
