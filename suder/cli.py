@@ -56,9 +56,12 @@ def _load(args) -> Any:
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_backbones(args) -> None:
-    from .plugins import plugin_info
-    from .registry import list_backbones
+    """Installed backbones, then the plugins that were skipped (each with its one-line error)."""
+    from .plugins import failures, plugin_info
+    from .registry import list_backbones, rewards
 
+    specs = list_backbones()
+    rewards()  # a plugin whose reward hook raises is a failing plugin too
     rows = [
         {
             "name": s.name,
@@ -66,8 +69,13 @@ def cmd_backbones(args) -> None:
             "plugin": s.plugin,
             "distribution": s.distribution,
             "version": plugin_info(s.plugin).version,
+            "error": None,
         }
-        for s in list_backbones()
+        for s in specs
+    ]
+    rows += [
+        dict(name=None, summary="", plugin=f.plugin, distribution=f.distribution, version=f.version, error=f.error)
+        for f in failures()
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -78,8 +86,17 @@ def cmd_backbones(args) -> None:
     for col in ("name", "summary", "plugin", "distribution"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["summary"], r["plugin"], f"{r['distribution']} {r['version']}".strip())
-    _console(stderr=False).print(table)
+        if r["error"] is None:
+            table.add_row(r["name"], r["summary"], r["plugin"], f"{r['distribution']} {r['version']}".strip())
+    console = _console(stderr=False)
+    console.print(table)
+    for r in rows:  # one unwrapped line each, so the whole error can be read and searched
+        if r["error"] is not None:
+            console.print(
+                f"[red]Skipped plugin[/] '{r['plugin']}' ({r['distribution']} {r['version']}): {r['error']}".strip(),
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def cmd_world_export(args) -> None:

@@ -19,7 +19,11 @@ class UnknownNameError(SuderError, KeyError):
 
 
 class DuplicateNameError(SuderError):
-    """Two plugins registered the same name."""
+    """Two plugins (or two distributions) claim the same name."""
+
+
+class PluginError(SuderError):
+    """A plugin is malformed (an unknown hook name, no hooks) and cannot be registered."""
 
 
 class BackboneError(SuderError):

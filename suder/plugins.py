@@ -1,13 +1,18 @@
 """Plugin loading: the pluggy ``PluginManager``, entry points, ``SUDER_LOAD_PLUGINS`` and isolation.
 
-Entry points of the ``suder`` group from the ``suder`` distribution itself (the built-ins) always load.
+Entry points of the ``suder`` group from the ``suder`` distribution itself (the built-ins) always load, first.
 Third-party entry points load unless ``SUDER_LOAD_PLUGINS`` says otherwise:
 
 - unset: all of them;
 - empty string: none;
 - ``a,b``: only the entry points (or distributions) named ``a`` and ``b``.
 
-A plugin whose import fails is named in a ``SuderPluginWarning`` and skipped; the others keep working.
+Isolation: a plugin that fails to import, implements a hook name suder does not know (``register_backbone``
+for ``register_backbones``), or implements no hook at all is named in a ``SuderPluginWarning`` and skipped; so is
+a plugin whose hook raises (``suder.registry``). The others keep working, and ``failures()`` remembers each
+skipped plugin with its error for ``suder backbones``. A third-party entry point with the name of another
+distribution's entry point (``toy``) is a ``DuplicateNameError`` naming both distributions, never a silent
+replacement.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from dataclasses import dataclass
 import pluggy
 
 from . import hookspecs
+from .errors import DuplicateNameError, PluginError, closest
 
 GROUP = "suder"
 BUILTIN_DISTRIBUTION = "suder"
+HOOKS = tuple(sorted(n for n in dir(hookspecs) if n.startswith("register_")))
 
 
 class SuderPluginWarning(UserWarning):
-    """A plugin failed to load and was skipped."""
+    """A plugin failed to load, or one of its hooks failed, and it was skipped."""
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,19 @@ class PluginInfo:
     builtin: bool
 
 
+@dataclass(frozen=True)
+class PluginFailure:
+    """A skipped plugin: its name, where it comes from, and the one-line error."""
+
+    plugin: str
+    distribution: str
+    version: str
+    error: str
+
+
 _pm: pluggy.PluginManager | None = None
 _info: dict[str, PluginInfo] = {}
+_failures: dict[str, PluginFailure] = {}
 
 
 def _allowed(ep_name: str, dist_name: str) -> bool:
@@ -49,26 +67,72 @@ def _allowed(ep_name: str, dist_name: str) -> bool:
     return ep_name in wanted or dist_name in wanted
 
 
+def hook_problem(pm: pluggy.PluginManager, plugin: object) -> str | None:
+    """Why a registered plugin is unusable (an unknown hook name, or no hook at all), or ``None``."""
+    callers = pm.get_hookcallers(plugin) or []
+    for caller in callers:
+        if not caller.has_spec():
+            hint = closest(caller.name, HOOKS)
+            suggestion = f" (did you mean '{hint}'?)" if hint else ""
+            return f"it implements an unknown hook '{caller.name}'{suggestion}; suder's hooks are {', '.join(HOOKS)}"
+    if not callers:
+        return f"it implements no suder hook; mark {' or '.join(HOOKS)} with @suder.hookimpl"
+    return None
+
+
+def record_failure(plugin: str, what: str, error: str) -> None:
+    """Remember, and warn about, a plugin that was skipped: ``what`` went wrong (``failed to load``), ``error``
+    is the one-line reason."""
+    info = plugin_info(plugin)
+    _failures[plugin] = PluginFailure(plugin, info.distribution, info.version, f"{what}: {error}")
+    warnings.warn(
+        f"suder plugin '{plugin}' from {info.distribution} {what} and was skipped: {error}",
+        SuderPluginWarning,
+        stacklevel=3,
+    )
+
+
+def forget_failure(plugin: str) -> None:
+    _failures.pop(plugin, None)
+
+
+def failures() -> list[PluginFailure]:
+    """Plugins skipped so far (import errors, unknown hooks, and hooks that raised), by name."""
+    return [_failures[k] for k in sorted(_failures)]
+
+
+def _entry_points() -> list:
+    """The group's entry points, the built-ins first, so a third party can never take a built-in's name."""
+    eps = list(importlib.metadata.entry_points(group=GROUP))
+    return sorted(eps, key=lambda ep: ep.dist is None or ep.dist.name != BUILTIN_DISTRIBUTION)
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    for ep in importlib.metadata.entry_points(group=GROUP):
+    for ep in _entry_points():
         dist = ep.dist.name if ep.dist is not None else "?"
         version = ep.dist.version if ep.dist is not None else "?"
         builtin = dist == BUILTIN_DISTRIBUTION
         if not builtin and not _allowed(ep.name, dist):
             continue
-        if pm.has_plugin(ep.name):
-            continue
+        if ep.name in _info or pm.has_plugin(ep.name):
+            other = _info[ep.name].distribution if ep.name in _info else "(registered in code)"
+            if other == dist:  # the same distribution seen twice on sys.path: the first one wins
+                continue
+            raise DuplicateNameError(
+                f"suder plugin '{ep.name}' is provided by both {other} and {dist}; uninstall one, or set "
+                f"SUDER_LOAD_PLUGINS to the plugins you want."
+            )
+        _info[ep.name] = PluginInfo(ep.name, dist, version, builtin)
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not take the others down
-            warnings.warn(
-                f"suder plugin '{ep.name}' from {dist} failed to load and was skipped: {type(exc).__name__}: {exc}",
-                SuderPluginWarning,
-                stacklevel=2,
-            )
+            record_failure(ep.name, "failed to load", f"{type(exc).__name__}: {exc}")
             continue
-        _info[ep.name] = PluginInfo(ep.name, dist, version, builtin)
+        problem = hook_problem(pm, plugin)
+        if problem is not None:
+            pm.unregister(plugin)
+            record_failure(ep.name, "failed to load", problem)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -77,7 +141,12 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if _pm is None:
         pm = pluggy.PluginManager(GROUP)
         pm.add_hookspecs(hookspecs)
-        _load_entry_points(pm)
+        try:
+            _load_entry_points(pm)
+        except DuplicateNameError:
+            _info.clear()
+            _failures.clear()
+            raise
         _pm = pm
     return _pm
 
@@ -87,8 +156,20 @@ def plugin_info(name: str) -> PluginInfo:
 
 
 def register_plugin(plugin: object, name: str) -> None:
-    """Register a plugin object in-process (tests, notebooks); same hooks as an entry point."""
-    get_plugin_manager().register(plugin, name=name)
+    """Register a plugin object in-process (tests, notebooks); same hooks as an entry point.
+
+    Raises ``PluginError`` at once for an unknown hook name, and ``DuplicateNameError`` for a taken name.
+    """
+    pm = get_plugin_manager()
+    if pm.has_plugin(name) or name in _info:
+        raise DuplicateNameError(
+            f"suder plugin '{name}' is already registered (from {plugin_info(name).distribution}); pick another name."
+        )
+    pm.register(plugin, name=name)
+    problem = hook_problem(pm, plugin)
+    if problem is not None:
+        pm.unregister(plugin)
+        raise PluginError(f"Plugin '{name}' cannot be registered: {problem}.")
     from . import registry
 
     registry.reset()
@@ -99,6 +180,7 @@ def unregister_plugin(name: str) -> None:
     plugin = pm.get_plugin(name)
     if plugin is not None:
         pm.unregister(plugin)
+    forget_failure(name)
     from . import registry
 
     registry.reset()
@@ -109,6 +191,7 @@ def reset() -> None:
     global _pm
     _pm = None
     _info.clear()
+    _failures.clear()
     from . import registry
 
     registry.reset()

@@ -1,7 +1,7 @@
 """The registries the host owns: backbones and rewards, filled by the plugins' ``register_*`` hooks.
 
 Each hook implementation is called with its own ``register`` callback, so a duplicate name can name both
-plugins that claim it.
+plugins (and distributions) that claim it, and a hook that raises skips only its own plugin.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DuplicateNameError, unknown
-from .plugins import get_plugin_manager, plugin_info
+from .plugins import get_plugin_manager, plugin_info, record_failure
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class RewardSpec:
     summary: str
     plugin: str
     distribution: str = field(default="")
+    # bool, or a callable of the run's options (``Config.to_dict()``) returning bool; see hookspecs.register_rewards
+    needs_reference: bool | Callable[[dict[str, Any]], bool] = False
 
 
 _backbones: dict[str, BackboneSpec] | None = None
@@ -43,35 +45,65 @@ def reset() -> None:
     _rewards = None
 
 
-def _collect(hook_name: str, make: Callable[..., Any]) -> dict[str, Any]:
-    pm = get_plugin_manager()
-    found: dict[str, Any] = {}
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
-        plugin = impl.plugin_name
-        info = plugin_info(plugin)
+def _call_hook(impl: Any, kind: str, found: dict[str, Any], make: Callable[..., Any]) -> dict[str, Any]:
+    """One plugin's hook, called with its own ``register``: what it registered, by name."""
+    plugin, info = impl.plugin_name, plugin_info(impl.plugin_name)
+    mine: dict[str, Any] = {}
+    clash: list[DuplicateNameError] = []
 
-        def register(name: str, factory: Callable[..., Any], *args: Any, _plugin=plugin, _info=info, **kw):
-            if name in found:
-                raise DuplicateNameError(
-                    f"{hook_name[len('register_') : -1]} '{name}' is registered by both plugin "
-                    f"'{found[name].plugin}' and plugin '{_plugin}'; uninstall one or set SUDER_LOAD_PLUGINS."
+    def register(name: str, factory: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        if name in found or name in mine:
+            first = found.get(name) or mine[name]
+            clash.append(
+                DuplicateNameError(
+                    f"{kind} '{name}' is registered by both plugin '{first.plugin}' ({first.distribution}) and "
+                    f"plugin '{plugin}' ({info.distribution}); uninstall one or set SUDER_LOAD_PLUGINS."
                 )
-            found[name] = make(name, factory, *args, plugin=_plugin, distribution=_info.distribution, **kw)
+            )
+            raise clash[-1]
+        mine[name] = make(name, factory, *args, plugin=plugin, distribution=info.distribution, **kw)
 
+    try:
         impl.function(register)
+    except Exception:
+        if clash:  # a name clash is the user's to resolve, not a broken plugin to skip
+            raise clash[0] from None
+        raise
+    return mine
+
+
+def _collect(hook_name: str, make: Callable[..., Any]) -> dict[str, Any]:
+    """Every plugin's ``hook_name``; a plugin whose hook raises is skipped (nothing it registered is kept), named
+    in a warning and remembered in ``plugins.failures()``."""
+    kind = hook_name[len("register_") : -1]
+    found: dict[str, Any] = {}
+    for impl in getattr(get_plugin_manager().hook, hook_name).get_hookimpls():
+        try:
+            found.update(_call_hook(impl, kind, found, make))
+        except DuplicateNameError:
+            raise
+        except Exception as exc:
+            record_failure(impl.plugin_name, f"failed in its {hook_name} hook", f"{type(exc).__name__}: {exc}")
     return found
+
+
+def _backbone_spec(name, factory, summary="", *, plugin, distribution) -> BackboneSpec:
+    return BackboneSpec(name, factory, summary, plugin, distribution)
+
+
+def _reward_spec(
+    name, factory, directions=("gen", "und"), summary="", *, plugin, distribution, needs_reference=False
+) -> RewardSpec:
+    if not (isinstance(needs_reference, bool) or callable(needs_reference)):
+        raise TypeError(f"needs_reference must be a bool or a callable of the options, got {needs_reference!r}")
+    return RewardSpec(name, factory, tuple(directions), summary, plugin, distribution, needs_reference)
 
 
 def backbones() -> dict[str, BackboneSpec]:
     """All registered backbones, by name."""
     global _backbones
     if _backbones is None:
-        _backbones = _collect(
-            "register_backbones",
-            lambda name, factory, summary="", *, plugin, distribution: BackboneSpec(
-                name, factory, summary, plugin, distribution
-            ),
-        )
+        _backbones = _collect("register_backbones", _backbone_spec)
     return _backbones
 
 
@@ -79,12 +111,7 @@ def rewards() -> dict[str, RewardSpec]:
     """All registered rewards, by name."""
     global _rewards
     if _rewards is None:
-        _rewards = _collect(
-            "register_rewards",
-            lambda name, factory, directions=("gen", "und"), summary="", *, plugin, distribution: RewardSpec(
-                name, factory, tuple(directions), summary, plugin, distribution
-            ),
-        )
+        _rewards = _collect("register_rewards", _reward_spec)
     return _rewards
 
 

@@ -127,8 +127,16 @@ def build_judge(direction: str, **_: Any):
 
 
 def needs_reference(name: str, options: dict[str, Any]) -> bool:
-    """Whether a built-in reward needs the frozen reference model."""
-    return name == "dsr-consensus" and options.get("consensus_source", "reference") == "reference"
+    """Whether the reward registered as ``name`` needs the frozen reference model, for a run with ``options``
+    (the resolved config as a dict): what its plugin declared with ``register(..., needs_reference=...)``."""
+    from .registry import get_reward_spec
+
+    declared = get_reward_spec(name).needs_reference
+    return bool(declared(options) if callable(declared) else declared)
+
+
+def _consensus_needs_reference(options: dict[str, Any]) -> bool:
+    return options.get("consensus_source", "reference") == "reference"
 
 
 @hookimpl
@@ -139,5 +147,6 @@ def register_rewards(register):
         build_consensus,
         ("und",),
         "log p(image | caption) + lambda * log pi_ref(caption | image), summed (our extension)",
+        needs_reference=_consensus_needs_reference,
     )
     register("shapes-judge", build_judge, ("gen", "und"), "Exact ShapesWorld judge, 1/0 (external supervision)")

@@ -145,3 +145,183 @@ def test_cheap_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False False", out.stderr
+
+
+# ------------------------------------------------------------------------------------------- isolation
+class _FakeEntryPoint:
+    """What plugins.py reads of an ``importlib.metadata.EntryPoint``: name, dist (name, version), load()."""
+
+    def __init__(self, name: str, dist: str, module: object):
+        self.name, self.dist, self._module = name, type("Dist", (), {"name": dist, "version": "9.9"})(), module
+
+    def load(self):
+        return self._module
+
+
+def _fake_entry_points(monkeypatch, *extra: _FakeEntryPoint, first: bool = False) -> None:
+    """Installed entry points plus ``extra`` (listed before the built-ins when ``first``)."""
+    import importlib.metadata
+
+    real = importlib.metadata.entry_points
+
+    def entry_points(**kw):
+        eps = list(real(**kw))
+        return [*extra, *eps] if first else [*eps, *extra]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    plugins.reset()
+
+
+def _module(name: str, **hooks) -> object:
+    import types
+
+    mod = types.ModuleType(name)
+    for hook_name, fn in hooks.items():
+        fn.__name__ = hook_name
+        setattr(mod, hook_name, suder.hookimpl(fn))
+    return mod
+
+
+def test_raising_hook_skips_only_its_plugin(capsys):
+    def register_backbones(register):
+        register("half-done", lambda **kw: None, summary="registered before the crash")
+        raise RuntimeError("boom in backbones")
+
+    def register_rewards(register):
+        raise ValueError("boom in rewards")
+
+    plugins.register_plugin(_module("crashy", register_backbones=register_backbones), name="crashy")
+    with pytest.warns(
+        plugins.SuderPluginWarning, match=r"'crashy'.*register_backbones hook and was skipped: RuntimeError"
+    ):
+        names = set(registry.backbones())
+    assert {"toy", "janus-pro", "show-o"} <= names and "half-done" not in names
+    assert registry.get_backbone_spec("toy").distribution == "suder"
+    failure = plugins.failures()[0]
+    assert failure.plugin == "crashy" and "boom in backbones" in failure.error
+    plugins.register_plugin(_module("crashy-rewards", register_rewards=register_rewards), name="crashy-rewards")
+    with pytest.warns(plugins.SuderPluginWarning, match="boom in rewards"):
+        assert {"dsr", "dsr-consensus", "shapes-judge"} <= set(registry.rewards())
+    # `suder backbones` lists both failing plugins with their errors, in JSON and in the table
+    from suder.cli import main
+
+    assert main(["backbones", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    failed = {r["plugin"]: r["error"] for r in rows if r["error"]}
+    assert set(failed) == {"crashy", "crashy-rewards"} and "boom in rewards" in failed["crashy-rewards"]
+    assert {r["name"] for r in rows if not r["error"]} >= {"toy", "janus-pro", "show-o"}
+    assert main(["backbones"]) == 0
+    table = capsys.readouterr().out
+    assert "Skipped plugin 'crashy'" in table and "boom in backbones" in table and "toy" in table
+
+
+def test_load_backbone_toy_works_beside_a_raising_plugin(tiny_toy_path):
+    def register_backbones(register):
+        raise RuntimeError("boom")
+
+    plugins.register_plugin(_module("crashy", register_backbones=register_backbones), name="crashy")
+    with pytest.warns(plugins.SuderPluginWarning, match="crashy"):
+        model = suder.load_backbone("toy", model=tiny_toy_path)
+    assert model.name == "toy"
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_third_party_entry_point_named_like_a_builtin_is_an_error(monkeypatch, first):
+    def register_backbones(register):
+        register("toy", lambda **kw: None, summary="an impostor")
+
+    ep = _FakeEntryPoint("toy", "evil-toy", _module("evil", register_backbones=register_backbones))
+    _fake_entry_points(monkeypatch, ep, first=first)  # listed after or before the built-ins: never a replacement
+    with pytest.raises(errors.DuplicateNameError) as exc:
+        suder.load_backbone("toy")
+    msg = str(exc.value)
+    assert "'toy'" in msg and "suder" in msg and "evil-toy" in msg and "SUDER_LOAD_PLUGINS" in msg
+    monkeypatch.setenv("SUDER_LOAD_PLUGINS", "")  # the way out the message names
+    plugins.reset()
+    assert registry.get_backbone_spec("toy").distribution == "suder"
+
+
+def test_third_party_backbone_named_like_a_builtin_names_both_distributions(monkeypatch):
+    def register_backbones(register):
+        register("toy", lambda **kw: None, summary="an impostor")
+
+    _fake_entry_points(
+        monkeypatch, _FakeEntryPoint("not-toy", "evil-toy", _module("evil", register_backbones=register_backbones))
+    )
+    with pytest.raises(errors.DuplicateNameError) as exc:
+        registry.backbones()
+    assert "backbone 'toy' is registered by both plugin 'toy' (suder) and plugin 'not-toy' (evil-toy)" in str(exc.value)
+
+
+def test_misspelt_hook_fails_at_load_with_the_closest_name(monkeypatch):
+    def register_backbone(register):  # missing the final "s"
+        register("typo", lambda **kw: None)
+
+    def register_backbones(register):
+        register("fine", lambda **kw: None)
+
+    _fake_entry_points(
+        monkeypatch,
+        _FakeEntryPoint("typo", "suder-typo", _module("typo", register_backbone=register_backbone)),
+        _FakeEntryPoint("fine", "suder-fine", _module("fine", register_backbones=register_backbones)),
+    )
+    with pytest.warns(plugins.SuderPluginWarning) as caught:
+        pm = plugins.get_plugin_manager()
+    message = str(caught[0].message)
+    assert "'typo' from suder-typo" in message and "unknown hook 'register_backbone'" in message
+    assert "did you mean 'register_backbones'?" in message
+    pm.check_pending()  # nothing unknown is left registered
+    assert {"fine", "toy"} <= set(registry.backbones()) and "typo" not in registry.backbones()
+    assert [f.plugin for f in plugins.failures()] == ["typo"]
+    # in-process registration fails at once
+    with pytest.raises(errors.PluginError, match="did you mean 'register_backbones'"):
+        plugins.register_plugin(_module("typo2", register_backbone=register_backbone), name="typo2")
+    assert not pm.has_plugin("typo2")
+
+
+def test_plugin_without_hooks_is_reported(monkeypatch):
+    def register_backbones(register):  # not marked with @hookimpl
+        register("forgotten", lambda **kw: None)
+
+    import types
+
+    mod = types.ModuleType("unmarked")
+    mod.register_backbones = register_backbones
+    _fake_entry_points(monkeypatch, _FakeEntryPoint("unmarked", "suder-unmarked", mod))
+    with pytest.warns(plugins.SuderPluginWarning, match="'unmarked'.*implements no suder hook"):
+        plugins.get_plugin_manager()
+
+
+def test_rewards_declare_whether_they_need_the_reference():
+    from suder import rewards
+
+    def register_rewards(register):
+        register("needs-ref", lambda direction, **o: None, ("und",), "reads ctx.reference", needs_reference=True)
+        register(
+            "maybe-ref",
+            lambda direction, **o: None,
+            ("gen", "und"),
+            "reads ctx.reference when asked",
+            needs_reference=lambda options: options.get("my_option") == "ref",
+        )
+        register("no-ref", lambda direction, **o: None)
+
+    plugins.register_plugin(_module("ref-rewards", register_rewards=register_rewards), name="ref-rewards")
+    assert rewards.needs_reference("needs-ref", {}) is True
+    assert rewards.needs_reference("maybe-ref", {"my_option": "ref"}) is True
+    assert rewards.needs_reference("maybe-ref", {"my_option": "other"}) is False
+    assert rewards.needs_reference("no-ref", {}) is False
+    # the built-ins declare theirs the same way
+    assert rewards.needs_reference("dsr-consensus", {"consensus_source": "reference"}) is True
+    assert rewards.needs_reference("dsr-consensus", {"consensus_source": "policy"}) is False
+    assert rewards.needs_reference("dsr", {}) is False
+    assert registry.get_reward_spec("dsr-consensus").needs_reference is not False
+
+
+def test_needs_reference_must_be_bool_or_callable():
+    def register_rewards(register):
+        register("bad-ref", lambda direction, **o: None, needs_reference="yes")
+
+    plugins.register_plugin(_module("bad-ref", register_rewards=register_rewards), name="bad-ref")
+    with pytest.warns(plugins.SuderPluginWarning, match="needs_reference must be a bool or a callable"):
+        assert "bad-ref" not in registry.rewards()
