@@ -64,7 +64,7 @@ def model():
 
 # --------------------------------------------------------------------------------------------- release layout
 def release_table(w_clip_vit: bool = False) -> dict[str, tuple[int, ...]]:
-    """The key table of shared/reference/show-o.md section 2, written out."""
+    """The released checkpoints' key table (showlab/show-o, pytorch_model.safetensors), written out."""
     h, v = 2048, 58498
     table = {"showo.model.embed_tokens.weight": (v, h)}
     for n in range(24):
@@ -219,6 +219,51 @@ def test_backbone_save_then_load_backbone(tmp_path, model):
     assert load_backbone("show-o", model=str(tmp_path / "ckpt"), device="cpu", guidance_scale=0.0).guidance_scale == 0
 
 
+def _rope_reference(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) in bfloat16 of the GPT-NeoX rotary angles ``positions x inv_freq`` computed in float32."""
+    angles = positions[..., None].float() * inv_freq.float()
+    emb = torch.cat([angles, angles], -1)
+    return emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+
+
+def test_bfloat16_keeps_rotary_frequencies_in_float32(tmp_path):
+    """A bf16 cast must not round ``inv_freq`` (showlab keeps it in float32): the angles at position 1154 (the
+    last of a 512 px sequence) equal float32's, and a bf16 forward's cos/sin come from the float32
+    frequencies."""
+    from suder.backbones.show_o.modeling import Showo
+
+    showo, _, _ = tiny_parts(seed=1)
+    want = showo.showo.model.rotary_emb.inv_freq.clone()
+    assert want.dtype == torch.float32
+    showo.save_pretrained(tmp_path / "showo")
+    loaded = Showo.from_pretrained(tmp_path / "showo", torch_dtype=torch.bfloat16)
+    for model in (loaded, tiny_parts(seed=1)[0].to(torch.bfloat16), tiny_parts(seed=1)[0].bfloat16().float()):
+        rotary = model.showo.model.rotary_emb
+        for buffer in (rotary.inv_freq, rotary.original_inv_freq):
+            assert buffer.dtype == torch.float32 and torch.equal(buffer, want)
+    rotary = loaded.showo.model.rotary_emb
+    assert loaded.showo.lm_head.weight.dtype == torch.bfloat16
+    position = torch.tensor([[1154]])
+    assert torch.equal(position[..., None] * rotary.inv_freq, position[..., None] * want)
+    rounded = (position[..., None] * want.to(torch.bfloat16).float() - position[..., None] * want).abs().max()
+    assert rounded > 0.05  # what a rounded inv_freq would cost at this position (the test can fail)
+    cos, sin = rotary(torch.zeros(1, 1, 4, dtype=torch.bfloat16), position)
+    assert cos.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip((cos, sin), _rope_reference(want, position)))
+    # inside a real bf16 forward over 1160 positions
+    seen = []
+    handle = rotary.register_forward_hook(lambda module, args, out: seen.append(out))
+    ids = torch.randint(0, loaded.config.llm_vocab_size, (1, 1160), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loaded.hidden_states(ids)
+    handle.remove()
+    positions = torch.arange(1160)[None]
+    ref_cos, ref_sin = _rope_reference(want, positions)
+    assert seen and torch.equal(seen[0][0], ref_cos) and torch.equal(seen[0][1], ref_sin)
+    bad_cos, _ = _rope_reference(want.to(torch.bfloat16), positions)
+    assert not torch.equal(bad_cos, ref_cos)
+
+
 # --------------------------------------------------------------------------------------------- prompting
 def test_released_token_ids_and_text_block():
     tok = ShowoTokens.from_config(RELEASED, bos=50256, eos=50256)
@@ -259,7 +304,7 @@ def _rows(mask: torch.Tensor) -> list[str]:
 
 def test_t2i_mask_worked_example():
     """P P t2i bos x eos soi i i i i eoi: pads causal among pads, text causal without pads, image rows see all
-    non-pad columns (shared/reference/show-o.md section 4.1)."""
+    non-pad columns (showlab's ``create_attention_mask_predict_next`` with ``rm_pad_in_image``)."""
     tok = replace(ShowoTokens.from_config(RELEASED, bos=50256, eos=50256), max_text_len=5)
     ids = t2i_sequences([[1]], torch.full((1, 4), tok.mask), tok)
     assert ids[0, :6].tolist() == [tok.pad, tok.pad, tok.t2i, 50256, 1, 50256]
@@ -462,6 +507,35 @@ def test_chat_caption_prompt():
     assert int(lp.mask.sum()) == len(m._encode(" a cat")) + 1
 
 
+def test_temperature_zero_is_greedy(model):
+    """suder's conformance check: temperature 0 is arg-max decoding in both directions."""
+    from suder.testing import check_temperature_zero_is_greedy
+
+    check_temperature_zero_is_greedy(model, ["a red square", "two cats"], tiny_images(2), num_samples=2)
+
+
+def test_greedy_maskgit_takes_the_argmax_without_noise():
+    """temperature 0: every position gets the arg-max code of the logits it was decoded under, no random
+    number is drawn (the global RNG is untouched) and the re-masking order is the plain confidence order."""
+    from suder.backbones.show_o import sampling
+
+    logits = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def image_logits(codes):
+        seen.append(codes.clone())
+        return logits
+
+    state = torch.random.get_rng_state()
+    out = sampling.maskgit_sample(image_logits, torch.full((2, 16), -1), steps=4, temperature=0.0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(out, logits.argmax(-1))
+    confidence = torch.softmax(logits, -1).amax(-1)
+    kept = seen[1] >= 0  # after step 1: exactly the 2 most confident positions of each row are decoded
+    assert kept.sum(-1).tolist() == [2, 2]
+    assert torch.equal(kept, confidence >= confidence.sort(-1, descending=True).values[:, 1:2])
+
+
 def test_greedy_captions_ignore_the_seed(model):
     a = model.sample_text(tiny_images(2), temperature=0, generator=torch.Generator().manual_seed(0))
     b = model.sample_text(tiny_images(2), temperature=0, generator=torch.Generator().manual_seed(1))
@@ -487,6 +561,64 @@ def test_caption_logps_are_exact_causal_logps(model):
         logits = model.model(ids, mmu_attention_mask(ids, tok))[0, len(prefix) - 1 : -1, : tok.text_vocab_size]
     want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids0)[:, None]).squeeze(-1)
     assert torch.allclose(lp.values[0, : len(ids0)], want, atol=1e-5)
+
+
+def test_caption_logps_over_the_full_vocabulary():
+    """``caption_logp_vocab="full"`` normalises over every column (Show-o's own), "text" over the text columns;
+    sampled ``.logps`` equal the teacher-forced ones under either, and the draws are the same."""
+    tok_model = tiny_backbone(seed=3)
+    full_model = tiny_backbone(seed=3, caption_logp_vocab="full")
+    tok = full_model.tokens
+    images, captions = tiny_images(2), ["a red square", "two cats on a table"]
+    text_lp = tok_model.logp_text_given_image(captions, images)
+    full_lp = full_model.logp_text_given_image(captions, images)
+    ids0 = full_model._encode(captions[0]) + [tok.eos]
+    prefix = [tok.mmu, tok.soi, *(full_model.image_codes(images[:1])[0] + tok.image_offset).tolist(), tok.eoi, tok.bos]
+    ids = torch.tensor([prefix + ids0])
+    with torch.no_grad():
+        logits = full_model.model(ids, mmu_attention_mask(ids, tok))[0, len(prefix) - 1 : -1]
+    want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids0)[:, None]).squeeze(-1)
+    assert logits.shape[-1] == full_model.model.config.vocab_size
+    assert torch.allclose(full_lp.values[0, : len(ids0)], want, atol=1e-5)
+    assert bool((full_lp.values[full_lp.mask] < text_lp.values[text_lp.mask]).all())
+    for temperature in (1.0, 1.7, 0.0):
+        gen = torch.Generator().manual_seed(2)
+        t = full_model.sample_text(images, num_samples=2, generator=gen, temperature=temperature)
+        u = tok_model.sample_text(
+            images, num_samples=2, generator=torch.Generator().manual_seed(2), temperature=temperature
+        )
+        assert torch.equal(t.tokens, u.tokens)
+        tf = full_model.logp_text_given_image(t, t.images, temperature=temperature)
+        assert (tf.values - t.logps).abs().max() <= 1e-5
+    with pytest.raises(BackboneError, match="caption_logp_vocab"):
+        tiny_backbone(caption_logp_vocab="image")
+
+
+def test_captions_are_decoded_with_showlab_whitespace_clean_up(model):
+    """transformers 4.41 (Show-o's) cleaned up tokenization spaces when decoding; transformers 5 skips it for BPE
+    tokenizers."""
+    from suder.backbones.show_o.backbone import clean_up_spaces
+
+    ids = model._encode("a red square . is it a cat ? it 's red , isn't it !")
+    assert model.tokenizer.decode(ids, skip_special_tokens=True).count(" .") == 1  # the raw decode keeps them
+    assert model._decode_caption(ids + [model.tokens.eos]) == "a red square. is it a cat? it's red, isn't it!"
+    assert clean_up_spaces(" they 're here , we 've seen ' em , I 'm sure they can n't") == (
+        " they're here, we've seen'em, I'm sure they cann't"
+    )
+
+
+def test_sampling_defaults_follow_the_readme_per_resolution():
+    """Show-o's README: 256 px t2i with guidance 1.75 and 18 steps, 512 px with guidance 5 and 50 steps."""
+    from suder.backbones.show_o.backbone import from_parts
+    from suder.backbones.show_o.modeling import Showo
+
+    small = from_parts(*tiny_parts(), max_caption_tokens=8)
+    assert small.resolution == 16 and (small.guidance_scale, small.settings.steps) == (1.75, 18)
+    showo, vq, tokenizer = tiny_parts()
+    wide = dict(showo.config) | {"num_vq_tokens": 128 * 128}  # 128 x 128 tokens x 4 px = 512 px, never run
+    big = from_parts(Showo.from_config(wide), vq, tokenizer)
+    assert big.resolution == 512 and (big.guidance_scale, big.settings.steps) == (5.0, 50)
+    assert from_parts(*tiny_parts(), steps=7).settings.steps == 7
 
 
 # --------------------------------------------------------------------------------------------- training

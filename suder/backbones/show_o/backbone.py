@@ -57,21 +57,40 @@ DEFAULTS = {"model": "showlab/show-o", "vq_model": "showlab/magvitv2", "tokenize
 CHUNK = 16  # images per VQ encode/decode call
 
 
+# Show-o's README (showlab/Show-o), text-to-image demos: ``configs/showo_demo.yaml`` (256 px) with
+# ``guidance_scale=1.75 generation_timesteps=18``; ``configs/showo_demo_512x512.yaml`` with
+# ``guidance_scale=5 generation_timesteps=50``.
+README_SAMPLING = {256: {"guidance_scale": 1.75, "steps": 18}, 512: {"guidance_scale": 5.0, "steps": 50}}
+CAPTION_VOCABS = ("text", "full")
+
+
+def readme_sampling(resolution: int) -> dict[str, float]:
+    """Guidance scale and MaskGIT steps of Show-o's README text-to-image demos for a resolution (256 px: 1.75
+    and 18 steps; 512 px: 5 and 50 steps; other resolutions take the closer of the two)."""
+    return README_SAMPLING[512 if resolution >= 512 else 256]
+
+
 @dataclass
 class ShowOSettings:
     """How the backbone is used; saved beside its weights (``suder_show_o.json``).
 
-    ``guidance_scale``: None means Show-o's README value for the resolution (1.75 at 256 px, 5 at 512 px).
+    ``guidance_scale`` and ``steps``: None means the value of Show-o's README text-to-image demo for the
+    model's resolution (``readme_sampling``: 1.75 and 18 steps at 256 px, 5 and 50 steps at 512 px).
+    ``caption_logp_vocab``: what caption log-probs are normalised over: ``"text"`` (default) the text
+    tokens, the support the captions are drawn from; ``"full"`` the whole vocabulary (text, special and image
+    tokens), as Show-o's training loss and ``mmu_generate`` do. Captions are drawn from the text tokens either
+    way.
     ``caption_prompt``: "" scores/samples captions in Show-o's captioning format (``bos caption eos``);
     a question uses the chat format of ``inference_mmu.py``:
     ``bos USER: \\n{question} ASSISTANT: caption eos``.
     """
 
     guidance_scale: float | None = None
-    steps: int = 18
+    steps: int | None = None
     schedule: str = "cosine"
     max_caption_tokens: int = 64
     caption_prompt: str = ""
+    caption_logp_vocab: str = "text"
 
 
 class ShowOBackbone(nn.Module):
@@ -93,9 +112,17 @@ class ShowOBackbone(nn.Module):
         if side * side != cfg.num_vq_tokens:
             raise BackboneError(f"num_vq_tokens {cfg.num_vq_tokens} is not a square grid.")
         self.resolution = side * vq.downsample_factor
+        readme = readme_sampling(self.resolution)
         if self.settings.guidance_scale is None:
-            self.settings.guidance_scale = 5.0 if self.resolution >= 512 else 1.75
+            self.settings.guidance_scale = readme["guidance_scale"]
+        if self.settings.steps is None:
+            self.settings.steps = int(readme["steps"])
         mask_schedule(self.settings.schedule)  # fail early on an unknown schedule
+        if self.settings.caption_logp_vocab not in CAPTION_VOCABS:
+            raise BackboneError(
+                f"Unknown caption_logp_vocab {self.settings.caption_logp_vocab!r}; show-o normalises caption "
+                "log-probs over 'text' (the text tokens) or 'full' (the whole vocabulary): pick one of them."
+            )
         question = self.settings.caption_prompt
         self._question = self._encode(f"USER: \n{question} ASSISTANT:") if question else []
 
@@ -273,9 +300,20 @@ class ShowOBackbone(nn.Module):
         return tokens.to(self.device), mask.to(self.device)
 
     def _decode_caption(self, ids: list[int]) -> str:
+        """Show-o's ``inference_mmu.py`` decodes with ``skip_special_tokens=True`` under transformers 4.41, whose
+        phi-1_5 tokenizer then cleans up tokenization spaces (``clean_up_spaces``); transformers 5 skips that
+        clean-up for BPE tokenizers, so we apply it ourselves. Leading/trailing spaces are stripped."""
         if ids and ids[-1] == self.tokens.eos:
             ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return clean_up_spaces(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+    def _text_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(text-column logits (..., V_text), full-vocabulary logits or None): the draw support, and the
+        normaliser when ``caption_logp_vocab == "full"``."""
+        if self.settings.caption_logp_vocab == "full":
+            full = self.model.head(hidden)
+            return full[..., : self.tokens.text_vocab_size], full
+        return self.model.head(hidden, 0, self.tokens.text_vocab_size), None
 
     @torch.no_grad()
     def sample_text(
@@ -293,15 +331,19 @@ class ShowOBackbone(nn.Module):
         codes = self.image_codes(images).repeat_interleave(num_samples, 0)
         prefix = mmu_prefix(codes + self.tokens.image_offset, self.tokens, self._question)
         rows, limit = prefix.shape[0], int(options.get("max_tokens", self.settings.max_caption_tokens))
-        vocab, eos, pad = self.tokens.text_vocab_size, self.tokens.eos, self.tokens.pad
+        eos, pad = self.tokens.eos, self.tokens.pad
         cache = DynamicCache(config=self.model.showo.config)
         hidden = self.model.hidden_states(prefix, mmu_attention_mask(prefix, self.tokens), cache)[:, -1]
         tokens = torch.full((rows, limit), pad, dtype=torch.long, device=self.device)
         logps = torch.zeros(rows, limit, device=self.device)
         alive = torch.zeros(rows, limit, dtype=torch.bool, device=self.device)
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        scale = float(temperature) or 1.0  # greedy captions are scored untempered
         for t in range(limit):
-            choice, logp = draw(self.model.head(hidden, 0, vocab), temperature, generator)
+            text_logits, full = self._text_logits(hidden)
+            choice, logp = draw(text_logits, temperature, generator)
+            if full is not None:  # renormalise the chosen token's log-prob over the whole vocabulary
+                logp = logp + torch.logsumexp(text_logits / scale, -1) - torch.logsumexp(full / scale, -1)
             alive[:, t] = ~done
             tokens[:, t] = torch.where(done, pad, choice)
             logps[:, t] = torch.where(done, 0.0, logp)
@@ -345,7 +387,8 @@ class ShowOBackbone(nn.Module):
         ids = torch.cat([prefix, torch.where(tmask, tokens, self.tokens.pad)], 1)
         p, t = prefix.shape[1], tokens.shape[1]
         hidden = self.model.hidden_states(ids, mmu_attention_mask(ids, self.tokens))[:, p - 1 : p - 1 + t]
-        logits = self.model.head(hidden, 0, self.tokens.text_vocab_size)
+        text_logits, full = self._text_logits(hidden)
+        logits = text_logits if full is None else full
         temperature = float(options.get("temperature", 1.0) or 1.0)
         values = _gather_logps(logits / temperature, torch.where(tmask, tokens, 0)) * tmask
         return TokenLogProbs(values, tmask)
@@ -360,6 +403,24 @@ class ShowOBackbone(nn.Module):
         self.vq.save_pretrained(path / VQ_FOLDER)
         self.tokenizer.save_pretrained(str(path / TOKENIZER_FOLDER))
         (path / SETTINGS_FILE).write_text(json.dumps({"backbone": "show-o", **asdict(self.settings)}, indent=2))
+
+
+def clean_up_spaces(text: str) -> str:
+    """transformers 4.x's ``clean_up_tokenization``: drop the space before . ? ! , and English contractions."""
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
+        text = text.replace(before, after)
+    return text
 
 
 def _gather_logps(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

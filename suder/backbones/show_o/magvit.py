@@ -1,9 +1,10 @@
 """MAGVIT-v2 image tokenizer of Show-o: a taming-style VQGAN with a 13-bit lookup-free quantizer (LFQ).
 
 Reference: Yu et al. 2023, "Language Model Beats Diffusion: Tokenizer is Key to Visual Generation"
-(arXiv:2310.05737), section 3.1 (LFQ); the exact architecture and key names of ``showlab/magvitv2`` are in
-``shared/reference/show-o.md`` section 7. We write our own modules because no maintained library ships this
-tokenizer; the key names match the release so ``MAGVITv2.from_pretrained("showlab/magvitv2")`` loads it.
+(arXiv:2310.05737), section 3.1 (LFQ); the architecture and key names are those of the ``showlab/magvitv2``
+release (``models/modeling_magvitv2.py`` and ``models/common_modules.py`` of showlab/Show-o). We write our own
+modules because no maintained library ships this tokenizer; the key names match the release so
+``MAGVITv2.from_pretrained("showlab/magvitv2")`` loads it.
 
 - Encoder: conv_in, five levels of ResNet blocks (downsample after the first four: stride 16), mid
   (block, attention, block), GroupNorm + swish + conv_out to 13 channels, 1x1 ``quant_conv``.

@@ -1,8 +1,8 @@
 """Show-o's language core (``Showo``) on diffusers' ``ModelMixin``/``ConfigMixin``, loading showlab's folders.
 
 Reference: Xie et al. 2024, "Show-o: One Single Transformer to Unify Multimodal Understanding and Generation"
-(arXiv:2408.12528); the facts used here (class layout, key names, token ids) are in
-``shared/reference/show-o.md`` sections 1-3 and 10.
+(arXiv:2408.12528); the class layout, key names and token ids are those of showlab/Show-o's
+``models/modeling_showo.py`` and ``models/phi.py`` and of the released checkpoints' ``config.json``.
 
 ``Showo.showo`` is transformers' ``PhiForCausalLM`` with ``qk_layernorm=True``: its parameter names are
 exactly the released ``showo.*`` keys, and its attention (per-head q/k LayerNorm before a partial GPT-NeoX
@@ -207,6 +207,21 @@ class Showo(ShowlabCheckpoint, ModelMixin, ConfigMixin):
             self.mm_projector = nn.Sequential(
                 nn.Linear(clip_hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
             )
+
+    # ------------------------------------------------------------------ dtype
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` and device moves, with the rotary frequencies kept in
+        float32: transformers' ``PhiRotaryEmbedding`` computes its angles in float32 from ``inv_freq``, but a
+        cast rounds ``inv_freq`` itself (in bfloat16 by up to 0.21 rad at position 1154, the last one of a
+        512 px sequence); showlab's model keeps them in float32 whatever the weights' dtype."""
+        super()._apply(fn, recurse)
+        rotary = self.showo.model.rotary_emb
+        for name in ("inv_freq", "original_inv_freq"):
+            buffer = getattr(rotary, name)
+            if buffer.dtype != torch.float32:
+                fresh, _ = type(rotary).compute_default_rope_parameters(rotary.config, device=buffer.device)
+                setattr(rotary, name, fresh.float())
+        return self
 
     # ------------------------------------------------------------------ token layout
     @property

@@ -1,7 +1,7 @@
 """Show-o's universal prompting: token ids, sequence layouts and omni-attention masks (pure functions).
 
 Reference: Show-o (arXiv:2408.12528) section 3.2 "Unified Prompting" and "Omni-Attention Mechanism";
-the exact layouts are in ``shared/reference/show-o.md`` sections 3 and 4. Token ids come from the model's
+the exact layouts are those of showlab/Show-o's ``training/prompting_utils.py``. Token ids come from the model's
 config and the tokenizer (``ShowoTokens``), so a tiny test vocabulary uses the same code with shifted ids.
 
 Sequences (released ids in brackets; ``M = max_text_len`` = 128, ``N`` image tokens):

@@ -2,7 +2,7 @@
 
 References: Chang et al. 2022, "MaskGIT: Masked Generative Image Transformer" (arXiv:2202.04200) section 3.2
 (iterative decoding, eq. 4 mask schedule); Chang et al. 2023, "Muse" (arXiv:2301.00704) section 2.6 for the
-guidance form; Show-o's ``t2i_generate`` as written down in ``shared/reference/show-o.md`` section 5.
+guidance form; Show-o's ``t2i_generate`` (showlab/Show-o, ``models/modeling_showo.py`` and ``models/sampling.py``).
 
 Show-o's sampler departs from the MaskGIT paper, and we keep Show-o's choices so a seed gives Show-o's images:
 
@@ -11,6 +11,10 @@ Show-o's sampler departs from the MaskGIT paper, and we keep Show-o's choices so
   tokens to re-mask, and it compounds: ``t_k = t_0 prod_{j <= k} (1 - (j + 1) / T)`` (MaskGIT uses
   ``t_0 (1 - (k + 1) / T)``);
 - per step and in this order: one multinomial draw over the B*N rows, then one ``uniform_`` of shape (B, N).
+
+``temperature == 0`` is greedy (suder's contract for every backbone, not an option of Show-o's sampler): each step
+takes the arg-max code at every masked position and re-masks the least confident ones with no Gumbel noise, so
+no random number is drawn and the generator is not used.
 """
 
 from __future__ import annotations
@@ -60,9 +64,11 @@ def mask_by_random_topk(
 ) -> torch.Tensor:
     """(B, N) bool: re-mask the positions whose Gumbel-perturbed log-confidence is below the ``mask_len``-th
     smallest. ``mask_len`` (B, 1) long, ``probs`` (B, N) confidence of the sampled tokens."""
-    u = _uniform(tuple(probs.shape), generator, probs.device)
-    gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
-    confidence = torch.log(probs.clamp_min(1e-20)) + temperature * gumbel
+    confidence = torch.log(probs.clamp_min(1e-20))
+    if temperature != 0:  # greedy sampling draws no noise at all (module docstring)
+        u = _uniform(tuple(probs.shape), generator, probs.device)
+        gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+        confidence = confidence + temperature * gumbel
     cut_off = confidence.sort(-1).values.gather(-1, mask_len.long())
     return confidence < cut_off
 
@@ -81,16 +87,18 @@ def maskgit_sample(
 
     ``image_logits(codes)`` returns (B, N, K) float logits over the K image codes for the current codes
     (masked positions still ``-1``), guidance already applied. Returns (B, N) codes in [0, K), all positions
-    filled.
+    filled. ``temperature``: 0 is greedy (arg-max codes, noise-free re-masking); otherwise it scales the
+    re-masking noise only, as in Show-o.
     """
     b, n = codes.shape
+    greedy = temperature == 0
     current = codes.clone()
     fraction = mask_schedule(schedule)
     sampled = current
     for step in range(steps):
         probs = torch.softmax(image_logits(current).float(), -1)  # (B, N, K)
         k = probs.shape[-1]
-        sampled = _multinomial(probs.reshape(-1, k), generator).view(b, n)
+        sampled = probs.argmax(-1) if greedy else _multinomial(probs.reshape(-1, k), generator).view(b, n)
         unknown = current < 0
         sampled = torch.where(unknown, sampled, current)
         ratio = (step + 1) / steps
