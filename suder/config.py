@@ -1,6 +1,7 @@
 """``TrainConfig``: every setting of a DSR run, validated on construction.
 
-Precedence: YAML file < command-line flags < keyword arguments of ``suder.train``. Unknown keys are errors
+Precedence: YAML file < command-line flags < keyword arguments of ``suder.train`` (a keyword counts only when the
+caller passed it). Unknown keys are errors
 with the closest valid key suggested. The resolved config is written beside each run as ``config.yaml``.
 
 Defaults follow the paper's appendix A.1 (lr 3e-6 with cosine decay and 5 warm-up steps, G = 8, SimPO
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, closest
+from .tracking import check_installed, parse_report_to
 
 ALGOS = ("simpo", "grpo")
 STRATEGIES = ("unified", "gen", "und", "separate")
@@ -103,14 +105,16 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
-    log_every: int = 1
+    report_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl (tracking.py)
     sample_every: int = 50
     save_every: int = 100
+    save_total_limit: int = 0
     eval_every: int = 0
     eval_num: int = 400
     early_stopping_patience: int = 0
     early_stopping_num: int = 64
-    resume: bool = False
+    resume: bool | str = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         defaults = TOY_DEFAULTS if self.backbone == "toy" else PAPER_DEFAULTS
@@ -125,6 +129,8 @@ class TrainConfig:
         self._check_choice("consensus_source", ("reference", "policy"))
         self._check_choice("cfg_policy", ("cond", "guided"))
         self._check_choice("mixed_precision", ("no", "bf16", "fp16"))
+        self.report_to = parse_report_to(self.report_to)
+        check_installed(self.report_to)
         for key in ("group_size", "gen_batch_size", "und_batch_size", "grad_accum", "grpo_iterations", "switch_every"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}.")
@@ -134,6 +140,11 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}.")
         if self.steps is None and self.epochs is None:
             raise ConfigError("Set steps or epochs (how long to train).")
+        if self.resume not in (True, False, "auto"):
+            raise ConfigError(f"resume must be true, false or 'auto', got {self.resume!r}.")
+        for key in ("save_total_limit", "save_every", "sample_every", "eval_every", "early_stopping_patience"):
+            if int(getattr(self, key)) < 0:
+                raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}.")
         if self.steps is not None and self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}.")
         if not 0 <= self.grpo_eps_low < 1 or self.grpo_eps_high < 0:
@@ -199,6 +210,10 @@ def resolve(yaml_path: str | None = None, flags: dict[str, Any] | None = None, *
     for source, values in (("command-line flags", flags or {}), ("keyword arguments", kwargs)):
         check_keys(values, source)
         merged.update({k: v for k, v in values.items() if v is not None})
+    if isinstance(merged.get("backbone"), str):
+        from .registry import get_backbone_spec
+
+        get_backbone_spec(merged["backbone"])  # an unknown name is the first thing to hear about
     try:
         return TrainConfig(**merged)
     except TypeError as exc:  # wrong value types that dataclasses cannot catch
@@ -221,6 +236,8 @@ def parse_value(key: str, raw: str) -> Any:
             return float(raw)
         if kind.startswith("int"):
             return int(raw)
+        if key == "resume" and raw.lower() == "auto":
+            return "auto"
         if kind.startswith("bool"):
             value = yaml.safe_load(raw)
             if not isinstance(value, bool):

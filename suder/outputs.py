@@ -1,51 +1,214 @@
-"""What a run writes to ``--output-dir``, and how it resumes.
+"""What a run writes to ``--output-dir``, how it survives a crash, and how it resumes.
 
 ::
 
     config.yaml              the resolved config (re-runnable with --config)
-    metrics.jsonl            one JSON object per step
+    metrics.jsonl            one JSON object per training step (held-out scores merged into their step)
+    before.json              the judge's scores of the base model (kept for --resume)
     samples/step-000050-gen.png, -und.png   prompts with their images; images with their captions
-    checkpoints/step-000100/ model/ (save_pretrained; gen/ and und/ for the separate strategy) and state/
-                             (accelerate's optimizer, scheduler and RNG state), written then renamed
+    checkpoints/step-000100/ model/ (save_pretrained; gen/ and und/ for the separate strategy), state/
+                             (accelerate's optimizer, scheduler and RNG state) and step.json
     final/                   save_pretrained folder(s) of the trained model
-    run.json                 {"base_model", "final_model", "before", "after", ...}
+    run.json                 {"base_model", "final_model", "before", "after", "steps", ...}
+    logs/                    experiment-tracker files when report_to is set (TensorBoard: logs/suder/)
+
+Crash safety (``kill -9`` at any moment): every folder is written under a temporary name and renamed into place;
+``final/`` is swapped with the new one atomically (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere a rename
+pair that the next start repairs), so the last complete checkpoint and the previous ``final/`` stay loadable.
+A torn last line of ``metrics.jsonl`` is dropped on resume, and lines after the checkpoint's step are cut, so
+each step is logged once. A full disk is a ``TrainingError`` that keeps the last complete checkpoint.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import json
 import logging
 import math
+import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .trainer import TrainResult, atomic_replace, dump_json
+from .errors import ConfigError, TrainingError
+
+RUN_FILES = ("metrics.jsonl", "run.json", "before.json")
+RUN_DIRS = ("checkpoints", "samples", "final", "logs")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: paths and numbers (also in ``run.json``)."""
+
+    output_dir: str
+    base_model: str | None
+    final_model: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- files
+def dump_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def atomic_replace(tmp: Path, final: Path) -> None:
+    """Put the fully written folder ``tmp`` at ``final``; at no moment is ``final`` missing or half written
+    (where the platform can swap atomically), and if the swap is interrupted, ``recover`` restores the old one."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp)  # now holds the old folder
+        return
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(folder: Path) -> None:
+    """Repair a swap interrupted between its two renames (non-Linux fallback of ``atomic_replace``)."""
+    for old in folder.glob(".*.old"):
+        final = old.with_name(old.name[1 : -len(".old")])
+        if not final.exists():
+            os.replace(old, final)
+
+
+def read_metrics(path: Path, upto: int | None = None) -> list[dict[str, Any]]:
+    """The step lines of ``metrics.jsonl`` (at most ``upto``), skipping a line torn by a crash."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and (upto is None or row.get("step", 0) <= upto):
+            rows.append(row)
+    return rows
+
+
+def check_writable(folder: Path) -> None:
+    """A one-line ``ConfigError`` unless ``folder`` exists as a writable folder or can be created."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"Cannot create output folder '{folder}': '{probe}' is a file; choose another --output-dir.")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot create output folder '{folder}': '{probe}' is not writable; choose another one.")
+
+
+def _disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class RunWriter:
+    """The run folder: decides fresh start or resume, writes metrics, checkpoints and the final model."""
+
     def __init__(self, out: Path, main: bool):
         self.out, self.main = Path(out), main
         self.best: float | None = None
         self.bad_evals = 0
+        self.extra: dict[str, Any] = {}
+        self.tracking: Any = None  # tracking.Tracking when report_to is set
 
-    # ------------------------------------------------------------------ config and metrics
-    def write_config(self, cfg: Any, extra: dict[str, Any]) -> None:
+    # ------------------------------------------------------------------ start
+    def holds_run(self) -> list[str]:
+        """What a previous run left in the folder (empty: nothing)."""
+        found = [n for n in RUN_FILES if (self.out / n).exists()]
+        found += [n + "/" for n in RUN_DIRS if (self.out / n).is_dir() and any((self.out / n).iterdir())]
+        return found
+
+    def plan_start(self, cfg: Any) -> Path | None:
+        """The checkpoint to resume from, or None for a fresh start; a one-line ``ConfigError`` when the folder
+        and ``resume``/``overwrite`` disagree. Reads only; safe to call before any expensive work."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"Output folder '{self.out}' is a file; choose another --output-dir.")
+        if self.out.is_dir():
+            recover(self.out)
+            if (self.out / "checkpoints").is_dir():
+                recover(self.out / "checkpoints")
+        last = self.latest_checkpoint()
+        if cfg.resume:
+            if last is not None:
+                return last
+            if cfg.resume is True:
+                raise ConfigError(
+                    f"Nothing to resume in '{self.out}': it has no complete checkpoint. Run without --resume "
+                    "to start fresh, or pass --resume auto to resume when possible."
+                )
+        elif self.holds_run() and not cfg.overwrite:
+            raise ConfigError(
+                f"Output folder '{self.out}' already holds a run ({', '.join(self.holds_run())}); pass --resume to "
+                "continue it, --overwrite to replace it, or choose another --output-dir."
+            )
+        return None
+
+    def start(self, cfg: Any, extra: dict[str, Any], resume_from: Path | None) -> None:
+        """Clear a replaced run (fresh start) and write ``config.yaml``."""
         import yaml
 
+        self.extra = extra
         if not self.main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"Cannot create output folder '{self.out}': {exc.strerror}.") from exc
+        if resume_from is None:
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+            for name in RUN_DIRS:
+                shutil.rmtree(self.out / name, ignore_errors=True)
         (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.extra = extra
 
+    # ------------------------------------------------------------------ metrics
     def log(self, metrics: dict[str, Any]) -> None:
         if self.main:
             clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(clean, default=float) + "\n")
+            if self.tracking:
+                self.tracking.log(metrics)
+
+    def save_before(self, before: dict[str, Any]) -> None:
+        if self.main:
+            dump_json(self.out / "before.json", before)
+
+    def load_before(self) -> dict[str, Any] | None:
+        path = self.out / "before.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     # ------------------------------------------------------------------ checkpoints
     def _save_models(self, trainer: Any, folder: Path) -> None:
@@ -53,6 +216,21 @@ class RunWriter:
         for key in keys:
             target = folder if key == "policy" else folder / key
             trainer.unwrapped(key).save_pretrained(str(target))
+
+    def _guarded(self, what: str, tmp: Path, write) -> None:
+        """Run ``write``; on a full disk remove the partial ``tmp`` and raise a ``TrainingError``."""
+        try:
+            write()
+        except OSError as exc:
+            if not _disk_full(exc):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = self.latest_checkpoint()
+            kept = f"the last complete checkpoint '{last}' is kept" if last else "no checkpoint was complete yet"
+            raise TrainingError(
+                f"No space left on the device while writing {what}; {kept}. Free space, then run again with "
+                "--resume."
+            ) from exc
 
     def checkpoint(self, trainer: Any, step: int) -> Path:
         acc = trainer.acc
@@ -68,62 +246,89 @@ class RunWriter:
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            acc.save_state(str(tmp / "state"))
+            self._guarded(f"checkpoint {step}", tmp, lambda: acc.save_state(str(tmp / "state")))
         finally:
             quiet.setLevel(level)
         if self.main:
-            self._save_models(trainer, tmp / "model")
-            (tmp / "step.json").write_text(json.dumps({"step": step}))
-            atomic_replace(tmp, final)
+            state = {"step": step, "best": self.best, "bad_evals": self.bad_evals}
+
+            def write() -> None:
+                self._save_models(trainer, tmp / "model")
+                (tmp / "step.json").write_text(json.dumps(state))
+                atomic_replace(tmp, final)
+
+            self._guarded(f"checkpoint {step}", tmp, write)
+            self.prune(trainer.cfg.save_total_limit)
         acc.wait_for_everyone()
         return final
 
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints (``step.json`` is written last), oldest first."""
+        folder = self.out / "checkpoints"
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.glob("step-*") if (p / "step.json").is_file())
+
     def latest_checkpoint(self) -> Path | None:
-        found = sorted((self.out / "checkpoints").glob("step-*"))
+        found = self.checkpoints()
         return found[-1] if found else None
 
-    def restore(self, trainer: Any) -> int:
-        """Load the last checkpoint's optimizer/scheduler/model state; returns the step to continue from."""
-        last = self.latest_checkpoint()
-        if last is None:
-            return 0
+    def prune(self, limit: int) -> None:
+        """Keep the last ``limit`` checkpoints (0: keep all)."""
+        if limit > 0:
+            for old in self.checkpoints()[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, trainer: Any, last: Path) -> tuple[int, list[dict[str, Any]]]:
+        """Load ``last``'s model/optimizer/scheduler/RNG state; returns the step to continue from and the metrics
+        logged up to it (later lines, from after the checkpoint, are cut so that each step is logged once)."""
         trainer.acc.load_state(str(last / "state"))
-        step = json.loads((last / "step.json").read_text())["step"]
+        state = json.loads((last / "step.json").read_text())
+        step = int(state["step"])
+        self.best, self.bad_evals = state.get("best"), int(state.get("bad_evals", 0))
         log = self.out / "metrics.jsonl"
-        if self.main and log.exists():
-            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            log.write_text("".join(line + "\n" for line in kept))
-        return step
+        kept = read_metrics(log, upto=step)
+        if self.main:
+            tmp = log.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, log)
+        trainer.acc.wait_for_everyone()
+        return step, kept
 
     def save_final(self, trainer: Any) -> Path:
         final = self.out / "final"
         tmp = self.out / ".final.tmp"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
-            self._save_models(trainer, tmp)
-            atomic_replace(tmp, final)
+
+            def write() -> None:
+                self._save_models(trainer, tmp)
+                atomic_replace(tmp, final)
+
+            self._guarded("the final model", tmp, write)
         trainer.acc.wait_for_everyone()
         return final
 
     # ------------------------------------------------------------------ monitoring
-    def early_stop(self, trainer: Any, step: int) -> bool:
-        """Judge a small held-out slice; True after ``early_stopping_patience`` evaluations without a gain."""
+    def heldout(self, trainer: Any) -> tuple[dict[str, float], float]:
+        """Judge a small held-out slice (main process): the metrics and the score early stopping watches."""
         from .evaluate import evaluate, headline
 
         cfg = trainer.cfg
-        if not self.main:
-            return False
         models = ("gen", "und") if cfg.strategy == "separate" else ("policy", "policy")
         t2i = evaluate(trainer.unwrapped(models[0]), num=cfg.early_stopping_num, seed=4242, what=("t2i",))
         cap = evaluate(trainer.unwrapped(models[1]), num=cfg.early_stopping_num, seed=4242, what=("caption",))
         h = headline(t2i | cap)
         score = (h["t2i"] if "gen" in cfg.directions else 0) + (h["caption_greedy"] if "und" in cfg.directions else 0)
-        self.log({"step": step, "heldout/t2i": h["t2i"], "heldout/caption_greedy": h["caption_greedy"]})
+        return {"heldout/t2i": h["t2i"], "heldout/caption_greedy": h["caption_greedy"]}, score
+
+    def should_stop(self, score: float, patience: int) -> bool:
+        """True after ``patience`` evaluations without a gain (0: never)."""
         if self.best is None or score > self.best:
             self.best, self.bad_evals = score, 0
             return False
         self.bad_evals += 1
-        return bool(cfg.early_stopping_patience) and self.bad_evals >= cfg.early_stopping_patience
+        return bool(patience) and self.bad_evals >= patience
 
     def sample_grids(self, step: int, rollouts: list[Any]) -> None:
         if not self.main:
@@ -132,10 +337,12 @@ class RunWriter:
         folder.mkdir(exist_ok=True)
         for r in rollouts:
             path = folder / f"step-{step:06d}-{r.direction}.png"
-            if path.exists():
-                continue
             grid = image_grid(r) if r.direction == "gen" else caption_grid(r)
-            grid.save(path)
+            tmp = path.with_suffix(".tmp.png")
+            grid.save(tmp)
+            os.replace(tmp, path)
+            if self.tracking:
+                self.tracking.log_images(step, {f"samples/{r.direction}": grid})
 
     # ------------------------------------------------------------------ the end
     def finish(self, trainer, before, after, history, final, stopped) -> TrainResult:
@@ -158,15 +365,17 @@ class RunWriter:
                     "final_model": result.final_model,
                     "before": before,
                     "after": after,
-                    "steps": len(history),
+                    "steps": history[-1]["step"] if history else 0,
                     "stopped_early": stopped,
                     "algo": cfg.algo,
                     "strategy": cfg.strategy,
                     "cfg_policy": cfg.cfg_policy,
                     "guidance_scale": cfg.guidance_scale,
-                    **getattr(self, "extra", {}),
+                    **self.extra,
                 },
             )
+        if self.tracking:
+            self.tracking.end(before, after, history[-1]["step"] if history else 0)
         return result
 
 

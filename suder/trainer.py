@@ -13,13 +13,10 @@ through it too (``Routed``), under ``torch.no_grad``.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import shutil
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +26,10 @@ from torch import nn
 from . import rewards as rewards_mod
 from .config import TrainConfig, resolve
 from .data import image_pool, prompt_pool
+from .errors import SuderError, TrainingError
+from .outputs import RunWriter, TrainResult, check_writable
 from .registry import get_reward_spec, load_backbone
 from .rollout import ALGORITHMS, ReferenceScope, Rollout, sample_group
-
-
-@dataclass
-class TrainResult:
-    """What a run produced: paths and numbers (also in ``run.json``)."""
-
-    output_dir: str
-    base_model: str | None
-    final_model: str
-    before: dict[str, Any]
-    after: dict[str, Any]
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    stopped_early: bool = False
 
 
 class Dispatch(nn.Module):
@@ -73,23 +58,30 @@ class Routed:
 
 
 def train(
-    model: Any = "toy",
+    model: Any = None,
     /,
-    algo: str = "simpo",
+    algo: str | None = None,
     *,
     config_file: str | None = None,
-    flags=None,
+    flags: dict[str, Any] | None = None,
     callback: Callable[[dict], None] | None = None,
     **config: Any,
 ) -> TrainResult:
-    """Self-improve ``model`` (backbone name or ``UnifiedLMM``) with dual self-rewards; see ``docs/python-api.md``."""
+    """Self-improve ``model`` (backbone name or ``UnifiedLMM``) with dual self-rewards; see ``docs/python-api.md``.
+
+    Precedence: ``config_file`` (YAML) < ``flags`` < keywords, where only what the caller passed counts: with no
+    ``model`` and no ``algo`` the YAML file or the flags decide, and only then the defaults (``toy``, ``simpo``).
+    """
     policy = None
     if isinstance(model, str):
-        config.setdefault("backbone", model)
-    else:
+        config["backbone"] = model
+    elif model is not None:
         policy = model
-        config.setdefault("backbone", getattr(model, "name", "custom"))
-    cfg = resolve(config_file, flags, algo=algo, **config)
+        if "backbone" not in config and "backbone" not in (flags or {}):
+            config["backbone"] = getattr(model, "name", "custom")
+    if algo is not None:
+        config["algo"] = algo
+    cfg = resolve(config_file, flags, **config)
     return Trainer(cfg, policy, callback).run()
 
 
@@ -104,10 +96,27 @@ def plan(cfg: TrainConfig, step: int) -> list[tuple[str, str, str]]:
     return [("policy", d, scorer) for d in cfg.directions]
 
 
+def preflight(cfg: TrainConfig) -> Path | None:
+    """Every check that needs no model: the backbone name, the data files, the output folder (and what
+    ``resume``/``overwrite`` make of it). Raises one-line ``SuderError``s; returns the checkpoint to resume from.
+    The CLI calls it before pre-training or loading anything; ``Trainer`` calls it again (main process)."""
+    from .registry import get_backbone_spec
+
+    get_backbone_spec(cfg.backbone)
+    if "gen" in cfg.directions:
+        prompt_pool(cfg.prompts, cfg.seed)
+    if "und" in cfg.directions:
+        image_pool(cfg.images, cfg.seed)
+    check_writable(Path(cfg.output_dir))
+    return RunWriter(Path(cfg.output_dir), True).plan_start(cfg)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, policy: Any = None, callback=None):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
+
+        from .tracking import accelerator_kwargs
 
         self.cfg, self.callback = cfg, callback
         self.acc = Accelerator(
@@ -116,8 +125,20 @@ class Trainer:
             cpu=not torch.accelerator.is_available(),
             mixed_precision=cfg.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=cfg.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
+            ),
+            **accelerator_kwargs(cfg),  # report_to: log_with and project_dir
         )
         self.out = Path(cfg.output_dir)
+        self.writer = RunWriter(self.out, self.acc.is_main_process)
+        # data and output folder are checked before the base model is built or loaded
+        self.resume_from = self.decide(lambda: preflight(cfg))
+        self.pools = {}
+        if "gen" in cfg.directions:
+            self.pools["gen"] = prompt_pool(cfg.prompts, cfg.seed)
+        if "und" in cfg.directions:
+            self.pools["und"] = image_pool(cfg.images, cfg.seed)
         self.base_path = cfg.model
         if policy is None:
             if cfg.backbone == "toy" and cfg.model is None:
@@ -129,13 +150,25 @@ class Trainer:
             )
         store_guidance(policy, cfg.guidance_scale)
         self.judge = cfg.backbone == "toy" and cfg.prompts is None and cfg.images is None
-        self.pools = {}
-        if "gen" in cfg.directions:
-            self.pools["gen"] = prompt_pool(cfg.prompts, cfg.seed)
-        if "und" in cfg.directions:
-            self.pools["und"] = image_pool(cfg.images, cfg.seed)
         self.rewards = {d: self._reward(d) for d in cfg.directions}
         self.models = self._build_models(policy)
+
+    def decide(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the main process and give its result, or its ``SuderError``, to every process, so that
+        no rank waits forever for a decision (or an error) that only rank 0 saw."""
+        result, error = None, None
+        if self.acc.is_main_process:
+            try:
+                result = fn()
+            except SuderError as exc:
+                error = exc
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            result, error = broadcast_object_list([result, error], from_process=0)
+        if error is not None:
+            raise error
+        return result
 
     # ------------------------------------------------------------------ setup
     def _reward(self, direction: str):
@@ -181,10 +214,17 @@ class Trainer:
             trainable = {id(p) for d in directions for p in m.trainable_parameters(d)}
             for p in m.parameters():
                 p.requires_grad_(id(p) in trainable)
-            params = [p for p in m.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda(self._steps_for(key)))
-            wrapped, opt, sched = self.acc.prepare(Dispatch(m), opt, sched)
+            trained = [p for p in m.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(trained, lr=c.lr, weight_decay=c.weight_decay)
+            wrapped, opt = self.acc.prepare(Dispatch(m), opt)
+            # the scheduler is ours, not prepared: accelerate's steps it num_processes times per step (it assumes
+            # the data grew with the processes; here max_steps already divides by them). One step per training step.
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                getattr(opt, "optimizer", opt), self._lr_lambda(self._steps_for(key))
+            )
+            self.acc.register_for_checkpointing(sched)
+            # the parameters as the engine holds them after prepare (FSDP replaces them with sharded ones)
+            params = [p for p in wrapped.parameters() if p.requires_grad]
             models[key] = {"wrapped": wrapped, "opt": opt, "sched": sched, "params": params}
         return models
 
@@ -212,8 +252,10 @@ class Trainer:
         return max(1, math.ceil(c.epochs * max(sizes)))
 
     def _steps_for(self, key: str) -> int:
+        """Optimizer steps model ``key`` takes in the run (``separate``: the steps of its phases), which sizes its
+        learning-rate schedule."""
         total = self.max_steps()
-        return total if key == "policy" else max(1, total // 2)
+        return max(1, sum(1 for step in range(total) if plan(self.cfg, step)[0][0] == key))
 
     def unwrapped(self, key: str) -> Any:
         return self.acc.unwrap_model(self.models[key]["wrapped"]).backbone
@@ -226,33 +268,51 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
-        from .outputs import RunWriter
+        from .tracking import Tracking
 
-        c = self.cfg
-        writer = RunWriter(self.out, self.acc.is_main_process)
-        writer.write_config(c, extra={"base_model": self.base_path, "num_processes": self.acc.num_processes})
-        start = writer.restore(self) if c.resume else 0
+        c, writer = self.cfg, self.writer
+        writer.start(c, {"base_model": self.base_path, "num_processes": self.acc.num_processes}, self.resume_from)
+        writer.tracking = Tracking(self.acc, c)  # report_to (tracking.py); after start(), which clears logs/
+        before = self.before()
+        start, history = writer.restore(self, self.resume_from) if self.resume_from else (0, [])
         total = self.max_steps()
-        before = self.evaluate("before") if self.judge else {}
-        history: list[dict[str, Any]] = []
         stopped = False
         for step in range(start, total):
             metrics = self.train_step(step)
-            metrics.update(step=step + 1, lr=self.models[plan(c, step)[0][0]]["sched"].get_last_lr()[0])
+            metrics["step"] = step + 1
+            if self.judge and c.eval_every and (step + 1) % c.eval_every == 0:
+                held, stopped = self.decide(lambda: self._heldout())
+                metrics.update(held)
             history.append(metrics)
             writer.log(metrics)
             if self.callback:
                 self.callback(metrics | {"total_steps": total})
             if c.sample_every and (step + 1) % c.sample_every == 0:
                 writer.sample_grids(step + 1, self._last_rollouts)
+            if stopped:
+                break
             if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < total:
                 writer.checkpoint(self, step + 1)
-            if self.judge and c.eval_every and (step + 1) % c.eval_every == 0 and writer.early_stop(self, step + 1):
-                stopped = True
-                break
         final = writer.save_final(self)
         after = self.evaluate("after") if self.judge else {}
         return writer.finish(self, before, after, history, final, stopped)
+
+    def before(self) -> dict[str, Any]:
+        """The base model's scores: evaluated once at the fresh start and kept in ``before.json``; a resumed run
+        reads them back (evaluating now would score the checkpoint, not the base)."""
+        if not self.judge:
+            return {}
+        if self.resume_from is not None:
+            kept = self.decide(self.writer.load_before)
+            if kept is not None:
+                return kept
+        before = self.evaluate("before")  # still the base: checkpoints are restored after this
+        self.writer.save_before(before)
+        return before
+
+    def _heldout(self) -> tuple[dict[str, float], bool]:
+        held, score = self.writer.heldout(self)
+        return held, self.writer.should_stop(score, self.cfg.early_stopping_patience)
 
     def train_step(self, step: int) -> dict[str, Any]:
         c = self.cfg
@@ -275,14 +335,45 @@ class Trainer:
                 batches[(key, direction)] = batch
             micro.append(batches)
         t1 = time.perf_counter()
-        norm = {
-            kd: {"count": sum(b[kd].count for b in micro if b[kd]), "tokens": sum(b[kd].tokens for b in micro if b[kd])}
-            for kd in micro[0]
-        }
-        for key in {k for k, _, _ in work}:
+        norm = self.normalizers(micro)
+        for key in sorted({k for k, _, _ in work}):
             metrics.update(self.update(key, algo, micro, norm))
         metrics.update({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
-        return metrics
+        return self.reduce_metrics(metrics)
+
+    def normalizers(self, micro: list[dict[tuple[str, str], Any]]) -> dict[tuple[str, str], dict[str, float]]:
+        """Pairs/rows and target tokens of the whole accumulated batch, summed over micro-batches and processes
+        (the loss of each process is divided by the global count, docs/algorithms.md)."""
+        keys = sorted(micro[0])
+        local = torch.tensor(
+            [[sum(b[kd].count for b in micro if b[kd]), sum(b[kd].tokens for b in micro if b[kd])] for kd in keys],
+            dtype=torch.float64,
+        )
+        if self.acc.num_processes > 1:
+            local = self.acc.reduce(local.to(self.acc.device), reduction="sum").cpu()
+        return {kd: {"count": float(local[i, 0]), "tokens": float(local[i, 1])} for i, kd in enumerate(keys)}
+
+    def reduce_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The same metrics on every process: counts summed, ``*max*`` keys maxed, the rest averaged over the
+        processes that have a finite value."""
+        if self.acc.num_processes == 1:
+            return metrics
+        from accelerate.utils import gather_object
+
+        everyone = gather_object([metrics])
+        out: dict[str, Any] = {}
+        for k in sorted({k for m in everyone for k in m}):
+            values = [m[k] for m in everyone if k in m]
+            nums = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
+            if not nums:
+                out[k] = values[0]
+            elif k.split("/")[-1] in COUNT_METRICS:
+                out[k] = sum(nums)
+            elif "max" in k.split("/")[-1]:
+                out[k] = max(nums)
+            else:
+                out[k] = sum(nums) / len(nums)
+        return out
 
     def rollout(self, key: str, direction: str, scorer_key: str, step: int, micro: int) -> Rollout:
         c = self.cfg
@@ -314,37 +405,53 @@ class Trainer:
         return rollout
 
     def update(self, key: str, algo: Any, micro: list[dict], norm: dict) -> dict[str, Any]:
-        """``grpo_iterations`` optimizer steps over the collected micro-batches (1 for SimPO)."""
+        """``grpo_iterations`` optimizer steps over the collected micro-batches (1 for SimPO), then one scheduler
+        step. Each process's loss is its share of the global sum (normalised by the global count, times the number
+        of processes, since DDP/ZeRO/FSDP average gradients); ``acc.accumulate`` syncs (and lets DeepSpeed step)
+        only at the last micro-batch, and ``acc.backward``'s division by ``grad_accum`` is undone."""
         c, model = self.cfg, self.models[key]
         wrapped, opt, sched = model["wrapped"], model["opt"], model["sched"]
         weights = {"gen": c.gen_loss_weight, "und": c.und_loss_weight}
-        metrics: dict[str, Any] = {}
+        metrics: dict[str, Any] = {"lr": sched.get_last_lr()[0]}  # the rate this step uses
+        mine = [kd for kd in norm if kd[0] == key]
+        if all(norm[kd]["count"] == 0 for kd in mine):  # every group of every process was skipped: no update
+            with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose here
+                warnings.simplefilter("ignore", UserWarning)
+                sched.step()
+            return metrics | {f"{kd[1]}/update_skipped": 1.0 for kd in mine}
+        scale = self.acc.num_processes * self.acc.gradient_accumulation_steps
         iterations = c.grpo_iterations if c.algo == "grpo" else 1
         for it in range(iterations):
-            for i, batches in enumerate(micro):
-                mine = {kd: b for kd, b in batches.items() if kd[0] == key}
+            for batches in micro:
+                part = {kd: b for kd, b in batches.items() if kd[0] == key}
 
-                def step_loss(backbone, mine=mine, it=it):
+                def step_loss(backbone, part=part, it=it):
                     total = sum(p.sum() for p in model["params"]) * 0.0  # keeps every rank in the backward
                     parts = {}
-                    for (_, d), b in mine.items():
-                        if b is None:
+                    for (_, d), b in part.items():
+                        if b is None or norm[(key, d)]["count"] == 0:
                             continue
                         loss, lm = algo.loss(backbone, b, c, norm[(key, d)], it)
                         total = total + weights[d] * loss
                         parts.update({f"{d}/{k}": v for k, v in lm.items()} | {f"{d}/loss": loss.item()})
                     return total, parts
 
-                sync = i == len(micro) - 1
-                ctx = self.acc.no_sync(wrapped) if not sync and self.acc.num_processes > 1 else _nullcontext()
-                with ctx:
+                with self.acc.accumulate(wrapped):
                     loss, parts = wrapped(step_loss)
-                    self.acc.backward(loss)
+                    self.acc.backward(loss * scale)
                 _accumulate(metrics, parts, len(micro) * iterations)
-            if c.max_grad_norm:
-                metrics["grad_norm"] = float(self.acc.clip_grad_norm_(model["params"], c.max_grad_norm))
+            norm_value = self.acc.clip_grad_norm_(model["params"], c.max_grad_norm or float("inf"))
+            if norm_value is not None:
+                norm_value = float(norm_value)
+                if not math.isfinite(norm_value):  # the same on every process: gradients are all-reduced
+                    raise TrainingError(
+                        f"The gradient of {key} is not finite at this step (norm {norm_value}); losses "
+                        f"{ {k: v for k, v in metrics.items() if k.endswith('/loss')} }. Lower lr or check the rewards."
+                    )
+                metrics["grad_norm"] = norm_value
             opt.step()
             opt.zero_grad(set_to_none=True)
+            metrics["optimizer_steps"] = metrics.get("optimizer_steps", 0) + 1
         sched.step()
         metrics.update(getattr(self, "_phase_times", {}))
         return metrics
@@ -363,28 +470,21 @@ class Trainer:
         return evaluate(self.unwrapped("policy"), num=c.eval_num)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+COUNT_METRICS = {
+    "groups",
+    "groups_skipped",
+    "groups_identical",
+    "judge_decisive",
+}
 
 
 def _accumulate(into: dict[str, Any], values: dict[str, Any], n: int) -> None:
-    """Average metrics over micro-batches (counts are summed by passing n=1 upstream)."""
+    """Average metrics over micro-batches; counts (``COUNT_METRICS``) are summed."""
     for k, v in values.items():
         if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-            into[k] = into.get(k, 0.0) + v / n
+            into[k] = into.get(k, 0.0) + (v if k.split("/")[-1] in COUNT_METRICS else v / n)
         elif k not in into:
             into[k] = v
-
-
-def atomic_replace(tmp: Path, final: Path) -> None:
-    """Rename a fully written folder into place (write, then rename)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
 
 
 def store_guidance(model: Any, scale: float | None) -> None:
@@ -409,9 +509,3 @@ def derive_seed(*parts: int) -> int:
     for p in parts:
         h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % 2**64
     return h % 2**63
-
-
-def dump_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)

@@ -86,8 +86,8 @@ def test_resume_gives_the_same_losses(tiny_toy_path, tmp_path):
             **(TINY | dict(steps=4, save_every=2, sample_every=0)),
         )
     resumed = _train(tiny_toy_path, tmp_path / "b", steps=4, save_every=2, sample_every=0, resume=True)
-    assert [m["step"] for m in resumed.metrics] == [3, 4]
-    for a, b in zip(full.metrics[2:], resumed.metrics):
+    assert [m["step"] for m in resumed.metrics] == [1, 2, 3, 4]  # the whole run's history, each step once
+    for a, b in zip(full.metrics, resumed.metrics):
         for key in ("gen/loss", "und/loss", "gen/reward_mean", "und/reward_mean"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
