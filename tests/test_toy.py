@@ -119,3 +119,32 @@ def test_missing_model_folder_is_one_line_error(tmp_path):
 def test_unknown_word_is_a_data_error(tiny_toy):
     with pytest.raises(suder.SuderError, match="cannot read 'dog'"):
         tiny_toy.logp_image_given_text([shapes.render(shapes.sample_scenes(1, 0)[0])], ["a red dog"])
+
+
+@pytest.mark.parametrize("sampler", ["fast", "reference"])
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_temperature_zero_is_greedy(tiny_toy, sampler, scale):
+    """The shared conformance check, on both image samplers, with and without guidance; plus the toy's own
+    contract: the greedy ``.logps`` equal the teacher-forced log-probs at temperature 0 (read as 1)."""
+    from functools import partial
+
+    from suder.testing import check_temperature_zero_is_greedy
+
+    images = [shapes.render(sc) for sc in shapes.sample_scenes(3, seed=7)]
+    model = tiny_toy
+    original = model.sample_image
+    model.sample_image = partial(original, sampler=sampler)
+    try:
+        check_temperature_zero_is_greedy(model, ["a red square", "two blue circles"], images, guidance_scale=scale)
+    finally:
+        model.sample_image = original
+    s = model.sample_image(["a red square"], num_samples=2, guidance_scale=scale, temperature=0.0, sampler=sampler)
+    for temperature in (0.0, 1.0):
+        tf = model.logp_image_given_text(s, s.prompts, guidance_scale=scale, temperature=temperature)
+        assert torch.isfinite(tf.values).all() and (tf.values - s.logps).abs().max().item() <= 1e-5
+    t = model.sample_text(images, num_samples=2, temperature=0.0)
+    for temperature in (0.0, 1.0):
+        tf = model.logp_text_given_image(t, t.images, temperature=temperature)
+        assert torch.isfinite(tf.values).all() and (tf.values - t.logps).abs().max().item() <= 1e-5
+    with pytest.raises(suder.errors.BackboneError, match="temperature must be >= 0"):
+        model.sample_text(images, temperature=-1.0)

@@ -6,7 +6,7 @@ One decoder-only transformer (transformers' ``LlamaForCausalLM``, ~1M parameters
     ids 7..30     the 24 ShapesWorld grammar words (``suder.worlds.shapes.VOCAB_WORDS``)
     ids 31..      image codes: one per distinct 4x4 patch of the world
 
-Sequences (the design of the prototype in ``shared/reference/dsr-prototype.md``):
+Sequences:
 
 - text-to-image: ``<bos> <t2i> words <boi> c_1 .. c_64``, left-padded; the unconditional prompt (classifier-free
   guidance, and the empty prompt ``""``) is ``<bos> <t2i> <boi>``. Position ids are the cumulative attention mask.
@@ -14,9 +14,11 @@ Sequences (the design of the prototype in ``shared/reference/dsr-prototype.md``)
 
 Sampling is restricted: image positions may only produce codes, text positions only words or ``<eos>``; the
 log-probs of both samplers and both teacher-forced methods are renormalised over the same restricted set, so the
-``.logps`` recorded while sampling equal the teacher-forced ones (tested). Images are tokenised by
-``PatchTokenizer``: a 32x32 image is an 8x8 grid of 4x4 patches, each mapped to the nearest codebook patch; the
-codebook holds every patch the world can draw, so encoding is lossless on ShapesWorld.
+``.logps`` recorded while sampling equal the teacher-forced ones (tested). Temperature 0 is greedy in both
+directions and both image samplers; its ``.logps`` (and the log-prob methods at ``temperature=0``) are under the
+untempered policy. Images are tokenised by ``PatchTokenizer``: a 32x32 image is an 8x8 grid of 4x4 patches, each
+mapped to the nearest codebook patch; the codebook holds every patch the world can draw, so encoding is lossless on
+ShapesWorld.
 
 Third-party authors: this file is the reference implementation of the protocol; a real backbone replaces the
 vocabulary and sequence layout but keeps the method contracts.
@@ -350,7 +352,7 @@ class ToyUnifiedLM(nn.Module):
         step = self._restricted(logits, self._code_ids).float()
         if guided:
             step = self._guided(step, scale)
-        step = step / float(options.get("temperature", 1.0))
+        step = step / _scoring_temperature(options.get("temperature", 1.0))
         values = torch.log_softmax(step, -1).gather(-1, codes[..., None]).squeeze(-1)
         return TokenLogProbs(values, torch.ones_like(values, dtype=torch.bool))
 
@@ -431,7 +433,7 @@ class ToyUnifiedLM(nn.Module):
         ids = torch.cat([prefix, tokens], 1)
         mask = torch.cat([torch.ones_like(prefix), tmask.long()], 1)
         logits = self._forward(ids, mask).logits[:, prefix.shape[1] - 1 : -1]
-        step = self._restricted(logits, self._text_ids).float() / float(options.get("temperature", 1.0))
+        step = self._restricted(logits, self._text_ids).float() / _scoring_temperature(options.get("temperature", 1.0))
         # position of each target token inside the restricted set (words + <eos>)
         lookup = torch.full((self.code_offset,), 0, dtype=torch.long, device=self.device)
         lookup[self._text_ids.to(self.device)] = torch.arange(len(self._text_ids), device=self.device)
@@ -473,8 +475,21 @@ class ToyUnifiedLM(nn.Module):
 IMAGE_SAMPLERS = {"fast": "_sample_codes_fast", "reference": "_sample_codes_reference"}  # name -> loop method
 
 
+def _scoring_temperature(temperature: float) -> float:
+    """The temperature the log-prob methods divide by: 0 (greedy) scores under the untempered policy, as the
+    greedy samplers record it (``suder.testing.check_temperature_zero_is_greedy``)."""
+    t = float(temperature)
+    if t < 0:
+        raise BackboneError(f"temperature must be >= 0 (0 is greedy), got {t}.")
+    return 1.0 if t == 0 else t
+
+
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
-    """Draw one index per row of (B, V) logits; return (index (B,), log-prob of it under the sampling policy)."""
+    """Draw one index per row of (B, V) logits; return (index (B,), log-prob of it under the sampling policy).
+
+    ``temperature=0`` is greedy: the arg-max, with its log-prob under the untempered (temperature 1) policy."""
+    if temperature < 0:
+        raise BackboneError(f"temperature must be >= 0 (0 is greedy), got {temperature}.")
     if temperature == 0:
         choice = logits.argmax(-1)
         return choice, torch.log_softmax(logits, -1).gather(-1, choice[:, None]).squeeze(-1)
