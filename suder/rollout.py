@@ -73,8 +73,8 @@ def policy_logps(
 ) -> TokenLogProbs:
     """log pi(output | input) of the policy on its own samples: (rows, N) images or (rows, T) captions.
 
-    ``cfg.image_logp_options`` go to ``logp_image_given_text`` (e.g. Show-o's ``remask_ratio``); when they ask
-    for random re-masking, ``seed`` is passed as ``remask_seed`` so old and new log-probs share a mask.
+    ``cfg.image_logp_options`` go to ``logp_image_given_text`` (e.g. Show-o's ``remask_ratio``, ``prompt_drop``);
+    when they ask for a random perturbation, ``seed`` is passed as ``remask_seed`` so old and new log-probs share it.
     """
     if direction == "gen":
         extra = dict(cfg.image_logp_options)
@@ -92,7 +92,10 @@ def policy_logps(
 
 
 def _remasks(cfg: Any) -> bool:
-    return float(cfg.image_logp_options.get("remask_ratio", 1.0)) < 1.0
+    """Whether the image estimator is randomly perturbed (Show-o's re-masking or prompt drop): one seed per
+    inner iteration then."""
+    options = cfg.image_logp_options
+    return float(options.get("remask_ratio", 1.0)) < 1.0 or float(options.get("prompt_drop", 0.0)) > 0.0
 
 
 def target_tokens(samples: ImageSamples | TextSamples) -> torch.Tensor:

@@ -464,6 +464,56 @@ def test_random_remasking(model):
         model.logp_image_given_text(codes, prompts, remask_ratio=0.5)
 
 
+def test_prompt_drop_estimator(model):
+    """SUDER A.4 / diffu-GRPO: each prompt token is dropped with probability ``prompt_drop``: it becomes the pad
+    id (the filler of the unconditional prompt) and no other position sees it; seeded; 0 is the plain
+    estimator; the uncond rows of guidance and the t2i/bos/eos markers are never touched."""
+    codes = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    prompts = ["a red square to the left of a blue circle", "two green triangles above a white square", "a cat"]
+    seen = []
+    real = model.model.hidden_states
+
+    def spy(ids, attention_mask=None, cache=None):
+        seen.append((ids.clone(), attention_mask.clone()))
+        return real(ids, attention_mask, cache)
+
+    model.model.hidden_states = spy
+    try:
+        with torch.no_grad():
+            plain = model.logp_image_given_text(codes, prompts)
+            zero = model.logp_image_given_text(codes, prompts, prompt_drop=0.0, remask_seed=3)
+            a = model.logp_image_given_text(codes, prompts, prompt_drop=0.5, remask_seed=3)
+            b = model.logp_image_given_text(codes, prompts, prompt_drop=0.5, generator=torch.Generator().manual_seed(3))
+            c = model.logp_image_given_text(codes, prompts, prompt_drop=0.5, remask_seed=4)
+    finally:
+        del model.model.hidden_states
+    assert torch.equal(zero.values, plain.values) and torch.equal(seen[1][0], seen[0][0])
+    assert a.values.shape == (3, 16) and a.estimate and bool(a.mask.all()) and bool((a.values < 0).all())
+    assert torch.equal(a.values, b.values) and torch.equal(seen[2][0], seen[3][0])
+    assert not torch.equal(a.values, c.values)
+    tok, width = model.tokens, model.tokens.max_text_len + 1
+    (ids0, mask0), (ids, mask) = seen[0], seen[2]
+    rows = len(prompts)
+    assert torch.equal(ids[rows:], ids0[rows:]) and torch.equal(mask[rows:], mask0[rows:])  # uncond rows
+    dropped = ids[:rows] != ids0[:rows]
+    assert dropped.any() and bool((ids[:rows][dropped] == tok.pad).all())
+    assert not dropped[:, width:].any()  # the image part is never touched
+    for r in range(rows):
+        block = ids0[r, :width].tolist()
+        first = block.index(tok.t2i) + 2
+        slots = torch.zeros(ids.shape[1], dtype=torch.bool)
+        slots[first : width - 1] = True
+        assert bool((dropped[r] <= slots).all())  # only the prompt's own tokens, never t2i, bos or eos
+        image_row = mask[r, 0, width + 1]
+        assert not image_row[dropped[r]].any()  # nobody sees a dropped token ...
+        kept = slots & ~dropped[r]
+        assert bool(image_row[kept].all()) and bool(image_row[first - 2 : first].all())  # ... and the rest stays
+    with pytest.raises(ValueError, match="prompt_drop"):
+        model.logp_image_given_text(codes, prompts, prompt_drop=0.5)
+    with pytest.raises(ValueError, match="prompt_drop"):
+        model.logp_image_given_text(codes, prompts, prompt_drop=1.0, remask_seed=1)
+
+
 def test_pil_images_are_vq_encoded(model):
     from suder.backbones.show_o.magvit import LFQuantizer, image_to_tensor
 
@@ -768,7 +818,8 @@ def test_trainer_runs_two_steps(tmp_path, show_o_data, algo, strategy):
             assert torch.equal(p, before[name]), f"{name} changed"
 
 
-def test_grpo_remasking_uses_a_fresh_mask_per_inner_iteration(tmp_path, show_o_data, monkeypatch):
+@pytest.mark.parametrize("perturbation", [{"remask_ratio": 0.5}, {"prompt_drop": 0.3}])
+def test_grpo_remasking_uses_a_fresh_mask_per_inner_iteration(tmp_path, show_o_data, monkeypatch, perturbation):
     """diffu-GRPO: each inner iteration scores under its own random mask, shared by its old and new log-probs
     (so every first ratio of an iteration's mask is 1 and the trainer's check passes)."""
     import suder
@@ -778,7 +829,7 @@ def test_grpo_remasking_uses_a_fresh_mask_per_inner_iteration(tmp_path, show_o_d
     original = ShowOBackbone.logp_image_given_text
 
     def spy(self, images, texts, **options):
-        seen.append((torch.is_grad_enabled(), options.get("remask_seed"), options.get("remask_ratio")))
+        seen.append((torch.is_grad_enabled(), options.get("remask_seed"), {k: options.get(k) for k in perturbation}))
         return original(self, images, texts, **options)
 
     monkeypatch.setattr(ShowOBackbone, "logp_image_given_text", spy)
@@ -792,7 +843,7 @@ def test_grpo_remasking_uses_a_fresh_mask_per_inner_iteration(tmp_path, show_o_d
         grad_accum=1,
         grpo_iterations=2,
         grpo_beta=0.0,
-        image_logp_options={"remask_ratio": 0.5},
+        image_logp_options=perturbation,
         lr=1e-3,
         sample_every=0,
         save_every=0,
@@ -800,6 +851,6 @@ def test_grpo_remasking_uses_a_fresh_mask_per_inner_iteration(tmp_path, show_o_d
         **show_o_data,
     )
     assert math.isfinite(res.metrics[0]["gen/loss"])
-    old = [s for g, s, r in seen if not g and r == 0.5]
-    new = [s for g, s, r in seen if g and r == 0.5]
+    old = [s for g, s, r in seen if not g and r == perturbation]
+    new = [s for g, s, r in seen if g and r == perturbation]
     assert len(set(old)) == 2 and old == new  # two masks, each used once without and once with gradient

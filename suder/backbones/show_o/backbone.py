@@ -181,13 +181,28 @@ class ShowOBackbone(nn.Module):
         return out
 
     # ------------------------------------------------------------------ text -> image
-    def _t2i_inputs(self, prompts: list[str], image_ids: torch.Tensor, cfg: bool):
-        """ids (B or 2B, L) with [cond; uncond] rows, and their omni-attention mask."""
+    def _t2i_inputs(self, prompts: list[str], image_ids: torch.Tensor, cfg: bool, drop: torch.Tensor | None = None):
+        """ids (B or 2B, L) with [cond; uncond] rows, and their omni-attention mask.
+
+        ``drop``: optional (B, M + 1) bool over the cond rows' text slots; the prompt tokens it marks become the
+        pad id (the filler of the unconditional prompt) and no other position sees them, as pads in Show-o."""
         texts = [self._encode(p) for p in prompts]
         if cfg:
             texts, image_ids = texts + [[]] * len(prompts), image_ids.repeat(2, 1)
         ids = t2i_sequences(texts, image_ids, self.tokens)
-        return ids, t2i_attention_mask(ids, self.tokens)
+        if drop is None:
+            return ids, t2i_attention_mask(ids, self.tokens)
+        width = self.tokens.max_text_len + 1
+        hidden = torch.zeros_like(ids, dtype=torch.bool)
+        hidden[: len(prompts), :width] = drop.to(ids.device) & self._prompt_slots(ids[: len(prompts), :width])
+        mask = t2i_attention_mask(ids, self.tokens, hidden)  # built on the undropped ids: pads stay a left block
+        return ids.masked_fill(hidden, self.tokens.pad), mask
+
+    def _prompt_slots(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(B, M + 1) text blocks -> bool, the prompt's own tokens: after ``<|t2i|> bos``, before the last eos."""
+        idx = torch.arange(blocks.shape[1], device=blocks.device)
+        start = (blocks == self.tokens.t2i).long().argmax(1) + 2
+        return (idx[None, :] >= start[:, None]) & (idx[None, :] < blocks.shape[1] - 1)
 
     def _image_logits(self, ids: torch.Tensor, mask: torch.Tensor, cfg: bool, scale: float) -> torch.Tensor:
         """(B, N, K) float32 logits over the K image codes at the image positions (guided when ``cfg``)."""
@@ -254,38 +269,52 @@ class ShowOBackbone(nn.Module):
 
         Options: ``policy`` ("guided" (default) or "cond"), ``guidance_scale`` (default: the backbone's),
         ``remask_ratio`` (default 1: every image position masked; below 1, that fraction is masked at random
-        and only those positions are scored) with ``remask_seed`` or ``generator`` (required then: pass a
-        fresh seed per inner iteration, the same for the old and the new policy). ``temperature`` is accepted
-        and ignored.
+        and only those positions are scored), ``prompt_drop`` (default 0: each prompt token is dropped with this
+        probability, i.e. replaced by the pad token of the unconditional prompt and hidden like a pad; SUDER
+        A.4 / diffu-GRPO's "randomly dropped input text tokens"), with ``remask_seed`` or ``generator``
+        (required when either perturbation is on; it draws the re-masking first, then the drops: pass a fresh
+        seed per inner iteration, the same for the old and the new policy). ``temperature`` is accepted and
+        ignored.
         """
         prompts = list(texts.texts) if isinstance(texts, TextSamples) else list(texts)
         codes = self.image_codes(images)
         assert codes.shape[0] == len(prompts), f"{codes.shape[0]} images for {len(prompts)} texts"
         cfg, scale = self._policy(options)
-        scored = self._remask(codes, options)
+        gen = _perturbation_generator(options)
+        scored = self._remask(codes, options, gen)
+        drop = self._prompt_drop(len(prompts), options, gen)
         image_ids = torch.where(scored, self.tokens.mask, codes + self.tokens.image_offset)
-        ids, attn = self._t2i_inputs(prompts, image_ids, cfg)
+        ids, attn = self._t2i_inputs(prompts, image_ids, cfg, drop)
         logits = self._image_logits(ids, attn, cfg, scale)
         values = _gather_logps(logits, codes) * scored
         return TokenLogProbs(values, scored, estimate=True)
 
-    def _remask(self, codes: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
+    def _remask(self, codes: torch.Tensor, options: dict[str, Any], gen: torch.Generator | None) -> torch.Tensor:
         """(B, N) bool: the positions that are masked in the input and scored."""
         ratio = float(options.get("remask_ratio", 1.0))
         if not 0 < ratio <= 1:
             raise ValueError(f"remask_ratio must be in (0, 1], got {ratio}")
         if ratio == 1:
             return torch.ones_like(codes, dtype=torch.bool)
-        gen = options.get("generator")
         if gen is None:
-            if options.get("remask_seed") is None:
-                raise ValueError("remask_ratio < 1 needs remask_seed= or generator= (the same for old and new logps)")
-            gen = torch.Generator().manual_seed(int(options["remask_seed"]))
+            raise ValueError("remask_ratio < 1 needs remask_seed= or generator= (the same for old and new logps)")
         b, n = codes.shape
         noise = torch.rand((b, n), generator=gen, device=gen.device).to(codes.device)
         count = max(1, round(ratio * n))
         picked = noise.argsort(-1)[:, :count]
         return torch.zeros_like(codes, dtype=torch.bool).scatter(1, picked, True)
+
+    def _prompt_drop(self, rows: int, options: dict[str, Any], gen: torch.Generator | None) -> torch.Tensor | None:
+        """(rows, M + 1) bool over the text slots, each True with probability ``prompt_drop`` (None when 0);
+        ``_t2i_inputs`` keeps only the slots that hold prompt tokens."""
+        p = float(options.get("prompt_drop", 0.0))
+        if not 0 <= p < 1:
+            raise ValueError(f"prompt_drop must be in [0, 1), got {p}")
+        if p == 0:
+            return None
+        if gen is None:
+            raise ValueError("prompt_drop > 0 needs remask_seed= or generator= (the same for old and new logps)")
+        return torch.rand((rows, self.tokens.max_text_len + 1), generator=gen, device=gen.device) < p
 
     # ------------------------------------------------------------------ image -> text
     def _caption_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,6 +432,16 @@ class ShowOBackbone(nn.Module):
         self.vq.save_pretrained(path / VQ_FOLDER)
         self.tokenizer.save_pretrained(str(path / TOKENIZER_FOLDER))
         (path / SETTINGS_FILE).write_text(json.dumps({"backbone": "show-o", **asdict(self.settings)}, indent=2))
+
+
+def _perturbation_generator(options: dict[str, Any]) -> torch.Generator | None:
+    """The generator of the estimator's random perturbations: ``generator=``, else one seeded by
+    ``remask_seed=``, else None."""
+    if options.get("generator") is not None:
+        return options["generator"]
+    if options.get("remask_seed") is not None:
+        return torch.Generator().manual_seed(int(options["remask_seed"]))
+    return None
 
 
 def clean_up_spaces(text: str) -> str:

@@ -140,8 +140,12 @@ def _causal(length: int, device: torch.device) -> torch.Tensor:
     return idx[:, None] >= idx[None, :]
 
 
-def t2i_attention_mask(ids: torch.Tensor, tok: ShowoTokens) -> torch.Tensor:
-    """(B, L) t2i ids -> (B, 1, L, L) bool omni-attention mask (see the module docstring)."""
+def t2i_attention_mask(ids: torch.Tensor, tok: ShowoTokens, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) t2i ids -> (B, 1, L, L) bool omni-attention mask (see the module docstring).
+
+    ``hidden``: optional (B, L) bool, positions no other row may see (dropped prompt tokens, which carry the pad
+    id but sit inside the text: the pad rule above assumes left padding, so they are hidden here instead).
+    """
     b, length = ids.shape
     idx = torch.arange(length, device=ids.device)
     # the image segment runs from soi through eoi inclusive (cumulative counts of the two markers)
@@ -156,6 +160,9 @@ def t2i_attention_mask(ids: torch.Tensor, tok: ShowoTokens) -> torch.Tensor:
     allowed = allowed & ~(after_pads[:, :, None] & up_to_last_pad[:, None, :])
     from_soi = soi_seen > 0  # rows from soi on lose every pad column
     allowed = allowed & ~(from_soi[:, :, None] & is_pad[:, None, :])
+    if hidden is not None:
+        others = ~torch.eye(length, dtype=torch.bool, device=ids.device)
+        allowed = allowed & ~(hidden[:, None, :] & others)
     return allowed[:, None]
 
 
