@@ -122,27 +122,29 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    """Sample images for a benchmark's prompt file and write the folder its scorer reads (``suder.exports``)."""
     import torch
 
-    from .data import read_prompts
+    from . import exports
 
-    records = read_prompts(args.prompts)
+    n = args.num_samples or exports.DEFAULT_SAMPLES.get(args.layout, 4)
+    exports.check_layout(args.layout, n)
+    items = exports.read_items(args.layout, args.prompts)
     model = _load(args)
-    gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
+    size = None
     with _progress() as bar:
-        task = bar.add_task("generate", total=len(records), info="")
-        for i, rec in enumerate(records):
-            folder = out / f"{i:05d}"
-            (folder / "samples").mkdir(parents=True, exist_ok=True)
-            (folder / "metadata.jsonl").write_text(json.dumps(rec) + "\n")
-            samples = model.sample_image(
-                [rec["prompt"]], num_samples=args.num_samples, generator=gen, guidance_scale=args.guidance_scale
-            )
-            for j, image in enumerate(samples.images):
-                image.save(folder / "samples" / f"{j:04d}.png")
+        task = bar.add_task("generate", total=len(items), info="")
+        for i, item in enumerate(items):
+            gen = torch.Generator().manual_seed(exports.item_seed(args.seed, i))
+            images = model.sample_image(
+                [item.prompt], num_samples=n, generator=gen, guidance_scale=args.guidance_scale
+            ).images
+            exports.write_item(args.layout, out, i, item, images)
+            size = images[0].size[0]
             bar.update(task, advance=1)
-    _console().print(f"Wrote {len(records)} x {args.num_samples} images to {out} (GenEval layout)")
+    scorer = exports.SCORERS[args.layout].format(out=out.resolve(), resolution=size)
+    _console().print(f"Wrote {len(items)} x {n} images to {out} ({args.layout} layout). Score with: {scorer}")
 
 
 def cmd_caption(args) -> None:
@@ -287,11 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--steps", type=int, default=500)
     pt.add_argument("--seed", type=int, default=0)
 
-    g = sub.add_parser("generate", help="sample images for prompts (GenEval folder layout)")
+    g = sub.add_parser("generate", help="sample images for a benchmark's prompts, in the folder its scorer reads")
     g.add_argument("--backbone", required=True)
     g.add_argument("--model")
-    g.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl with a 'prompt' field")
-    g.add_argument("--num-samples", type=int, default=4)
+    g.add_argument(
+        "--prompts",
+        required=True,
+        help="geneval: evaluation_metadata.jsonl (or .txt); dpg-bench: its prompts/ folder or dpg_bench.csv; "
+        "t2i-compbench: one of its .txt files",
+    )
+    g.add_argument("--layout", choices=("geneval", "dpg-bench", "t2i-compbench"), default="geneval")
+    g.add_argument("--num-samples", type=int, default=None, help="per prompt (default: geneval 4, dpg-bench 4, t2i 10)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--guidance-scale", type=float, default=None, help="default: the scale stored with the model")
     g.add_argument("--out", required=True)
