@@ -28,14 +28,15 @@ __all__ = [
 ]
 
 
-def train(model: Any = "toy", /, algo: str = "simpo", **config: Any):
-    """Self-improve ``model`` (a backbone name or any ``UnifiedLMM``) with dual self-rewards.
+def train(model: Any = None, /, algo: str | None = None, **config: Any):
+    """Self-improve ``model`` (a backbone name or any ``UnifiedLMM``; default ``toy``) with dual self-rewards.
 
+    Only what you pass counts: ``train(config_file="run.yaml")`` trains the backbone and algorithm the file names.
     See ``docs/python-api.md``; returns a ``TrainResult`` with the metrics and output paths.
     """
     from .trainer import train as _train
 
-    return _train(model, algo=algo, **config)
+    return _train(model, algo, **config)
 
 
 def pretrain(model: Any = "toy", /, **options: Any):

@@ -21,7 +21,11 @@ def _console(stderr: bool = True):
     return Console(stderr=stderr)
 
 
-def _progress():
+def _progress(console=None):
+    """A rich progress bar on a terminal; elsewhere (CI logs, pipes, files) plain lines (``LineProgress``)."""
+    console = console if console is not None else _console()
+    if not console.is_terminal:
+        return LineProgress(console)
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -38,9 +42,85 @@ def _progress():
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        console=_console(),
+        console=console,
         transient=False,
     )
+
+
+class LineProgress:
+    """The part of ``rich.progress.Progress`` the commands use, as plain lines for consoles that are not terminals.
+
+    A bar redrawn in place turns into one truncated line (or nothing) in a CI log; this prints
+    ``description: step/total (pct%)  elapsed h:mm:ss  info`` each time a task crosses another ``every_percent`` of
+    its total, at least every ``every_seconds`` (always, for tasks without a total), and once at the end.
+    """
+
+    def __init__(self, console, every_percent: float = 10.0, every_seconds: float = 30.0, clock=None):
+        import time
+
+        self.console, self.every_percent, self.every_seconds = console, every_percent, every_seconds
+        self.clock = clock or time.monotonic
+        self.tasks: list[dict[str, Any]] = []
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for task in self.tasks:
+            if task["visible"] and task["completed"] and task["completed"] != task["printed"]:
+                self._print(task)
+
+    def add_task(self, description: str, total: float | None = None, info: str = "", visible: bool = True, **_):
+        now = self.clock()
+        self.tasks.append(
+            dict(description=description, total=total, completed=0, info=info, visible=visible, start=now)
+        )
+        self.tasks[-1].update(last=now, bucket=0, printed=0)
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, *, total=None, completed=None, advance=None, info=None, visible=None, **_):
+        task = self.tasks[task_id]
+        for key, value in (("total", total), ("completed", completed), ("info", info), ("visible", visible)):
+            if value is not None:
+                task[key] = value
+        if advance is not None:
+            task["completed"] += advance
+        if not task["visible"]:
+            return
+        now, done, total = self.clock(), task["completed"], task["total"]
+        bucket = int(100 * done / total // self.every_percent) if total else 0
+        if bucket > task["bucket"] or (total and done >= total and task["printed"] != done):
+            self._print(task, bucket)
+        elif now - task["last"] >= self.every_seconds and done != task["printed"]:
+            self._print(task, bucket)
+
+    def _print(self, task: dict[str, Any], bucket: int | None = None) -> None:
+        now = self.clock()
+        elapsed = int(now - task["start"])
+        clock = f"{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
+        done, total = task["completed"], task["total"]
+        count = f"{done:g}/{total:g} ({100 * done / total:.0f}%)" if total else f"{done:g}"
+        line = f"{task['description']}: {count}  elapsed {clock}  {task['info']}".rstrip()
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        task.update(last=now, printed=done, bucket=task["bucket"] if bucket is None else bucket)
+
+
+def _at_least(flag: str, value: int | float | None, minimum: int, counts: str) -> None:
+    """A count option below its minimum is a one-line ``ConfigError`` (argparse accepts any int)."""
+    if value is not None and value < minimum:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            f"{flag} is {value:g}, but it counts {counts} and must be at least {minimum}; "
+            f"pass {flag} {minimum} or more."
+        )
+
+
+def _known_backbone(name: str) -> None:
+    """An unknown backbone name is the first thing to hear about (``Unknown backbone 'x'. Available: ...``)."""
+    from .registry import get_backbone_spec
+
+    get_backbone_spec(name)
 
 
 def _load(args) -> Any:
@@ -100,15 +180,22 @@ def cmd_backbones(args) -> None:
 
 
 def cmd_world_export(args) -> None:
+    from .data import ensure_writable_dir
     from .worlds import shapes
 
+    _at_least("--num", args.num, 1, "the scenes to write")
+    ensure_writable_dir(args.out, "--out folder", create=False)
     pairs = shapes.export(args.num, args.seed, args.out)
     _console().print(f"Wrote {len(pairs)} images and captions.jsonl to {args.out}")
 
 
 def cmd_pretrain(args) -> None:
+    from .data import ensure_writable_dir
     from .pretrain import pretrain
 
+    _at_least("--steps", args.steps, 1, "optimizer steps")
+    _known_backbone(args.backbone)
+    ensure_writable_dir(args.out, "--out folder", create=False)
     with _progress() as bar:
         task = bar.add_task("pretrain", total=args.steps, info="")
         result = pretrain(
@@ -123,6 +210,11 @@ def cmd_pretrain(args) -> None:
 
 def cmd_generate(args) -> None:
     """Sample images for a benchmark's prompt file and write the folder its scorer reads (``suder.exports``)."""
+    from .data import ensure_writable_dir
+
+    _at_least("--num-samples", args.num_samples, 1, "the images drawn per prompt")
+    _known_backbone(args.backbone)
+    ensure_writable_dir(args.out, "--out folder", create=False)
     import torch
 
     from . import exports
@@ -150,8 +242,16 @@ def cmd_generate(args) -> None:
 def cmd_caption(args) -> None:
     import torch
 
-    from .data import list_images, load_image
+    from .data import ensure_writable_dir, list_images, load_image
+    from .errors import ConfigError, DataError
 
+    _at_least("--batch-size", args.batch_size, 1, "the images captioned at once")
+    if args.temperature is not None and args.temperature < 0:
+        raise ConfigError(f"--temperature is {args.temperature:g}, but it must be >= 0 (0 is greedy); pass 0 or more.")
+    _known_backbone(args.backbone)
+    if Path(args.out).is_dir():
+        raise DataError(f"--out '{args.out}' is a folder; pass the path of the .jsonl file to write.")
+    ensure_writable_dir(Path(args.out).parent, "folder of --out", create=False)
     files = list_images(args.images)
     images = [load_image(f) for f in files]
     model = _load(args)
@@ -174,6 +274,8 @@ def cmd_caption(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import evaluate
 
+    _at_least("--num", args.num, 1, "the prompts and scenes judged")
+    _known_backbone(args.backbone)
     model = _load(args)
     result = evaluate(model, num=args.num, seed=args.seed)
     if args.json:
@@ -217,8 +319,12 @@ def cmd_run(args, extra: list[str]) -> None:
     for key in ("backbone", "model", "algo", "strategy", "prompts", "images", "output_dir"):
         if getattr(args, key) is not None:
             flags[key] = getattr(args, key)
-    if args.resume:
-        flags["resume"] = True
+    if args.resume is not None:
+        if args.resume not in (True, "auto"):
+            raise ConfigError(f"--resume takes no value or 'auto', got '{args.resume}'.")
+        flags["resume"] = args.resume
+    if args.overwrite:
+        flags["overwrite"] = True
     i = 0
     while i < len(extra):
         token = extra[i]
@@ -235,9 +341,11 @@ def cmd_run(args, extra: list[str]) -> None:
         flags[key] = parse_value(key, raw)
     console = _console()
     from .config import resolve
+    from .trainer import preflight
 
-    resolve(args.config, flags)  # fail on a bad option before any expensive work
-    if args.backbone in (None, "toy") and not flags.get("model") and not args.config:
+    cfg = resolve(args.config, flags)  # fail on a bad option, data file or output folder before any expensive work
+    preflight(cfg)
+    if cfg.backbone == "toy" and cfg.model is None:
         from .pretrain import cache_dir, ensure_toy_base
 
         console.print(f"[bold]suder run[/]: the embedded default (toy backbone on ShapesWorld); cache: {cache_dir()}")
@@ -260,15 +368,23 @@ def cmd_run(args, extra: list[str]) -> None:
                     parts.append(f"{k.split('/')[0]} judge={100 * m[k]:.0f}%")
             bar.update(task, total=m["total_steps"], completed=m["step"], info="  ".join(parts))
 
-        result = train(flags.pop("backbone", "toy"), config_file=args.config, flags=flags, callback=on_step)
+        result = train(config_file=args.config, flags=flags, callback=on_step)
     if result.before or result.after:
         _console(stderr=False).print(results_table([("before", result.before), ("after", result.after)]))
     console.print(f"Run folder: {result.output_dir}  final model: {result.final_model}")
 
 
 # ------------------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one ``Error:`` line (exit code 2) like every other error."""
+
+    def error(self, message: str):
+        _console().print(f"[bold red]Error:[/] {message}; see `{self.prog} --help`.", highlight=False, soft_wrap=True)
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="suder", description="Self-improve unified multimodal models with dual self-rewards."
     )
     sub = p.add_subparsers(dest="command")
@@ -333,7 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--images")
     r.add_argument("--output-dir", dest="output_dir")
     r.add_argument("--config", help="YAML file of config fields (flags override it)")
-    r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    r.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="auto",
+        help="continue from the last checkpoint in --output-dir (an error if there is none); "
+        "--resume auto: continue if there is one, else start fresh",
+    )
+    r.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
     return p
 
 

@@ -213,7 +213,8 @@ class GRPO:
             normalizer=normalizer["tokens"],
         )
         metrics["logp_estimate"] = float(lp.estimate)
-        if iteration == 0 and metrics["grpo/ratio_max_abs_dev"] > cfg.ratio_tolerance:
+        # written as "not <=" so that a NaN deviation fails too
+        if iteration == 0 and not metrics["grpo/ratio_max_abs_dev"] <= cfg.ratio_tolerance:
             raise TrainingError(
                 f"GRPO importance ratio is not 1 at the first inner step ({batch.direction}: max |ratio - 1| = "
                 f"{metrics['grpo/ratio_max_abs_dev']:.2e} > {cfg.ratio_tolerance}); the policy's log-probs are "

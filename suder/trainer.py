@@ -475,6 +475,8 @@ COUNT_METRICS = {
     "groups_skipped",
     "groups_identical",
     "judge_decisive",
+    "pairs",
+    "tokens",
 }
 
 
