@@ -284,6 +284,13 @@ def cmd_eval(args) -> None:
     _console(stderr=False).print(results_table([("model", result)]))
 
 
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    out = write_report(args.run_dir, args.out, max_grids=args.max_grids)
+    _console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
+
+
 def results_table(rows: list[tuple[str, dict]], title: str = "ShapesWorld judge accuracy (%)"):
     from rich.table import Table
 
@@ -436,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=999)
     e.add_argument("--json", action="store_true")
 
+    rp = sub.add_parser("report", help="one self-contained HTML page of a run: config, judge table, curves, samples")
+    rp.add_argument("run_dir", help="the --output-dir of a `suder run` (finished or still training)")
+    rp.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    rp.add_argument("--max-grids", type=int, default=12, help="sample-grid steps shown, evenly spaced (default 12)")
+
     r = sub.add_parser(
         "run",
         help="self-improve with dual self-rewards (no arguments: the embedded ShapesWorld default)",
@@ -494,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                 "generate": cmd_generate,
                 "caption": cmd_caption,
                 "eval": cmd_eval,
+                "report": cmd_report,
             }[args.command](args)
     except SuderError as exc:
         _console().print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
