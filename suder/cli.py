@@ -16,9 +16,10 @@ from .errors import SuderError
 
 
 def _console(stderr: bool = True):
+    """Messages are never wrapped (soft_wrap): a long path stays on one line in a log or a pipe."""
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True)
 
 
 def _progress(console=None):

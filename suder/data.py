@@ -7,6 +7,7 @@ run would have seen.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Records with a ``prompt`` field from a ``.txt`` (one prompt a line) or GenEval-style ``.jsonl`` file."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"Prompt file '{p}' is a folder; pass a .txt (one prompt a line) or .jsonl file.")
     if not p.is_file():
-        raise DataError(f"Prompt file '{p}' does not exist.")
+        raise DataError(f"Prompt file '{p}' does not exist; check the path.")
     records: list[dict[str, Any]] = []
-    lines = p.read_text(encoding="utf-8").splitlines()
+    lines = read_text(p, "Prompt file").splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -41,11 +44,52 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_text(path: str | Path, what: str = "File") -> str:
+    """The UTF-8 text of a file, or a one-line ``DataError`` naming the file and what is wrong with it."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{what} '{p}' is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r} "
+            f"{exc.reason}); save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from exc
+    except OSError as exc:
+        raise DataError(f"Cannot read {what.lower()} '{p}': {exc.strerror or exc}; check its permissions.") from exc
+
+
+def ensure_writable_dir(path: str | Path, what: str = "output folder", *, create: bool = True) -> Path:
+    """Make sure ``path`` is (or can be created as) a folder this process can write to; a one-line ``DataError``
+    otherwise: a file in the way, no permission, a read-only file system.
+
+    With ``create=False`` nothing is created: the check only looks at ``path`` or its nearest existing parent, so a
+    command can fail on a bad output folder before any expensive work without leaving an empty folder behind.
+    """
+    p = Path(path).expanduser()
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it is a file" if existing == p else f"'{existing}' is a file, not a folder"
+        raise DataError(f"Cannot use '{p}' as the {what}: {where}; pick another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"Cannot write the {what} '{p}': '{existing}' is not writable; pick a folder you can write to.")
+    if create:
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(
+                f"Cannot create the {what} '{p}': {exc.strerror or exc}; pick a folder you can write to."
+            ) from exc
+    return p
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Image files of a folder, in file-name order."""
     d = Path(folder)
     if not d.is_dir():
-        raise DataError(f"Image folder '{d}' does not exist.")
+        problem = "is a file, not a folder" if d.exists() else "does not exist"
+        raise DataError(f"Image folder '{d}' {problem}; pass a folder of {', '.join(IMAGE_SUFFIXES)} files.")
     files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     if not files:
         raise DataError(f"Image folder '{d}' has no images ({', '.join(IMAGE_SUFFIXES)}).")
@@ -60,7 +104,10 @@ def load_image(path: str | Path):
         with Image.open(path) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"Cannot read image '{path}': {exc.__class__.__name__}.") from exc
+        raise DataError(
+            f"Cannot read image '{path}' ({exc.__class__.__name__}): it is not an image file PIL can open; "
+            "remove or replace it."
+        ) from exc
 
 
 class Pool:
