@@ -90,3 +90,50 @@ def tiny_images(n: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+TINY_CLIP = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+    projection_dim=8,
+)
+
+
+def tiny_clip_parts(seed: int = 0):
+    """(Showo with ``mm_projector``, ClipVisionTower, MAGVITv2, tokenizer): a tiny ``show-o-w-clip-vit`` whose
+    CLIP ViT sees 28 px images as 2 x 2 patches of 14 px (4 feature vectors of 16 channels)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from suder.backbones.show_o.clip import ClipVisionTower, image_processor_class
+    from suder.backbones.show_o.magvit import MAGVITv2
+    from suder.backbones.show_o.modeling import Showo
+
+    tokenizer = tiny_tokenizer()
+    llm_vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    showo = Showo(
+        w_clip_vit=True,
+        llm_vocab_size=llm_vocab,
+        vocab_size=llm_vocab + 10 + TINY_LLM["codebook_size"] + 1,
+        clip_hidden_size=TINY_CLIP["hidden_size"],
+        **TINY_LLM,
+    )
+    with torch.no_grad():
+        showo.showo.lm_head.weight.mul_(20)
+    vision = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP))
+    processor = image_processor_class()(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    vq = MAGVITv2(**TINY_VQ)
+    return showo.eval(), ClipVisionTower(vision, processor), vq.eval(), tokenizer
+
+
+def tiny_clip_backbone(seed: int = 0, **settings):
+    from suder.backbones.show_o.backbone import from_parts
+
+    showo, vision, vq, tokenizer = tiny_clip_parts(seed)
+    settings.setdefault("guidance_scale", 1.5)
+    settings.setdefault("max_caption_tokens", 8)
+    return from_parts(showo, vq, tokenizer, vision=vision, **settings)

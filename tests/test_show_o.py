@@ -21,7 +21,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from show_o_tiny import tiny_backbone, tiny_images, tiny_parts, tiny_tokenizer  # noqa: E402
+from show_o_tiny import (  # noqa: E402
+    tiny_backbone,
+    tiny_clip_backbone,
+    tiny_clip_parts,
+    tiny_images,
+    tiny_parts,
+    tiny_tokenizer,
+)
 
 from suder.backbones.show_o import expected_state_dict_shapes  # noqa: E402
 from suder.backbones.show_o.prompting import (  # noqa: E402
@@ -671,6 +678,128 @@ def test_sampling_defaults_follow_the_readme_per_resolution():
     assert from_parts(*tiny_parts(), steps=7).settings.steps == 7
 
 
+# --------------------------------------------------------------------------------------------- CLIP-ViT
+def test_mmu_vit_mask_worked_example():
+    """mmu sys soi [3 image vectors] eoi q: causal, image columns open to every row (also mmu, sys, soi)."""
+    from suder.backbones.show_o.clip import mmu_vit_attention_mask
+
+    assert _rows(mmu_vit_attention_mask(1, 8, 3, 3, "cpu")[0, 0]) == [
+        "1..111..",
+        "11.111..",
+        "111111..",
+        "111111..",
+        "111111..",
+        "111111..",
+        "1111111.",
+        "11111111",
+    ]
+
+
+def _clip_reference(m, images, caption_ids, head, tail):
+    """log-probs of ``caption_ids`` over the text columns, computed by hand: CLIP penultimate-layer patch
+    features -> mm_projector, spliced between ``head`` and ``tail`` ids, causal mask plus open image columns."""
+    pixels = m.vision.processor(images=images, return_tensors="pt")["pixel_values"]
+    features = m.vision.model(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert features.shape == (len(images), 4, 16)
+    embed = m.model.showo.model.embed_tokens
+    x = torch.cat(
+        [embed(torch.tensor([head])), m.model.mm_projector(features), embed(torch.tensor([tail + caption_ids]))], 1
+    )
+    length, start = x.shape[1], len(head)
+    idx = torch.arange(length)
+    allowed = (idx[:, None] >= idx[None, :]) | ((idx[None, :] >= start) & (idx[None, :] < start + 4))
+    logits = m.model.showo(inputs_embeds=x, attention_mask=allowed[None, None]).logits[0]
+    p = len(head) + 4 + len(tail)
+    text = logits[p - 1 : p - 1 + len(caption_ids), : m.tokens.text_vocab_size]
+    return torch.log_softmax(text, -1).gather(-1, torch.tensor(caption_ids)[:, None]).squeeze(-1)
+
+
+def test_clip_vit_captions_come_from_clip_features():
+    """show-o-w-clip-vit: ``<|mmu|> <|soi|> projected CLIP patches <|eoi|> caption \\n eos`` (llava-pretrain
+    layout) without a question, and ``<|mmu|> SYSTEM <|soi|> patches <|eoi|> USER: q ASSISTANT: caption eos``
+    with one; the MAGVIT tokenizer plays no part."""
+    from show_o_tiny import TINY_VQ
+
+    from suder.backbones.show_o.clip import SYSTEM_PROMPT
+    from suder.backbones.show_o.magvit import MAGVITv2
+
+    m = tiny_clip_backbone(seed=1)
+    tok = m.tokens
+    images = tiny_images(1)
+    with torch.no_grad():
+        lp = m.logp_text_given_image(["a red square"], images)
+        ids = m._encode("a red square\n") + [tok.eos]
+        want = _clip_reference(m, images, ids, [tok.mmu, tok.soi], [tok.eoi])
+        assert lp.mask.sum().item() == len(ids) and torch.allclose(lp.values[0], want, atol=1e-5)
+        torch.manual_seed(99)
+        m.vq = MAGVITv2(**TINY_VQ).eval()  # another image tokenizer: captions must not change
+        assert torch.equal(m.logp_text_given_image(["a red square"], images).values, lp.values)
+        chat = tiny_clip_backbone(seed=1, caption_prompt="What is this?")
+        lp = chat.logp_text_given_image(["a red square"], images)
+        ids = chat._encode(" a red square") + [tok.eos]
+        head = [tok.mmu, *chat._encode(SYSTEM_PROMPT), tok.soi]
+        want = _clip_reference(chat, images, ids, head, [tok.eoi, *chat._encode("USER: What is this? ASSISTANT:")])
+        assert torch.allclose(lp.values[0, : len(ids)], want, atol=1e-5)
+
+
+def test_clip_vit_sampled_captions_and_training():
+    m = tiny_clip_backbone(seed=2)
+    with torch.no_grad():
+        m.model.showo.lm_head.bias[m.tokens.eos] += 4.0
+    s = m.sample_image(["a red square"], num_samples=2, generator=torch.Generator().manual_seed(0))
+    t = m.sample_text(s, num_samples=2, generator=torch.Generator().manual_seed(1))
+    assert len(t) == 4 and torch.equal(t.images.tokens, s.tokens.repeat_interleave(2, 0))
+    assert (m.logp_text_given_image(t, t.images).values - t.logps).abs().max() <= 1e-5  # KV cache == one pass
+    greedy = m.sample_text(tiny_images(2), temperature=0)
+    assert (
+        greedy.texts == m.sample_text(tiny_images(2), temperature=0, generator=torch.Generator().manual_seed(5)).texts
+    )
+    und, gen = m.trainable_parameters("und"), m.trainable_parameters("gen")
+    projector = {id(p) for p in m.model.mm_projector.parameters()}
+    assert projector <= {id(p) for p in und} and not projector & {id(p) for p in gen}
+    loss = -m.logp_text_given_image(["a cat", "a dog"], tiny_images(2)).mean().sum()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.model.mm_projector.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in m.vision.parameters())
+
+
+def test_clip_vit_checkpoints_load_in_the_released_layout(tmp_path, monkeypatch):
+    """Show-o folder (``w_clip_vit: true``, ``mm_projector.*`` keys) + a CLIP folder in transformers' layout, as
+    showlab's inference loads them; a saved backbone brings its CLIP folder; without one it is a one-line
+    error at load time."""
+    import huggingface_hub.constants
+    from safetensors import safe_open
+
+    from suder.backbones.show_o.backbone import build_show_o, from_parts
+
+    showo, vision, vq, tokenizer = tiny_clip_parts(seed=3)
+    showo.save_pretrained(tmp_path / "showo")
+    vq.save_pretrained(tmp_path / "vq")
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    vision.save_pretrained(str(tmp_path / "clip"))
+    assert json.loads((tmp_path / "showo" / "config.json").read_text())["w_clip_vit"] is True
+    with safe_open(str(tmp_path / "showo" / "pytorch_model.safetensors"), "pt") as f:
+        assert {k for k in f.keys() if k.startswith("mm_projector")} == {
+            f"mm_projector.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")
+        }
+    kwargs = dict(model=str(tmp_path / "showo"), vq_model=str(tmp_path / "vq"), tokenizer=str(tmp_path / "tok"))
+    loaded = build_show_o(**kwargs, vision_tower=str(tmp_path / "clip"), device="cpu", max_caption_tokens=8)
+    reference = from_parts(showo, vq, tiny_tokenizer(), vision=vision)
+    images = tiny_images(2)
+    want = reference.logp_text_given_image(["a cat", "two red squares"], images).values
+    assert torch.allclose(loaded.logp_text_given_image(["a cat", "two red squares"], images).values, want, atol=1e-6)
+    loaded.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "clip_vit" / "preprocessor_config.json").is_file()
+    again = build_show_o(model=str(tmp_path / "ckpt"), device="cpu")
+    assert torch.allclose(again.logp_text_given_image(["a cat", "two red squares"], images).values, want, atol=1e-6)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(BackboneError) as err:
+        build_show_o(**kwargs, device="cpu")
+    assert "CLIP vision tower 'openai/clip-vit-large-patch14-336'" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(BackboneError, match="vision tower"):
+        from_parts(showo, vq, tiny_tokenizer())
+
+
 # --------------------------------------------------------------------------------------------- training
 def test_gradients_reach_every_trainable_parameter_and_never_the_vq():
     m = tiny_backbone(seed=2)
@@ -721,6 +850,7 @@ def test_cli_run_without_weights_prints_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     (tmp_path / "prompts.txt").write_text("a red square\n")
     (tmp_path / "images").mkdir()
+    tiny_images(1)[0].save(tmp_path / "images" / "0.png")  # valid data: the missing weights are the error
     code = main(
         [
             "run",

@@ -9,6 +9,7 @@ diffusers. The pieces, each importable on its own:
 - ``magvit``: ``MAGVITv2``, the 13-bit lookup-free image tokenizer;
 - ``prompting``: token ids, sequence layouts and omni-attention masks;
 - ``sampling``: the MaskGIT sampler and text draws;
+- ``clip``: the CLIP-ViT understanding path of the ``show-o-w-clip-vit`` checkpoints;
 - ``backbone``: the ``UnifiedLMM`` adapter and ``build_show_o``.
 
 See ``docs/backbones/show-o.md``.

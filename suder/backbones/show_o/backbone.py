@@ -16,11 +16,13 @@
   per-step sampling probabilities, so GRPO's first importance ratio is exactly 1 by construction.
 - ``sample_text`` / ``logp_text_given_image``: exact causal log-probs of captions after
   ``<|mmu|> <|soi|> image <|eoi|> bos``, KV-cached decoding, normalised over the 50295 text columns (the
-  sampler's support; the image and special tokens are never drawn), ``temperature`` as for the toy backbone.
+  sampler's support; the image and special tokens are never drawn) or, with ``caption_logp_vocab="full"``,
+  over the whole vocabulary as Show-o's loss; ``temperature`` as for the toy backbone, 0 is greedy.
+- ``show-o-w-clip-vit`` checkpoints caption from CLIP-ViT features through ``mm_projector`` (``clip.py``), as
+  they were trained to; their image generation is the same MaskGIT path.
 
 Show-o's sampler applies no temperature to token probabilities (it only anneals the re-masking noise), so the
-image estimator ignores ``temperature``. The CLIP-ViT understanding path of ``show-o-w-clip-vit`` is not
-implemented: those checkpoints load, but captions use the MAGVIT tokens like the other checkpoints.
+image estimator ignores ``temperature``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import nn
 
 from ...errors import BackboneError, DataError
 from ...protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave
+from .clip import DEFAULT_VISION_TOWER, SYSTEM_PROMPT, ClipVisionTower, mmu_vit_attention_mask
 from .magvit import MAGVITv2, image_to_tensor, tensor_to_images
 from .modeling import CheckpointNotFound, Showo, resolve_checkpoint
 from .prompting import (
@@ -53,6 +56,7 @@ from .sampling import draw, guided, mask_schedule, maskgit_sample
 SETTINGS_FILE = "suder_show_o.json"
 VQ_FOLDER = "magvitv2"
 TOKENIZER_FOLDER = "tokenizer"
+CLIP_FOLDER = "clip_vit"
 DEFAULTS = {"model": "showlab/show-o", "vq_model": "showlab/magvitv2", "tokenizer": "microsoft/phi-1_5"}
 CHUNK = 16  # images per VQ encode/decode call
 
@@ -98,10 +102,24 @@ class ShowOBackbone(nn.Module):
 
     name = "show-o"
 
-    def __init__(self, showo: Showo, vq: MAGVITv2, tokenizer: Any, settings: ShowOSettings | None = None):
+    def __init__(
+        self,
+        showo: Showo,
+        vq: MAGVITv2,
+        tokenizer: Any,
+        settings: ShowOSettings | None = None,
+        vision: ClipVisionTower | None = None,
+    ):
         super().__init__()
         self.model = showo
         self.vq = vq.eval().requires_grad_(False)
+        if bool(showo.config.w_clip_vit) != (vision is not None):
+            raise BackboneError(
+                "A show-o-w-clip-vit model captions from CLIP-ViT features and needs its vision tower (and only "
+                f"such a model takes one): pass vision_tower= (showlab's is {DEFAULT_VISION_TOWER}) with "
+                "w_clip_vit checkpoints, and none otherwise."
+            )
+        self.vision = vision
         self.settings = settings or ShowOSettings()
         cfg = showo.config
         self.tokenizer = add_special_tokens(tokenizer, cfg.llm_vocab_size)
@@ -124,7 +142,11 @@ class ShowOBackbone(nn.Module):
                 "log-probs over 'text' (the text tokens) or 'full' (the whole vocabulary): pick one of them."
             )
         question = self.settings.caption_prompt
-        self._question = self._encode(f"USER: \n{question} ASSISTANT:") if question else []
+        if vision is None:
+            self._question = self._encode(f"USER: \n{question} ASSISTANT:") if question else []
+        else:  # the llava "phi1.5" template of inference_mmu.py, after the system prompt (clip.py)
+            self._question = self._encode(f"USER: {question} ASSISTANT:") if question else []
+            self._system = self._encode(SYSTEM_PROMPT) if question else []
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -136,12 +158,15 @@ class ShowOBackbone(nn.Module):
         return float(self.settings.guidance_scale)
 
     def trainable_parameters(self, direction: str) -> list[nn.Parameter]:
-        """Both directions train the whole Show-o transformer (``showo.*``). The MAGVIT-v2 tokenizer is always
-        frozen, and so is ``mm_projector`` of CLIP-ViT checkpoints: the CLIP path is not implemented, so it
-        never takes part in a forward."""
+        """Both directions train the whole Show-o transformer (``showo.*``); understanding also trains
+        ``mm_projector`` on CLIP-ViT checkpoints (as showlab's instruction tuning). The MAGVIT-v2 tokenizer and
+        the CLIP vision tower are always frozen."""
         if direction not in ("gen", "und"):
             raise ValueError(f"direction must be 'gen' or 'und', got {direction!r}")
-        return list(self.model.showo.parameters())
+        params = list(self.model.showo.parameters())
+        if direction == "und" and self.vision is not None:
+            params += list(self.model.mm_projector.parameters())
+        return params
 
     def gradient_checkpointing_enable(self) -> None:
         self.model.showo.gradient_checkpointing_enable()
@@ -317,9 +342,48 @@ class ShowOBackbone(nn.Module):
         return torch.rand((rows, self.tokens.max_text_len + 1), generator=gen, device=gen.device) < p
 
     # ------------------------------------------------------------------ image -> text
+    def _pil_images(self, images: Sequence[Any] | ImageSamples | torch.Tensor) -> list[Any]:
+        """PIL images for the CLIP processor: decoded from codes when given codes or ``ImageSamples``."""
+        if isinstance(images, ImageSamples):
+            return images.images
+        if isinstance(images, torch.Tensor):
+            return self.decode_images(images) if images.dim() == 2 else tensor_to_images(images)
+        return list(images)
+
+    def _und_hidden(
+        self, images: Any, repeat: int, tokens: torch.Tensor | None = None, cache: Any = None
+    ) -> tuple[torch.Tensor, int]:
+        """Hidden states (B * repeat, P + T, H) of the understanding prefix (P positions) followed by ``tokens``
+        (B * repeat, T), and P. MAGVIT checkpoints: ids ``<|mmu|> <|soi|> codes <|eoi|> bos [question]``;
+        CLIP-ViT checkpoints: embeddings with projected CLIP features (``clip.py``)."""
+        if self.vision is None:
+            codes = self.image_codes(images).repeat_interleave(repeat, 0)
+            ids = mmu_prefix(codes + self.tokens.image_offset, self.tokens, self._question)
+            p = ids.shape[1]
+            if tokens is not None:
+                ids = torch.cat([ids, tokens], 1)
+            return self.model.hidden_states(ids, mmu_attention_mask(ids, self.tokens), cache), p
+        proj = self.model.mm_projector
+        features = self.vision(self._pil_images(images)).to(self.device, proj[0].weight.dtype)
+        image = proj(features).repeat_interleave(repeat, 0)  # (B, count, H)
+        t = self.tokens
+        head = torch.tensor([t.mmu, *self._system, t.soi], device=self.device)
+        tail = torch.tensor([t.eoi, *self._question], dtype=torch.long, device=self.device)
+        rows, embed = image.shape[0], self.model.showo.model.embed_tokens
+        parts = [embed(head).expand(rows, -1, -1), image, embed(tail).expand(rows, -1, -1)]
+        if tokens is not None:
+            parts.append(embed(tokens))
+        embeds = torch.cat(parts, 1)
+        p = len(head) + image.shape[1] + len(tail)
+        mask = mmu_vit_attention_mask(rows, embeds.shape[1], len(head), image.shape[1], self.device)
+        return self.model.hidden_states(None, mask, cache, inputs_embeds=embeds), p
+
     def _caption_ids(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``bos``-less caption ids + eos: a leading space after a chat question; CLIP-ViT's captioning layout
+        (no question) ends captions with a newline before eos, as its llava-pretrain data."""
         lead = " " if self._question else ""
-        seqs = [self._encode(lead + t.strip()) + [self.tokens.eos] for t in texts]
+        tail = "\n" if self.vision is not None and not self._question else ""
+        seqs = [self._encode(lead + t.strip() + tail) + [self.tokens.eos] for t in texts]
         width = max(len(s) for s in seqs)
         tokens = torch.full((len(seqs), width), self.tokens.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.bool)
@@ -357,12 +421,11 @@ class ShowOBackbone(nn.Module):
         """KV-cached caption sampling (``temperature=0``: greedy); option ``max_tokens``."""
         from transformers import DynamicCache
 
-        codes = self.image_codes(images).repeat_interleave(num_samples, 0)
-        prefix = mmu_prefix(codes + self.tokens.image_offset, self.tokens, self._question)
-        rows, limit = prefix.shape[0], int(options.get("max_tokens", self.settings.max_caption_tokens))
+        limit = int(options.get("max_tokens", self.settings.max_caption_tokens))
         eos, pad = self.tokens.eos, self.tokens.pad
         cache = DynamicCache(config=self.model.showo.config)
-        hidden = self.model.hidden_states(prefix, mmu_attention_mask(prefix, self.tokens), cache)[:, -1]
+        hidden = self._und_hidden(images, num_samples, cache=cache)[0][:, -1]
+        rows = hidden.shape[0]
         tokens = torch.full((rows, limit), pad, dtype=torch.long, device=self.device)
         logps = torch.zeros(rows, limit, device=self.device)
         alive = torch.zeros(rows, limit, dtype=torch.bool, device=self.device)
@@ -410,12 +473,10 @@ class ShowOBackbone(nn.Module):
             tokens, tmask = texts.tokens.to(self.device), texts.mask.to(self.device)
         else:
             tokens, tmask = self._caption_ids(list(texts))
-        codes = self.image_codes(images)
-        assert codes.shape[0] == tokens.shape[0], f"{codes.shape[0]} images for {tokens.shape[0]} texts"
-        prefix = mmu_prefix(codes + self.tokens.image_offset, self.tokens, self._question)
-        ids = torch.cat([prefix, torch.where(tmask, tokens, self.tokens.pad)], 1)
-        p, t = prefix.shape[1], tokens.shape[1]
-        hidden = self.model.hidden_states(ids, mmu_attention_mask(ids, self.tokens))[:, p - 1 : p - 1 + t]
+        count = len(images) if not isinstance(images, torch.Tensor) else images.shape[0]
+        assert count == tokens.shape[0], f"{count} images for {tokens.shape[0]} texts"
+        hidden, p = self._und_hidden(images, 1, torch.where(tmask, tokens, self.tokens.pad))
+        hidden = hidden[:, p - 1 : p - 1 + tokens.shape[1]]
         text_logits, full = self._text_logits(hidden)
         logits = text_logits if full is None else full
         temperature = float(options.get("temperature", 1.0) or 1.0)
@@ -431,6 +492,8 @@ class ShowOBackbone(nn.Module):
         self.model.save_pretrained(path)
         self.vq.save_pretrained(path / VQ_FOLDER)
         self.tokenizer.save_pretrained(str(path / TOKENIZER_FOLDER))
+        if self.vision is not None:
+            self.vision.save_pretrained(str(path / CLIP_FOLDER))
         (path / SETTINGS_FILE).write_text(json.dumps({"backbone": "show-o", **asdict(self.settings)}, indent=2))
 
 
@@ -508,18 +571,21 @@ def build_show_o(
     tokenizer: str | None = None,
     dtype: Any = None,
     device: str | None = None,
+    vision_tower: str | None = None,
     **settings: Any,
 ) -> ShowOBackbone:
     """Load Show-o: ``model`` (default ``showlab/show-o``; a folder from ``save_pretrained`` brings its own VQ
-    model, tokenizer and settings), ``vq_model`` (default ``showlab/magvitv2``), ``tokenizer`` (default
-    ``microsoft/phi-1_5``), ``dtype`` (default float32), ``device`` (default cuda when available) and the
-    ``ShowOSettings`` fields (``guidance_scale``, ``steps``, ``schedule``, ``max_caption_tokens``,
-    ``caption_prompt``). Weights must be local or in the Hugging Face cache when offline."""
+    model, tokenizer, CLIP vision tower and settings), ``vq_model`` (default ``showlab/magvitv2``),
+    ``tokenizer`` (default ``microsoft/phi-1_5``), ``dtype`` (default float32), ``device`` (default cuda when
+    available), ``vision_tower`` (CLIP-ViT checkpoints only; default ``openai/clip-vit-large-patch14-336``) and
+    the ``ShowOSettings`` fields (``guidance_scale``, ``steps``, ``schedule``, ``max_caption_tokens``,
+    ``caption_prompt``, ``caption_logp_vocab``). Weights must be local or in the Hugging Face cache when
+    offline."""
     valid = {f.name for f in fields(ShowOSettings)}
     unknown = sorted(set(settings) - valid)
     if unknown:
         raise BackboneError(
-            f"Unknown show-o option(s) {unknown}; valid: dtype, device, model, tokenizer, vq_model, "
+            f"Unknown show-o option(s) {unknown}; valid: dtype, device, model, tokenizer, vision_tower, vq_model, "
             f"{', '.join(sorted(valid))}."
         )
     model = str(model or DEFAULTS["model"])
@@ -529,25 +595,39 @@ def build_show_o(
         stored = {k: v for k, v in json.loads(saved.read_text()).items() if k in valid}
         vq_model = vq_model or str(Path(model) / VQ_FOLDER)
         tokenizer = tokenizer or str(Path(model) / TOKENIZER_FOLDER)
+        if (Path(model) / CLIP_FOLDER).is_dir():
+            vision_tower = vision_tower or str(Path(model) / CLIP_FOLDER)
     vq_model, tokenizer = str(vq_model or DEFAULTS["vq_model"]), str(tokenizer or DEFAULTS["tokenizer"])
     chosen = ShowOSettings(**(stored | {k: v for k, v in settings.items() if v is not None}))
+    configs = {}
     for what, name in (("Show-o model", model), ("MAGVIT-v2 model", vq_model)):  # fail before loading GBs
         try:
-            resolve_checkpoint(name)
+            configs[what] = resolve_checkpoint(name)[0]
         except CheckpointNotFound as exc:
             raise _missing(what, name, exc.reason) from exc
+    w_clip_vit = bool(json.loads(configs["Show-o model"].read_text()).get("w_clip_vit", False))
     tok = load_tokenizer(tokenizer)
     torch_dtype = _dtype(dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    vision = None
+    if w_clip_vit:  # showlab's CLIPVisionTower loads it by name too: it is not part of the Show-o checkpoint
+        vision_tower = str(vision_tower or DEFAULT_VISION_TOWER)
+        try:
+            vision = ClipVisionTower.from_pretrained(vision_tower, torch_dtype=torch_dtype, device=device)
+        except (OSError, ValueError) as exc:
+            raise _missing("CLIP vision tower", vision_tower, type(exc).__name__) from exc
     try:
         showo = Showo.from_pretrained(model, torch_dtype=torch_dtype, device=device)
         vq = MAGVITv2.from_pretrained(vq_model, torch_dtype=torch_dtype, device=device)
-        return ShowOBackbone(showo, vq, tok, chosen)
+        return ShowOBackbone(showo, vq, tok, chosen, vision)
     except ValueError as exc:
         raise BackboneError(f"Cannot load show-o from '{model}': {exc}.") from exc
 
 
-def from_parts(showo: Showo, vq: MAGVITv2, tokenizer: Any, **settings: Any) -> ShowOBackbone:
-    """The backbone from already-built parts (tests, notebooks): no files, no downloads."""
-    return ShowOBackbone(showo, vq, tokenizer, ShowOSettings(**settings))
+def from_parts(
+    showo: Showo, vq: MAGVITv2, tokenizer: Any, vision: ClipVisionTower | None = None, **settings: Any
+) -> ShowOBackbone:
+    """The backbone from already-built parts (tests, notebooks): no files, no downloads; ``vision`` for
+    CLIP-ViT models."""
+    return ShowOBackbone(showo, vq, tokenizer, ShowOSettings(**settings), vision)

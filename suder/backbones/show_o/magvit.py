@@ -228,7 +228,8 @@ class MAGVITv2(ShowlabCheckpoint, ModelMixin, ConfigMixin):
 
 # --------------------------------------------------------------------------------------------- pixels
 def image_to_tensor(image: Any, resolution: int) -> torch.Tensor:
-    """PIL image -> (3, R, R) in [-1, 1]: shorter side to R (bicubic), centre crop, scale (section 7.5).
+    """PIL image -> (3, R, R) in [-1, 1]: shorter side to R (bicubic), centre crop, scale (Show-o's
+    ``image_transform``).
 
     Matches torchvision's Resize(R) + CenterCrop(R) + ToTensor + Normalize(0.5, 0.5) on PIL images
     (torchvision is not a suder dependency).

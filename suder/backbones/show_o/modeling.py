@@ -16,10 +16,10 @@ Departures from showlab's code, on purpose:
   image code ``c`` at ``llm_vocab_size + num_new_special_tokens + c``, mask token ``vocab_size - 1``
   (``num_new_special_tokens`` is 10 and ``max_text_len`` 128, the values of showlab's demo YAMLs).
 - Checkpoint files: diffusers' ``ModelMixin`` looks for ``diffusion_pytorch_model.*``; showlab's folders hold
-  ``pytorch_model.safetensors`` (section 1.2), so ``ShowlabCheckpoint`` reads and writes that name itself:
-  build on the meta device, load strictly (a missing key is an error, an unexpected one is ignored).
+  ``pytorch_model.safetensors`` (their ``models/modeling_utils.py``), so ``ShowlabCheckpoint`` reads and writes
+  that name itself: build on the meta device, load strictly (a missing key is an error, an unexpected one is ignored).
 - Attention masks are boolean "may attend" tensors (SDPA); showlab's additive -9.2e18 float masks give the
-  same probabilities because no row is ever fully blocked (section 4.3).
+  same probabilities because no row is ever fully blocked.
 """
 
 from __future__ import annotations
@@ -238,14 +238,20 @@ class Showo(ShowlabCheckpoint, ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ forward
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, L) ids -> (B, L, hidden) final-LayerNorm outputs. Positions are absolute (pads included).
+        """(B, L) ids, or (B, L, hidden) ``inputs_embeds`` (the CLIP-ViT path) -> (B, L, hidden) final-LayerNorm
+        outputs. Positions are absolute (pads included).
 
         ``attention_mask``: boolean (B, 1, L, L_past + L), True where a row may attend; ``None`` is causal.
         """
         out = self.showo.model(
             input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=self._mask(attention_mask),
             cache=cache,
             use_cache=cache is not None,
