@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -102,3 +103,27 @@ def test_tensorboard_gets_every_metric_the_grids_and_the_config(tiny_toy_path, t
 def test_no_report_to_writes_no_tracker_files(tiny_toy_path, tmp_path):
     suder.train("toy", model=tiny_toy_path, output_dir=str(tmp_path), **(TINY | {"steps": 1}))
     assert not (tmp_path / "logs").exists()
+
+
+def test_mlflow_file_store_gets_metrics_params_and_grids(tiny_toy_path, tmp_path, monkeypatch):
+    """Runs where mlflow is installed (not a dev dependency): an offline file store read back with its client."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 wants a database; a folder is enough here
+    out = tmp_path / "run"
+    suder.train("toy", model=tiny_toy_path, output_dir=str(out), report_to="mlflow", **TINY)
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("suder").experiment_id])
+    assert run.info.run_name == "run" and run.data.params["group_size"] == "4"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("gen/loss", "und/reward_mean", "lr"):
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert history == pytest.approx({line["step"]: line[key] for line in lines}), key
+    images = [
+        re.search(r"(samples_\w+)\+step\+(\d+)\+", a.path) for a in client.list_artifacts(run.info.run_id, "images")
+    ]
+    logged = {(m.group(1), int(m.group(2))) for m in images if m}
+    assert logged == {(f"samples_{d}", s) for d in ("gen", "und") for s in (1, 2)}
