@@ -255,7 +255,11 @@ class ShowOBackbone(nn.Module):
         temperature: float = 1.0,
         **options: Any,
     ) -> ImageSamples:
-        """MaskGIT sampling of ``num_samples`` images per prompt (options: ``steps``, ``schedule``)."""
+        """MaskGIT sampling of ``num_samples`` images per prompt (options: ``steps``, ``schedule``).
+
+        ``temperature`` scales Show-o's re-masking noise only (token draws are never tempered); 0 is greedy:
+        arg-max codes, noise-free re-masking, the generator unused. ``.logps`` are the plain one-step estimate
+        under the guided policy, whatever the temperature."""
         rows = repeat_interleave(list(prompts), num_samples)
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         cfg = scale != 0
