@@ -265,6 +265,9 @@ BAD_INPUTS = [
     ("eval-missing-model", "eval --model {t}/nope --num 4", "No toy model at"),
     ("eval-unknown-backbone", "eval --backbone no-such-thing --model {m}", "Unknown backbone 'no-such-thing'"),
     ("run-unknown-backbone", "run --backbone no-such-thing", "Unknown backbone 'no-such-thing'. Available: "),
+    ("run-output-dir-under-a-file", "run --output-dir {file}/run", "plain.txt' is a file"),
+    ("run-not-utf8", "run --model {m} --prompts {latin1} --output-dir {t}/out", "latin1.txt' is not UTF-8 text"),
+    ("run-no-images", "run --model {m} --images {t}/nope --output-dir {t}/out", "nope' does not exist"),
 ]
 
 
