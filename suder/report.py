@@ -41,7 +41,7 @@ JUDGE_COLUMNS = [
     ("caption_greedy", "overall", "caption greedy"),
 ]
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1280px;
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1320px;
 padding:16px 24px;color:#1d1d1f;background:#fafafa}
 h1{font-size:22px;margin:4px 0}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
 h3{font-size:15px;margin:16px 0 6px;color:#444}.muted{color:#777}
@@ -142,7 +142,7 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def svg_chart(title: str, points: list[tuple[int, float]], width: int = 300, height: int = 170) -> str:
+def svg_chart(title: str, points: list[tuple[int, float]], width: int = 290, height: int = 170) -> str:
     """A line chart of ``(step, value)`` points as an inline ``<svg>`` (raw values faint, smoothed solid)."""
     if len(points) > 1200:  # keep pages small: every k-th point (the smoothed line still sees all of them)
         smooth_all = ema([v for _, v in points])
@@ -173,7 +173,7 @@ def svg_chart(title: str, points: list[tuple[int, float]], width: int = 300, hei
     parts = [
         f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{html.escape(title)}" data-metric="{html.escape(title)}">',
-        f'<text x="{left}" y="13" font-size="12" font-weight="600">{html.escape(title)}</text>',
+        f'<text x="4" y="13" font-size="12" font-weight="600">{html.escape(title)}</text>',
         f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#ccc"/>',
     ]
     for i in range(5):
