@@ -1,10 +1,8 @@
 """The show-o backbone on tiny random configs (CPU, offline): release key layout, checkpoint round trips,
-universal prompting and omni-attention masks on worked examples, the MaskGIT sampler, the one-step image
-estimator, exact caption log-probs, gradients, and the one-line errors when weights are missing.
-
-Not here yet (issue #5, item 6): "the trainer runs 2 steps with show-o in each strategy" waits for the
-trainer's tests. A manual run of ``suder.train(tiny_backbone(), steps=2, group_size=2, ...)`` passed for
-unified/gen/und/separate x simpo/grpo, with GRPO's first |ratio - 1| = 0.
+float32 rotary frequencies under bf16, universal prompting and omni-attention masks on worked examples, the
+MaskGIT sampler (greedy at temperature 0), the one-step image estimator and its two perturbations (image
+re-masking, prompt drop), exact caption log-probs over the text or the full vocabulary, the CLIP-ViT
+understanding path, gradients, the trainer in every strategy, and the one-line errors when weights are missing.
 """
 
 from __future__ import annotations
@@ -983,3 +981,31 @@ def test_grpo_remasking_uses_a_fresh_mask_per_inner_iteration(tmp_path, show_o_d
     old = [s for g, s, r in seen if not g and r == perturbation]
     new = [s for g, s, r in seen if g and r == perturbation]
     assert len(set(old)) == 2 and old == new  # two masks, each used once without and once with gradient
+
+
+def test_trainer_trains_the_clip_vit_projector(tmp_path, show_o_data):
+    """GRPO, both directions, on a CLIP-ViT checkpoint: understanding updates ``mm_projector``, the CLIP vision
+    model stays frozen."""
+    import suder
+
+    bb = tiny_clip_backbone()
+    projector = {n: p.detach().clone() for n, p in bb.model.mm_projector.named_parameters()}
+    vision = {n: p.detach().clone() for n, p in bb.vision.named_parameters()}
+    res = suder.train(
+        bb,
+        algo="grpo",
+        strategy="unified",
+        steps=2,
+        group_size=2,
+        gen_batch_size=2,
+        und_batch_size=2,
+        grad_accum=1,
+        lr=1e-2,
+        sample_every=0,
+        save_every=0,
+        output_dir=str(tmp_path / "run"),
+        **show_o_data,
+    )
+    assert all(math.isfinite(v) for m in res.metrics for k, v in m.items() if k.endswith("/loss"))
+    assert any(not torch.equal(p, projector[n]) for n, p in bb.model.mm_projector.named_parameters())
+    assert all(torch.equal(p, vision[n]) for n, p in bb.vision.named_parameters())
