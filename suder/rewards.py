@@ -10,12 +10,12 @@ Built-ins:
 - ``dsr`` (SUDER, Hu et al. 2025, eq. 3). Generation: r(image_i) = mean_t log p(prompt_t | image_i), via
   ``logp_text_given_image``. Understanding: r(caption_i) = mean_t log p(image_t | caption_i), via
   ``logp_image_given_text``. ``reduction="sum"`` sums instead; within a group the scored target is fixed, so the
-  sum is the mean times a constant and ranks identically (dsr-prototype.md section 3.6).
+  sum is the mean times a constant and ranks identically (docs/algorithms.md).
 - ``dsr-consensus`` (ours; understanding direction). r(c | x) = log p(x | c) + lambda * log pi_ref(c | x), both
   summed over tokens. The paper's caption reward alone prefers over-specific captions (it rewards pinning down
   *where* objects are, right or wrong) and made captions worse in every plain setting of our prototype; adding the
   captioner's own likelihood acts like a caption prior (if both directions model one joint, the sum ranks like
-  2 log p(x | c) + log p(c)). Measured on ShapesWorld (dsr-prototype.md section 7): captions +15 / +18 points
+  2 log p(x | c) + log p(c)). Measured on ShapesWorld (docs/algorithms.md, docs/results.md): captions +15 / +18 points
   sampled and +4 / +5 greedy over the base on two seeds, T2I gain kept, reward-judge agreement 0.99. The caption
   term comes from the frozen initial model by default (``source="reference"``: the prior cannot drift), or from
   the policy (``source="policy"``). Summing (not averaging) both terms matters: a per-token mean would re-weight

@@ -1,4 +1,4 @@
-"""ShapesWorld v1 against its normative spec (shared/specs/shapes-world.md): pixels, grammar, judge, data."""
+"""ShapesWorld v1 against its normative spec (docs/shapes-world.md): pixels, grammar, judge, data."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """ShapesWorld v1: renderer, prompt grammar, judge and datasets of the built-in compositional world.
 
-Normative spec: ``shared/specs/shapes-world.md`` (section names are cited as "spec, <section>"). Data
-distributions follow ``shared/reference/dsr-prototype.md`` section 1 ("Captions", "Pre-training data",
+Normative spec: the "Specification (v1)" part of ``docs/shapes-world.md`` (its section names are cited as
+"spec, <section>"). Data distributions: its "Data distributions" part ("Captions", "Pre-training data",
 "Evaluation").
 
 Choices the spec leaves open, fixed here so every caller agrees:
@@ -360,7 +360,7 @@ def true_caption(scene: Scene) -> str:
 
 
 def sample_caption(scene: Scene, rng: random.Random) -> str:
-    """A pre-training caption (dsr-prototype.md, 1 "Captions"): ``true_caption``, except that two different
+    """A pre-training caption (docs/shapes-world.md, "Captions"): ``true_caption``, except that two different
     objects get a pair in random order (40%) or a geometrically valid relation (60%; random subject, random
     relation among the valid ones)."""
     if scene_kind(scene) != "two":
@@ -440,14 +440,14 @@ def _random_scene(rng: random.Random, p_one: float, p_two: float, p_same: float 
 
 
 def sample_scenes(n: int, seed: int) -> list[Scene]:
-    """The evaluation scene distribution (dsr-prototype.md, 1 "Evaluation"): 40% one object, 40% two,
+    """The evaluation scene distribution (docs/shapes-world.md, "Evaluation"): 40% one object, 40% two,
     20% three or four; 30% of multi-object scenes are identical objects. Drawn per scene."""
     rng = random.Random(seed)
     return [_random_scene(rng, 0.4, 0.4) for _ in range(n)]
 
 
 def t2i_pairs(n: int, seed: int) -> list[tuple[str, Scene]]:
-    """Pre-training text-to-image pairs (dsr-prototype.md, 1 "Pre-training data"): 15% ``and``-chains of
+    """Pre-training text-to-image pairs (docs/shapes-world.md, "Pre-training data"): 15% ``and``-chains of
     3-4 objects, the rest grammar prompts with families balanced; each with a random scene satisfying it.
 
     The chain count is 0.15 n rounded up or down at random and the family cycle starts at a random family,
@@ -464,7 +464,7 @@ def t2i_pairs(n: int, seed: int) -> list[tuple[str, Scene]]:
 
 
 def caption_pairs(n: int, seed: int) -> list[tuple[Scene, str]]:
-    """Pre-training captioning pairs (dsr-prototype.md, 1 "Pre-training data"): mostly 1-2-object scenes
+    """Pre-training captioning pairs (docs/shapes-world.md, "Pre-training data"): mostly 1-2-object scenes
     (40% one, 45% two, 15% three or four; 30% of multi-object scenes identical); the caption is
     ``sample_caption``."""
     rng = random.Random(seed)
