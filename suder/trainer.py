@@ -367,7 +367,7 @@ class Trainer:
             nums = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
             if not nums:
                 out[k] = values[0]
-            elif k.split("/")[-1] in COUNT_METRICS:
+            elif k.split("/")[-1] in COUNT_METRICS or k.endswith("/loss"):  # shares of one global sum
                 out[k] = sum(nums)
             elif "max" in k.split("/")[-1]:
                 out[k] = max(nums)
@@ -433,7 +433,9 @@ class Trainer:
                             continue
                         loss, lm = algo.loss(backbone, b, c, norm[(key, d)], it)
                         total = total + weights[d] * loss
-                        parts.update({f"{d}/{k}": v for k, v in lm.items()} | {f"{d}/loss": loss.item()})
+                        # each micro-batch's loss is its share of the whole batch's: summed, not averaged
+                        share = loss.item() * len(micro)
+                        parts.update({f"{d}/{k}": v for k, v in lm.items()} | {f"{d}/loss": share})
                     return total, parts
 
                 with self.acc.accumulate(wrapped):

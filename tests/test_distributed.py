@@ -1,0 +1,76 @@
+"""The same update on 1 or 2 processes (torchrun, gloo on CPU), and no rank left waiting for rank 0's decisions.
+
+The invariant TRL holds for its trainers: for the same rollouts, N processes x micro-batch b x accumulation a give
+the same loss, gradient, optimizer step count and learning rate at every step as 1 process x N*b*a.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "distributed_scripts" / "equivalence.py"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+PORT = iter(range(29620, 29700))
+
+
+def _torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(PORT))]
+    return subprocess.run(cmd + args, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["unified", "separate"])
+@pytest.mark.parametrize("algo", ["simpo", "grpo"])
+def test_two_processes_with_accumulation_equal_one_big_batch(tiny_toy_path, tmp_path, algo, strategy):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    single = subprocess.run(
+        [sys.executable, str(SCRIPT), tiny_toy_path, str(one), algo, strategy],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    dist = _torchrun([str(SCRIPT), tiny_toy_path, str(two), algo, strategy])
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    a, b = torch.load(one), torch.load(two)
+    assert len(a) == len(b) == 2
+    for sa, sb in zip(a, b):
+        keys = [k for k in sa if k != "step"]
+        assert keys == [k for k in sb if k != "step"]
+        for k in keys:
+            x, y = sa[k], sb[k]
+            assert x["lr"] == pytest.approx(y["lr"], rel=1e-12), (k, x["lr"], y["lr"])
+            assert x["optimizer_steps"] == y["optimizer_steps"] == 1
+            assert x["adam_steps"] == y["adam_steps"]
+            assert x["loss"].keys() == y["loss"].keys() and x["loss"]
+            for name in x["loss"]:
+                # abs: GRPO's first-step loss is a sum of +-A terms that cancel to ~1e-6 (float32 noise)
+                assert x["loss"][name] == pytest.approx(y["loss"][name], rel=1e-5, abs=1e-5), name
+            # relative to the gradient's norm: GRPO's gradient sums +-A-weighted terms, so single elements that cancel
+            # to ~1e-6 carry float32 noise; a wrong scale or a missing rank would be off by O(1)
+            err = ((x["grad"] - y["grad"]).norm() / x["grad"].norm()).item()
+            assert x["grad"].norm() > 0 and err < 1e-4, (k, err)
+
+
+@pytest.mark.slow
+def test_early_stopping_on_two_processes_ends_every_rank(tiny_toy_path, tmp_path):
+    """Only rank 0 evaluates; its decision to stop reaches rank 1, so the run ends instead of hanging."""
+    out = tmp_path / "run"
+    args = ["-m", "suder", "run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "6"]
+    args += ["--group-size", "4", "--gen-batch-size", "1", "--und-batch-size", "1", "--eval-num", "8"]
+    args += ["--lr", "1e-12", "--eval-every", "1", "--early-stopping-patience", "1", "--early-stopping-num", "4"]
+    args += ["--sample-every", "0", "--save-every", "0"]
+    proc = _torchrun(args, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["stopped_early"] is True and run["steps"] == 2 and run["num_processes"] == 2
