@@ -50,7 +50,10 @@ class RewardContext:
 
     def reference_model(self):
         if self.reference is None:
-            raise ConfigError("This reward needs a frozen reference model, but the run keeps none.")
+            raise ConfigError(
+                "This reward reads the frozen reference model, but the run keeps none; its plugin must declare "
+                "register(..., needs_reference=True)."
+            )
         return self.reference
 
 
