@@ -286,9 +286,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import write_report
+    from .report import watch, write_report
 
-    out = write_report(args.run_dir, args.out, max_grids=args.max_grids)
+    if args.watch:
+        _console().print(f"Rewriting the report every {args.watch} s until the run finishes (Ctrl-C stops)")
+        out = watch(args.run_dir, args.out, args.watch, max_grids=args.max_grids)
+    else:
+        out = write_report(args.run_dir, args.out, max_grids=args.max_grids)
     _console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
 
 
@@ -448,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="the --output-dir of a `suder run` (finished or still training)")
     rp.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
     rp.add_argument("--max-grids", type=int, default=12, help="sample-grid steps shown, evenly spaced (default 12)")
+    rp.add_argument(
+        "--watch", type=int, metavar="SECONDS", help="rewrite every SECONDS until the run ends; the page reloads"
+    )
 
     r = sub.add_parser(
         "run",

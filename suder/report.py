@@ -23,7 +23,9 @@ import dataclasses
 import html
 import json
 import math
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +266,9 @@ def summary_line(run: dict[str, Any], metrics: list[dict[str, Any]], config: dic
 
 
 # ------------------------------------------------------------------------------------------- the page
-def render(run_dir: str | Path, max_grids: int = 12) -> str:
-    """The report of ``run_dir`` as one HTML string."""
+def render(run_dir: str | Path, max_grids: int = 12, refresh: int | None = None) -> str:
+    """The report of ``run_dir`` as one HTML string; ``refresh`` seconds: while the run is in progress, the
+    browser reloads the page that often (``suder report --watch``)."""
     import yaml
 
     d = Path(run_dir)
@@ -277,6 +280,7 @@ def render(run_dir: str | Path, max_grids: int = 12) -> str:
     if not (run or config or metrics):
         raise DataError(f"'{d}' holds no run (no config.yaml, metrics.jsonl or run.json); pass a `suder run` folder.")
     groups = metric_groups(metrics)
+    reload = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh and not run else ""
     flat = {k: pts for g in groups.values() for k, pts in g.items()}
     title = html.escape(d.resolve().name)
     body = [f"<h1>suder run <code>{title}</code></h1>", f"<p class=muted>{summary_line(run, metrics, config)}</p>"]
@@ -310,15 +314,30 @@ def render(run_dir: str | Path, max_grids: int = 12) -> str:
     if config:
         body += ["<h2 id=config>Config</h2><p class=muted>bold: differs from the default</p>", config_section(config)]
     return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>suder report: {title}</title>'
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>suder report: {title}</title>{reload}'
         f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
     )
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: int = 12) -> Path:
-    """Write ``render(run_dir)`` to ``out`` (default ``RUN_DIR/report.html``); returns the file."""
+def write_report(
+    run_dir: str | Path, out: str | Path | None = None, max_grids: int = 12, refresh: int | None = None
+) -> Path:
+    """Write ``render(run_dir)`` to ``out`` (default ``RUN_DIR/report.html``, replaced atomically so that a
+    browser reloading it never reads half a page); returns the file."""
     target = Path(out) if out else Path(run_dir) / "report.html"
-    page = render(run_dir, max_grids)
+    page = render(run_dir, max_grids, refresh)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page, encoding="utf-8")
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, target)
     return target
+
+
+def watch(run_dir: str | Path, out: str | Path | None, every: int, max_grids: int = 12, sleep=time.sleep) -> Path:
+    """Rewrite the report every ``every`` seconds until the run writes ``run.json``, then once more."""
+    while True:
+        done = (Path(run_dir) / "run.json").exists()
+        target = write_report(run_dir, out, max_grids, refresh=every)
+        if done:
+            return target
+        sleep(every)

@@ -142,3 +142,22 @@ def test_grids_are_thinned_evenly_keeping_first_and_last(tmp_path):
 def test_ema_is_tensorboards_debiased_smoothing():
     """s_1 = x_1 exactly (debiased); s_2 = (0.6 * 0.4 * 1 + 0.4 * 3) / (1 - 0.36) = 1.44 / 0.64 = 2.25."""
     assert ema([1.0, 3.0]) == pytest.approx([1.0, 2.25])
+
+
+def test_watch_rewrites_a_live_report_until_the_run_ends(tmp_path, run_dir):
+    """The page reloads itself while the run is in progress; the last rewrite (run.json present) does not."""
+    from suder.report import watch
+
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    pages = []
+
+    def sleep(seconds):
+        pages.append((live / "report.html").read_text())
+        assert seconds == 30
+        (live / "run.json").write_text((run_dir / "run.json").read_text())
+
+    target = watch(live, None, 30, sleep=sleep)
+    assert len(pages) == 1 and '<meta http-equiv="refresh" content="30">' in pages[0]
+    assert "refresh" not in target.read_text() and "Judged accuracy" in target.read_text()
