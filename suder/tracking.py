@@ -38,7 +38,7 @@ TRACKERS: dict[str, str] = {
     "trackio": "trackio",
     "wandb": "wandb",
 }
-PIP = {"comet_ml": "comet-ml", "tensorboard": "tensorboard  (or: pip install 'suder[tracking]')"}
+PIP = {"comet_ml": "comet-ml", "tensorboard": "tensorboard (or: pip install 'suder[tracking]')"}
 
 
 def parse_report_to(value: Any) -> list[str]:
