@@ -70,12 +70,16 @@ class ClipVisionTower(nn.Module):
         return (cfg.image_size // cfg.patch_size) ** 2
 
     @torch.no_grad()
-    def forward(self, images: Sequence[Any]) -> torch.Tensor:
-        """PIL images -> (B, P, C) features: ``hidden_states[-2]`` without the CLS position."""
-        weight = next(self.model.parameters())
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        out = self.model(pixels.to(weight.device, weight.dtype), output_hidden_states=True)
-        return out.hidden_states[-2][:, 1:]
+    def forward(self, images: Sequence[Any], chunk: int = 16) -> torch.Tensor:
+        """PIL images -> (B, P, C) features: ``hidden_states[-2]`` without the CLS position (``chunk`` images
+        per forward)."""
+        weight, images = next(self.model.parameters()), list(images)
+        out = []
+        for i in range(0, len(images), chunk):
+            pixels = self.processor(images=images[i : i + chunk], return_tensors="pt")["pixel_values"]
+            hidden = self.model(pixels.to(weight.device, weight.dtype), output_hidden_states=True).hidden_states
+            out.append(hidden[-2][:, 1:])
+        return torch.cat(out)
 
 
 def mmu_vit_attention_mask(batch: int, length: int, start: int, count: int, device: Any) -> torch.Tensor:
