@@ -53,6 +53,19 @@ def supports(lm: nn.Module) -> bool:
     return "dynamic" not in str(rope)
 
 
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of ``StaticDecoder``'s KV cache and attention products: float32 on CPU, else the model's.
+
+    On CPU a bfloat16 (or float16) batched product of one query row with the cache runs 3-4x slower than the
+    float32 one, and with the keys transposed and sliced (``q @ k[:span]^T``) it first copies the whole filled
+    cache to contiguous memory, every layer of every step: the bfloat16 sampler was 2.7x slower than float32
+    and as slow as transformers' ``generate`` (``docs/performance.md``). The keys and values are the model's
+    own (rounded to its dtype by its projections), only stored and multiplied in float32: the attention is
+    then a little more precise than the model's bfloat16 forward, not less. On CUDA bf16 products are fast.
+    """
+    return torch.float32 if device.type == "cpu" and dtype.is_floating_point else dtype
+
+
 def uniforms(generator: torch.Generator | None, steps: int, rows: int, device: torch.device) -> torch.Tensor:
     """(steps, rows, 1) float32 on ``device``: the numbers ``steps`` successive calls of
     ``torch.rand((rows, 1), generator=generator, device=generator.device)`` would give, in that order.
@@ -98,16 +111,19 @@ class StaticDecoder:
         cache = DynamicCache(config=lm.config)  # prefill each distinct prompt row once, then copy it G times
         out = lm(inputs_embeds=embeds[first], attention_mask=mask[first], position_ids=positions[first],
                  cache=cache, use_cache=True)
+        self.dtype = cache.layers[0].keys.dtype  # the model's compute dtype
+        self.attention_dtype = attention_dtype(self.dtype, mask.device)
         self.keys, self.values = [], []  # each (R, H_kv, S, D), written in place by ``step``
         for layer in cache.layers:
             for prefix, store in ((layer.keys, self.keys), (layer.values, self.values)):
-                buffer = prefix.new_zeros(rows, prefix.shape[1], self.capacity, prefix.shape[3])
+                shape = (rows, prefix.shape[1], self.capacity, prefix.shape[3])
+                buffer = prefix.new_zeros(shape, dtype=self.attention_dtype)
                 buffer[:, :, :length] = prefix.index_select(0, inverse)
                 store.append(buffer)
         self.hidden = out.last_hidden_state[:, -1].index_select(0, inverse)  # (R, H): last token, final norm
         self.position = positions[:, -1:] + 1  # (R, 1) rotary position of the next token
         self.slot = torch.full((1,), length, dtype=torch.long, device=mask.device)  # its cache index
-        dtype = self.keys[0].dtype
+        dtype = self.attention_dtype
         self.bias = torch.zeros(rows, 1, 1, self.capacity, dtype=dtype, device=mask.device)
         self.bias[:, 0, 0, :length].masked_fill_(mask == 0, torch.finfo(dtype).min)
         self.bias[..., length:] = torch.finfo(dtype).min  # opened slot by slot as tokens are written
@@ -139,15 +155,15 @@ class StaticDecoder:
             v = attn.v_proj(h).view(rows, -1, 1, dim)
             q = q * cos + q.roll(dim // 2, -1) * sin
             k = k * cos + k.roll(dim // 2, -1) * sin
-            keys.index_copy_(2, self.slot, k)
-            values.index_copy_(2, self.slot, v)
+            keys.index_copy_(2, self.slot, k.to(keys.dtype))
+            values.index_copy_(2, self.slot, v.to(values.dtype))
             heads = q.shape[1]
             # grouped-query attention: query heads g*j .. g*j+g-1 read kv head j (as ``repeat_kv``)
-            scores = torch.matmul(q.view(rows, kv_heads, heads // kv_heads, dim),
+            scores = torch.matmul(q.view(rows, kv_heads, heads // kv_heads, dim).to(keys.dtype),
                                   keys[:, :, :span].transpose(2, 3)) * attn.scaling + bias
-            probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
+            probs = torch.softmax(scores, -1, dtype=torch.float32).to(values.dtype)
             out = torch.matmul(probs, values[:, :, :span]).reshape(rows, 1, heads * dim)
-            x = x + attn.o_proj(out)
+            x = x + attn.o_proj(out.to(x.dtype))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         self.position.add_(1)
         self.slot.add_(1)

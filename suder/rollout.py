@@ -137,6 +137,21 @@ def rollout_metrics(r: Rollout, best: torch.Tensor, worst: torch.Tensor, valid: 
     return out
 
 
+def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: TokenLogProbs, cfg: Any) -> dict:
+    """Monitors ``{direction}/logp_drift_max`` and ``_mean``: |sampled ``.logps`` - teacher-forced log-probs|
+    over the real tokens. The same tokens under the same policy: float rounding in float32, more in bf16
+    (``ImageSamples.logps``). None where they differ on purpose: estimates (Show-o's images), and guided
+    samples scored under ``cfg_policy="cond"``."""
+    if scored.estimate or (direction == "gen" and cfg.cfg_policy == "cond" and samples.guidance_scale != 1.0):
+        return {}
+    if samples.logps.shape != scored.values.shape:  # a backbone that re-tokenizes its captions
+        return {}
+    gap = (samples.logps.to(scored.values.device).float() - scored.values.float()).abs()[scored.mask]
+    if not gap.numel():
+        return {}
+    return {f"{direction}/logp_drift_max": gap.max().item(), f"{direction}/logp_drift_mean": gap.mean().item()}
+
+
 # ------------------------------------------------------------------------------------------ algorithms
 class SimPO:
     """Online SimPO (SUDER eq. 4): best vs worst sample of each group by reward."""
@@ -192,7 +207,10 @@ class GRPO:
         batch.advantages = advantages[rows].detach()
         # old log-probs before any update; with re-masking (Show-o), one per inner iteration's mask (diffu-GRPO)
         per_iteration = seeds if _remasks(cfg) and rollout.direction == "gen" else seeds[:1]
-        batch.old_logps = [_no_grad_logps(policy, rollout.direction, samples, cfg, s) for s in per_iteration]
+        with torch.no_grad():
+            old = [policy_logps(policy, rollout.direction, samples, cfg, s) for s in per_iteration]
+        batch.old_logps = [lp.values.detach() for lp in old]
+        metrics.update(logp_drift(rollout.direction, samples, old[0], cfg))
         if cfg.grpo_beta > 0:
             batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg, seeds[0])
         return batch, metrics

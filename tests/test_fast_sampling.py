@@ -155,6 +155,31 @@ def test_static_decoder_equals_a_full_forward_with_grouped_query_heads():
             assert (steps[i] - want).abs().max().item() <= TOL
 
 
+def test_bfloat16_model_attends_over_a_float32_cache_on_cpu():
+    """On CPU a bfloat16 Llama's keys and values are kept and multiplied in float32 (bf16 products of one query
+    with a sliced, transposed cache copy the cache and run 3-4x slower); each step still matches one
+    teacher-forced bfloat16 forward to bf16 rounding, and returns the model's dtype."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    lm = LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=16, max_position_embeddings=64))
+    lm = lm.to(torch.bfloat16).eval()
+    prompt = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    fed = torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        decoder = StaticDecoder(lm, prompt, mask, new_tokens=3)
+        assert {t.dtype for t in decoder.keys + decoder.values} == {torch.float32}
+        for i in range(3):
+            got = decoder.step(fed[:, i : i + 1], 5 + i + 1)
+            full_mask = torch.cat([mask, torch.ones(2, i + 1, dtype=mask.dtype)], 1)
+            want = lm(inputs_embeds=torch.cat([prompt, fed[:, : i + 1]], 1), attention_mask=full_mask,
+                      position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0)).last_hidden_state[:, -1]
+            assert got.dtype == torch.bfloat16
+            assert (got.float() - want.float()).abs().max().item() <= 0.05 * want.float().abs().max().item()
+
+
 def test_distinct_rows_finds_the_runs_of_a_group():
     a, b = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     embeds = torch.cat([a, a, b, b, b, a])

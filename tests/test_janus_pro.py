@@ -307,6 +307,21 @@ def test_save_load_round_trip(tmp_path):
     assert (again.logp_text_given_image(t, t.images).values - t.logps).abs().max() <= TOL
 
 
+def test_dtype_defaults_to_float32_on_cpu_and_bfloat16_on_gpu(tmp_path):
+    """A bfloat16 checkpoint (as released) loads in float32 on CPU unless bfloat16 or ``auto`` is asked for."""
+    from janus_tiny import tiny_model, tiny_processor
+
+    from suder import load_backbone
+    from suder.backbones.janus_pro import JanusProBackbone, resolve_dtype
+
+    JanusProBackbone.from_model(tiny_model(dtype=torch.bfloat16), tiny_processor()).save_pretrained(tmp_path)
+    asks = [{}, {"dtype": "bfloat16"}, {"dtype": "auto"}, {"dtype": None}]
+    dtypes = [load_backbone("janus-pro", model=str(tmp_path), device="cpu", **ask).model.dtype for ask in asks]
+    assert dtypes == [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32], dtypes
+    assert resolve_dtype(None, "cuda") == torch.bfloat16 and resolve_dtype(None, "cuda:1") == torch.bfloat16
+    assert resolve_dtype("fp32", "cuda") == torch.float32 and resolve_dtype(None, "cpu") == torch.float32
+
+
 def test_lora_save_load_round_trip_and_merged_export(tmp_path):
     from transformers import JanusForConditionalGeneration
 
@@ -376,3 +391,18 @@ def test_trainer_runs_two_steps(tmp_path, unpaired_data, algo, strategy, lora):
         again = suder.load_backbone("janus-pro", model=os.path.join(res.final_model, sub), dtype="float32",
                                     device="cpu")
         assert callable(getattr(again, "reference_scope", None)) == bool(lora)
+
+
+def test_trainer_reports_the_sampled_vs_teacher_forced_logp_drift(tmp_path, unpaired_data):
+    """GRPO recomputes old log-probs teacher-forced; the gap to the sampled ``.logps`` is logged per direction:
+    float rounding in float32. Guided samples scored under ``cfg_policy="cond"`` differ on purpose: no gen drift."""
+    import suder
+
+    kw = dict(algo="grpo", steps=1, group_size=2, gen_batch_size=2, und_batch_size=2, grad_accum=1, lr=1e-3,
+              sample_every=0, save_every=0, **unpaired_data)
+    res = suder.train(tiny_backbone(max_caption_tokens=8), output_dir=str(tmp_path / "a"), **kw)
+    drift = {k: v for k, v in res.metrics[0].items() if "logp_drift" in k}
+    assert set(drift) == {f"{d}/logp_drift_{s}" for d in ("gen", "und") for s in ("max", "mean")}, drift
+    assert all(0 <= v < 1e-4 for v in drift.values()), drift
+    res = suder.train(tiny_backbone(max_caption_tokens=8), output_dir=str(tmp_path / "b"), cfg_policy="cond", **kw)
+    assert "und/logp_drift_max" in res.metrics[0] and "gen/logp_drift_max" not in res.metrics[0]

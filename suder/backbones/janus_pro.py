@@ -38,14 +38,27 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def resolve_dtype(dtype: Any) -> torch.dtype | None:
-    """``"bfloat16"``, ``"bf16"``, ``torch.bfloat16`` -> ``torch.bfloat16``; ``None``, ``"auto"`` -> None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+def resolve_dtype(dtype: Any, device: Any = None) -> torch.dtype | str:
+    """The dtype to load in: ``"bfloat16"``, ``"bf16"``, ``torch.bfloat16`` -> ``torch.bfloat16``; ``"auto"`` ->
+    ``"auto"`` (the checkpoint's own); ``None`` -> ``default_dtype(device)``."""
+    if dtype is None:
+        return default_dtype(resolve_device(device))
+    if isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in DTYPES:
         raise BackboneError(f"Unknown dtype '{dtype}' for janus-pro; use bfloat16, float16, float32 or auto.")
-    return DTYPES[key]
+    return DTYPES[key] or "auto"
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 (the released checkpoints' precision) on a GPU, float32 on CPU.
+
+    On CPU bfloat16 saves memory but not time: its small matrix products run slower than float32 ones (the
+    tiny 576-token benchmark samples 1.6x slower in bfloat16, ``docs/performance.md``), and sampled and
+    teacher-forced log-probs drift apart (``ImageSamples.logps``). Pass ``dtype="bfloat16"`` to ask for it.
+    """
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def resolve_device(device: Any) -> torch.device:
@@ -63,7 +76,7 @@ def _looks_local(model: str) -> bool:
     return os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
-def load_pretrained(model: str, dtype: Any = "bfloat16", device: Any = None, cache_dir: str | None = None,
+def load_pretrained(model: str, dtype: Any = None, device: Any = None, cache_dir: str | None = None,
                     revision: str | None = None, attn_implementation: str | None = None):
     """(transformers model, processor, saved settings) from a hub id or folder; a one-line ``BackboneError``
     naming the fix when the weights are not there."""
@@ -79,7 +92,7 @@ def load_pretrained(model: str, dtype: Any = "bfloat16", device: Any = None, cac
     try:
         processor = JanusProcessor.from_pretrained(source, **hub)
         net = JanusForConditionalGeneration.from_pretrained(
-            source, dtype=resolve_dtype(dtype), device_map=resolve_device(device), **attn, **hub)
+            source, dtype=resolve_dtype(dtype, device), device_map=resolve_device(device), **attn, **hub)
     except OSError as exc:
         if os.path.isdir(path):
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -97,15 +110,16 @@ def load_pretrained(model: str, dtype: Any = "bfloat16", device: Any = None, cac
     return net, processor, settings
 
 
-def build_janus_pro(model: Any = DEFAULT_MODEL, *, processor: Any = None, dtype: Any = "bfloat16",
+def build_janus_pro(model: Any = DEFAULT_MODEL, *, processor: Any = None, dtype: Any = None,
                     device: Any = None, lora: dict[str, Any] | bool | None = None,
                     cache_dir: str | None = None, revision: str | None = None,
                     attn_implementation: str | None = None, **settings: Any):
     """Factory of ``load_backbone("janus-pro", ...)``.
 
     ``model``: hub id, local folder, or an already-built ``JanusForConditionalGeneration`` (then pass
-    ``processor=``; dtype and device are the caller's). ``dtype``: ``bfloat16`` (default, the checkpoint's
-    precision), ``float32``, ``float16`` or ``auto``. ``device``: default this process's GPU, else CPU.
+    ``processor=``; dtype and device are the caller's). ``dtype``: default ``bfloat16`` (the checkpoint's
+    precision) on a GPU and ``float32`` on CPU (``default_dtype``); ``bfloat16``, ``float32``, ``float16`` or
+    ``auto`` (as stored) ask for one. ``device``: default this process's GPU, else CPU.
     ``lora``: ``None`` (full fine-tuning), ``True`` (defaults) or a dict of ``peft.LoraConfig`` fields.
     Other settings (``guidance_scale=5.0``, ``cfg_policy="guided"``, ``caption_instruction``,
     ``max_caption_tokens=256``, ``freeze_vision_encoder=True``, ...) are described on ``JanusProBackbone``.
