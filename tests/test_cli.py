@@ -351,6 +351,14 @@ def test_bad_input_in_a_real_process(argv, fragment, bad_files):
     assert "Traceback" not in proc.stderr
 
 
+def test_python_m_suder_cli_is_one_line(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "suder.cli", "world", "export", "--num", "-1", "--out", str(tmp_path / "w")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    _one_line_error(proc, "--num is -1")
+    assert not (tmp_path / "w").exists()
+
+
 def test_ensure_writable_dir(tmp_path):
     from suder.data import ensure_writable_dir
     from suder.errors import DataError

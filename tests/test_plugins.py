@@ -236,6 +236,10 @@ def test_third_party_entry_point_named_like_a_builtin_is_an_error(monkeypatch, f
         suder.load_backbone("toy")
     msg = str(exc.value)
     assert "'toy'" in msg and "suder" in msg and "evil-toy" in msg and "SUDER_LOAD_PLUGINS" in msg
+    from suder.cli import main
+
+    plugins.reset()
+    assert main(["backbones"]) == 2  # one line on stderr, not a traceback
     monkeypatch.setenv("SUDER_LOAD_PLUGINS", "")  # the way out the message names
     plugins.reset()
     assert registry.get_backbone_spec("toy").distribution == "suder"
