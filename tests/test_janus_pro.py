@@ -122,6 +122,22 @@ def test_image_sampling_honours_generator_and_defaults():
     assert len(images) == 2 and images[0].size == (64, 64) and images[0].mode == "RGB"
 
 
+@pytest.mark.parametrize("sampler", ["fast", "fast-eager", "reference"])
+def test_temperature_zero_is_greedy_in_both_directions(sampler):
+    """The conformance check of ``suder.testing``, with guidance, in every image sampler and in captions; the
+    greedy ``.logps`` are the temperature-1 log-probs of the same CFG policy (teacher forcing at 0 or 1)."""
+    from suder.testing import check_temperature_zero_is_greedy
+
+    bb = tiny_backbone(max_caption_tokens=8, image_sampler=sampler)
+    check_temperature_zero_is_greedy(bb, PROMPTS, random_images(2), guidance_scale=5.0)
+    s = bb.sample_image(PROMPTS, num_samples=2, generator=gen(), guidance_scale=5.0, temperature=0)
+    sampled = bb.sample_image(PROMPTS, num_samples=2, generator=gen(), guidance_scale=5.0).tokens
+    assert not torch.equal(sampled, s.tokens)  # temperature 1 is not greedy: the check can fail
+    for t in (0, 1.0):
+        lp = bb.logp_image_given_text(s, s.prompts, policy="guided", guidance_scale=5.0, temperature=t)
+        assert (lp.values - s.logps).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("policy", ["guided", "cond"])
 def test_left_padded_image_batch_equals_unpadded(policy):
     bb = tiny_backbone()
