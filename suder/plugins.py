@@ -165,7 +165,10 @@ def register_plugin(plugin: object, name: str) -> None:
         raise DuplicateNameError(
             f"suder plugin '{name}' is already registered (from {plugin_info(name).distribution}); pick another name."
         )
-    pm.register(plugin, name=name)
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:  # e.g. a hook argument the spec does not have
+        raise PluginError(f"Plugin '{name}' cannot be registered: {exc}.") from None
     problem = hook_problem(pm, plugin)
     if problem is not None:
         pm.unregister(plugin)

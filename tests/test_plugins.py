@@ -282,6 +282,12 @@ def test_misspelt_hook_fails_at_load_with_the_closest_name(monkeypatch):
         plugins.register_plugin(_module("typo2", register_backbone=register_backbone), name="typo2")
     assert not pm.has_plugin("typo2")
 
+    def register_backbones_with_extra(register, extra):  # hook arguments must be the spec's
+        pass
+
+    with pytest.raises(errors.PluginError, match="'extra'"):
+        plugins.register_plugin(_module("extra", register_backbones=register_backbones_with_extra), name="extra")
+
 
 def test_plugin_without_hooks_is_reported(monkeypatch):
     def register_backbones(register):  # not marked with @hookimpl
