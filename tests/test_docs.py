@@ -35,8 +35,6 @@ def test_readme_has_two_setup_commands_and_suder_run():
 
 # Internal notes (the paper, specs, reference notes) are not shipped; code and docs must not send users there.
 INTERNAL = ("shared/reference", "shared/specs", "shared/paper", "dsr-prototype", "janus-transformers.md")
-# files whose owners are still moving their citations into docs/ (issue #10, item 6); remove as they land
-NOT_YET = {"suder/backbones/janus_pro_model.py"}
 
 
 def test_no_pointers_to_internal_notes():
@@ -47,5 +45,5 @@ def test_no_pointers_to_internal_notes():
                 continue
             rel = str(path.relative_to(ROOT))
             text = path.read_text(encoding="utf-8")
-            hits += [f"{rel}: {needle}" for needle in INTERNAL if needle in text and rel not in NOT_YET]
+            hits += [f"{rel}: {needle}" for needle in INTERNAL if needle in text]
     assert not hits, f"point to docs/ (or state the fact) instead of internal notes: {hits}"
