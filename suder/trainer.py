@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from torch import nn
 from . import rewards as rewards_mod
 from .config import TrainConfig, resolve
 from .data import image_pool, prompt_pool
-from .errors import SuderError, TrainingError
+from .errors import ConfigError, SuderError, TrainingError
 from .outputs import RunWriter, TrainResult, check_writable
 from .registry import get_reward_spec, load_backbone
 from .rollout import ALGORITHMS, ReferenceScope, Rollout, sample_group
@@ -111,25 +112,61 @@ def preflight(cfg: TrainConfig) -> Path | None:
     return RunWriter(Path(cfg.output_dir), True).plan_start(cfg)
 
 
+def launched_engine() -> str:
+    """What ``accelerate launch`` asked for: ``deepspeed``, ``fsdp`` or ``ddp`` (also plain torchrun, 1 process)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return "ddp"
+
+
+def check_engine(acc: Any, engine: str, cfg: TrainConfig) -> None:
+    """A launch config that cannot do what it says fails here, instead of quietly training with DDP; DeepSpeed
+    gets our accumulation (one optimizer step per training step, whatever its config file says)."""
+    from accelerate.utils import DistributedType
+
+    got = {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(acc.distributed_type, "ddp")
+    if engine != got:
+        why = " (FSDP through accelerate needs GPUs)" if engine == "fsdp" else ""
+        raise ConfigError(
+            f"The launch config asks for {engine} but accelerate set up {got}{why}; without a GPU, DeepSpeed needs "
+            "DS_ACCELERATOR=cpu (see docs/scaling.md)."
+        )
+    if engine == "deepspeed":
+        if cfg.strategy == "separate":
+            raise ConfigError("The separate strategy trains two models; with DeepSpeed use unified, gen or und.")
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds["gradient_accumulation_steps"] = cfg.grad_accum
+        if not isinstance(ds.get("train_micro_batch_size_per_gpu"), int):
+            ds["train_micro_batch_size_per_gpu"] = 1  # rollouts are batched by us; DeepSpeed only needs a number
+        acc.gradient_accumulation_steps = cfg.grad_accum
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, policy: Any = None, callback=None):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
+        from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
 
         from .tracking import accelerator_kwargs
 
         self.cfg, self.callback = cfg, callback
+        engine = launched_engine()
+        handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+        if not torch.accelerator.is_available() and engine != "ddp":
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
         self.acc = Accelerator(
-            # without an accelerator, torchrun's processes still form a (gloo) group; accelerate only
-            # recognises it with cpu=True
-            cpu=not torch.accelerator.is_available(),
+            # without an accelerator, torchrun's processes still form a (gloo) group; accelerate only recognises
+            # it with cpu=True, which would also turn a requested DeepSpeed into plain DDP: only for DDP
+            cpu=not torch.accelerator.is_available() and engine == "ddp",
             mixed_precision=cfg.mixed_precision,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+            kwargs_handlers=handlers,
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=cfg.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
             ),
             **accelerator_kwargs(cfg),  # report_to: log_with and project_dir
         )
+        check_engine(self.acc, engine, cfg)
         self.out = Path(cfg.output_dir)
         self.writer = RunWriter(self.out, self.acc.is_main_process)
         # data and output folder are checked before the base model is built or loaded
@@ -216,12 +253,11 @@ class Trainer:
                 p.requires_grad_(id(p) in trainable)
             trained = [p for p in m.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(trained, lr=c.lr, weight_decay=c.weight_decay)
-            wrapped, opt = self.acc.prepare(Dispatch(m), opt)
             # the scheduler is ours, not prepared: accelerate's steps it num_processes times per step (it assumes
-            # the data grew with the processes; here max_steps already divides by them). One step per training step.
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                getattr(opt, "optimizer", opt), self._lr_lambda(self._steps_for(key))
-            )
+            # the data grew with the processes; here max_steps already divides by them). One step per training
+            # step, on the torch optimizer whose param_groups every engine (DDP, ZeRO) reads its lr from.
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda(self._steps_for(key)))
+            wrapped, opt = self.acc.prepare(Dispatch(m), opt)
             self.acc.register_for_checkpointing(sched)
             # the parameters as the engine holds them after prepare (FSDP replaces them with sharded ones)
             params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -454,6 +490,8 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
             metrics["optimizer_steps"] = metrics.get("optimizer_steps", 0) + 1
+        if hasattr(wrapped, "global_steps"):  # DeepSpeed steps inside backward: its own count, for the record
+            metrics["engine_steps"] = float(wrapped.global_steps)
         sched.step()
         metrics.update(getattr(self, "_phase_times", {}))
         return metrics

@@ -74,3 +74,42 @@ def test_early_stopping_on_two_processes_ends_every_rank(tiny_toy_path, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["stopped_early"] is True and run["steps"] == 2 and run["num_processes"] == 2
+
+
+def _accelerate_launch(config: str, args: list[str], timeout: int = 240, **env) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config)]
+    cmd += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(next(PORT))]
+    return subprocess.run(cmd + args, capture_output=True, text=True, env=ENV | env, cwd=ROOT, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_two_cpu_processes_steps_once_per_training_step(tiny_toy_path, tmp_path):
+    """The shipped zero2.yaml, as a user launches it (2 processes, no GPU: DS_ACCELERATOR=cpu): DeepSpeed really
+    runs, its engine steps once per training step with grad_accum 2, the lr follows our schedule, and the final
+    model saves and loads."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    args = ["-m", "suder", "run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "3"]
+    args += ["--group-size", "4", "--gen-batch-size", "1", "--und-batch-size", "1", "--eval-num", "8"]
+    args += ["--grad-accum", "2", "--save-every", "2", "--sample-every", "0", "--lr", "1e-3", "--warmup-steps", "2"]
+    proc = _accelerate_launch("examples/accelerate/zero2.yaml", args, DS_ACCELERATOR="cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["engine_steps"] for m in metrics] == [1, 2, 3]  # not 2 per step (one per micro-batch)
+    assert [m["lr"] for m in metrics] == pytest.approx([5e-4, 1e-3, 1e-3])
+    run = json.loads((out / "run.json").read_text())
+    assert run["num_processes"] == 2 and (out / "checkpoints" / "step-000002" / "state").is_dir()
+    import suder
+
+    suder.load_backbone("toy", model=str(out / "final"))
+
+
+@pytest.mark.slow
+def test_a_launch_config_that_cannot_run_here_fails_loudly(tiny_toy_path, tmp_path):
+    """DeepSpeed without a GPU and without DS_ACCELERATOR=cpu must not quietly train with DDP."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    args = ["-m", "suder", "run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "1"]
+    proc = _accelerate_launch("examples/accelerate/zero2.yaml", args, DS_ACCELERATOR="")
+    assert proc.returncode != 0
+    assert not (out / "metrics.jsonl").exists()

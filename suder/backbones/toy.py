@@ -444,12 +444,19 @@ class ToyUnifiedLM(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """``config.json`` (sizes, vocabulary, guidance scale) and ``model.safetensors`` (weights + codebook)."""
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"backbone": "toy", **asdict(self.config)}, f, indent=2)
-        save_model(self, os.path.join(path, "model.safetensors"))
+        # tied weights (lm_head = embed_tokens) once, as copies: DeepSpeed ZeRO leaves parameters as views into one
+        # flat buffer, which safetensors' save_model refuses ("none is covering the entire storage")
+        tensors, seen = {}, set()
+        for name, value in self.state_dict(keep_vars=True).items():
+            if id(value) not in seen:
+                seen.add(id(value))
+                tensors[name] = value.detach().clone().contiguous()
+        save_file(tensors, os.path.join(path, "model.safetensors"))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | None = None) -> ToyUnifiedLM:
