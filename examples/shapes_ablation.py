@@ -47,6 +47,7 @@ def run_one(name: str, seed: int, out: Path, base: str | None, steps: int, eval_
         "output_dir": str(folder),
         "save_every": 0,
         "sample_every": 100,
+        "overwrite": True,  # an unfinished run (no run.json) starts again
     }
     if base:
         overrides["model"] = base
