@@ -2,12 +2,15 @@
 trainer step split by phase. Writes JSON; asserts nothing about time (see ``docs/performance.md``).
 
     HF_HUB_OFFLINE=1 python benchmarks/rollout.py cpu   # tiny 576-token Janus, toy, rewards, trainer (1 thread)
+    HF_HUB_OFFLINE=1 python benchmarks/rollout.py cpu --janus-only   # the Janus sampler tables only
     HF_HUB_OFFLINE=1 python benchmarks/rollout.py gpu   # Janus-Pro-1B architecture, random bf16 weights, CUDA
 
 Equal work everywhere: 2 prompts of different lengths (left-padded) x G=8 images, CFG 5, 576 tokens, full
 softmax (``top_k=0`` for ``generate``, whose default hides ``top_k=50``). Each method runs once to warm up,
 then ``--repeats`` times interleaved with the others; the median is reported (the CPU machine is shared).
-``gpu`` also states the memory-bandwidth bound of the decode loop (weights + KV cache read per step).
+``cpu`` times the Janus samplers in float32 and in bfloat16 (the same weights, rounded), side by side, each with
+the gap between sampled and teacher-forced log-probs of the same codes. ``gpu`` also states the
+memory-bandwidth bound of the decode loop (weights + KV cache read per step).
 """
 
 from __future__ import annotations
@@ -41,18 +44,24 @@ def sync(device: str) -> None:
 
 
 def timed(methods: dict, repeats: int, device: str) -> dict:
-    """Median seconds of each method (one warm-up call each, then ``repeats`` interleaved rounds)."""
+    """Median seconds of each method (one warm-up call each, then ``repeats`` interleaved rounds): wall clock,
+    and this process's CPU time (``cpu_median_s``: with one thread on a shared CPU, the time not spent waiting
+    for a core that others hold)."""
     for fn in methods.values():
         fn()
     runs: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             runs[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(v), "min_s": min(v), "runs_s": v} for name, v in runs.items()}
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: {"median_s": statistics.median(v), "min_s": min(v), "runs_s": v,
+                   "cpu_median_s": statistics.median(cpu[name]), "cpu_runs_s": cpu[name]}
+            for name, v in runs.items()}
 
 
 def environment(device: str) -> dict:
@@ -86,7 +95,7 @@ def tiny576():
 
 
 def janus_pro_1b(device: str):
-    """Janus-Pro-1B's architecture (2.08B parameters) with random bf16 weights (janus-transformers.md s6)."""
+    """Janus-Pro-1B's architecture (2.08B parameters; its config.json's sizes) with random bf16 weights."""
     from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig
     from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
 
@@ -105,7 +114,7 @@ def janus_pro_1b(device: str):
 def _generation_config(model, bos, eos, pad, boi):
     gc = model.generation_config
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = bos, eos, pad
-    gc.generation_kwargs = {"boi_token_id": boi}  # where image-mode generate looks for it (pitfall P6)
+    gc.generation_kwargs = {"boi_token_id": boi}  # where image-mode generate looks for it (as hub files set it)
     gc.guidance_scale = SCALE
     return model
 
@@ -185,18 +194,56 @@ def compare(outputs: dict, base: str) -> dict:
             for name, (tokens, logps) in outputs.items() if name != base}
 
 
+def teacher_forced(model, embeds, mask, tokens) -> torch.Tensor:
+    """(n, N) guided log-probs of sampled codes from one forward, as ``logp_image_given_text`` computes them."""
+    from suder.backbones.janus_pro_model import image_logits
+
+    feed = model.prepare_embeddings_for_image_generation(tokens.repeat(2, 1)[:, :-1])
+    full = torch.cat([mask, mask.new_ones(mask.shape[0], tokens.shape[1] - 1)], 1)
+    hidden = model.model.language_model(inputs_embeds=torch.cat([embeds, feed], 1), attention_mask=full,
+                                        position_ids=(full.cumsum(-1) - 1).clamp_min(0),
+                                        use_cache=False).last_hidden_state[:, mask.shape[1] - 1 :]
+    return torch.log_softmax(image_logits(model, hidden, SCALE), -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def drift(model, device, special, outputs: dict) -> dict:
+    """|sampled .logps - teacher-forced log-probs| of the same codes, per sampler (the trainer's logp_drift)."""
+    (_, _), (rows, rmask) = prompts(special, device)
+    embeds = model.get_input_embeddings()(rows)
+    out = {}
+    for name, (tokens, logps) in outputs.items():
+        gap = (logps - teacher_forced(model, embeds, rmask, tokens)).abs()
+        out[name] = {"max": gap.max().item(), "mean": gap.mean().item()}
+    return out
+
+
 @torch.no_grad()
 def sampler_table(model, device, special, repeats) -> dict:
     methods, outputs = sampler_methods(model, device, special)
     times = timed(methods, repeats, device)
     hf = times["hf generate(image, top_k=0)"]["median_s"]
     images = len(PROMPT_LENGTHS) * GROUP
+    hf_cpu = times["hf generate(image, top_k=0)"]["cpu_median_s"]
     for row in times.values():
         row["image_tokens_per_s"] = images * TOKENS / row["median_s"]
         row["speedup_vs_hf_generate"] = hf / row["median_s"]
+        row["cpu_speedup_vs_hf_generate"] = hf_cpu / row["cpu_median_s"]
     return {"work": {"prompts": len(PROMPT_LENGTHS), "prompt_tokens": list(PROMPT_LENGTHS), "group": GROUP,
                      "guidance_scale": SCALE, "image_tokens": TOKENS, "rows_per_step": 2 * images},
-            "seconds": times, "agreement_with_suder_reference": compare(outputs, "suder reference")}
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "seconds": times,
+            "agreement_with_suder_reference": compare(outputs, "suder reference"),
+            "logp_drift_vs_teacher_forced": drift(model, device, special, outputs)}
+
+
+def dtype_tables(model, device, special, repeats) -> dict:
+    """``sampler_table`` in float32 and in bfloat16 (the same random weights, rounded), side by side."""
+    tables = {name: sampler_table(model.to(dtype), device, special, repeats)
+              for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    for key in ("median_s", "cpu_median_s"):
+        median = {name: {k: v[key] for k, v in t["seconds"].items()} for name, t in tables.items()}
+        tables[f"bfloat16_over_float32_{key}"] = {k: median["bfloat16"][k] / median["float32"][k]
+                                                  for k in median["float32"]}
+    return tables
 
 
 # ------------------------------------------------------------------------------------------ GPU bound
@@ -373,7 +420,10 @@ def run_cpu(args) -> dict:
     torch.set_num_threads(1)
     result = {"environment": environment("cpu")}
     model, special = tiny576()
-    result["janus_tiny576_sampler"] = sampler_table(model, "cpu", special, args.repeats)
+    result["janus_tiny576_sampler"] = dtype_tables(model, "cpu", special, args.repeats)
+    if args.janus_only:
+        result["environment"]["load_average_end"] = list(os.getloadavg())
+        return result
     with tempfile.TemporaryDirectory() as tmp:
         toy = toy_base(args.toy_pretrain_steps, os.path.join(tmp, "toy")).eval()
         result["toy_sampler"] = toy_sampler_table(toy, args.repeats)
@@ -434,6 +484,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--toy-pretrain-steps", type=int, default=100)
     parser.add_argument("--trainer-steps", type=int, default=4, help="0 skips the trainer step")
+    parser.add_argument("--janus-only", action="store_true", help="cpu: only the Janus sampler tables")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/rollout-<target>.json")
     args = parser.parse_args()
     result = run_cpu(args) if args.target == "cpu" else run_gpu(args)

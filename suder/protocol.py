@@ -75,8 +75,21 @@ class ImageSamples:
     ``prompts``: list of B*G prompts (each prompt repeated G times, input-major).
     ``tokens``: (B*G, N) long, image token ids in the backbone's image vocabulary.
     ``logps``: (B*G, N) float, log-prob of each sampled token under the sampling policy (temperature and
-    guidance applied).
+    guidance applied; at temperature 0, greedy, the chosen token's log-prob at temperature 1). In float32 they
+    equal the teacher-forced ``logp_image_given_text`` of the same tokens (same policy, guidance and
+    temperature) to float rounding; in bfloat16 or float16 only approximately (below).
     ``images``: list of B*G PIL images, decoded from ``tokens`` on first access.
+
+    ``.logps`` in reduced precision: a sampler computes each token's log-prob incrementally (one KV-cached step
+    at a time), a teacher-forced pass all at once, and the two round differently. In float32 that is float
+    rounding (Janus-Pro's tiny test model: at most 1e-5 per token). In bfloat16 or float16 ``.logps`` are still
+    the log-probs of the tokens actually drawn, but only an approximation of the policy's likelihood: rounding
+    of the hidden states compounds over hundreds of steps, and sharp distributions and classifier-free
+    guidance (``s * (cond - uncond)``) amplify it, to tenths of a nat per token (Janus-Pro's tiny 576-token
+    model in bfloat16, CFG 5: ``docs/performance.md``). Use them to monitor; where the policy's likelihood
+    matters (importance ratios, losses), recompute it teacher-forced, as the trainer does for GRPO's old
+    log-probs, logging the gap as ``{direction}/logp_drift_max`` and ``{direction}/logp_drift_mean``. Backbones
+    whose image log-probs are an estimate (``TokenLogProbs.estimate``) say what their ``.logps`` match.
     """
 
     prompts: list[str]
@@ -128,7 +141,9 @@ class TextSamples:
     ``texts``: list of B*G decoded captions (input-major).
     ``tokens``: (B*G, T) long, right-padded caption token ids, ending with the end-of-text token when the
     caption finished.
-    ``logps``: (B*G, T) float, log-prob of each sampled token under the sampling policy (0 at padding).
+    ``logps``: (B*G, T) float, log-prob of each sampled token under the sampling policy (0 at padding; at
+    temperature 0 the greedy token's log-prob at temperature 1). As ``ImageSamples.logps``: equal to the
+    teacher-forced ``logp_text_given_image`` to float rounding in float32, an approximation in reduced precision.
     ``mask``: (B*G, T) bool, True at sampled tokens.
     ``images``: the B*G conditioning images (each input repeated G times), as passed in.
     """

@@ -6,10 +6,11 @@ Llama), shrunk to 1.3M parameters: 64 px images of 8 x 8 = 64 image tokens (the 
 the real ~100k-token tokenizer sits in a 102400-row embedding), and the real processor classes with the real
 special tokens, left padding, chat format and default system prompt. Nothing is downloaded.
 
-Sizes follow ``shared/reference/janus-transformers.md`` section 5. Constraints: the projection dims equal the
+Constraints of ``JanusConfig`` that the sizes respect: the projection dims equal the
 text hidden size; ``base_channels * multiplier`` is a multiple of 32; ``num_image_tokens`` is
 ``(image_size / patch_size) ** 2``; the VQ input side ``num_patches * 2 ** (len(channel_multiplier) - 1)`` is
-``image_size``. ``tie_word_embeddings=False`` as in the released checkpoints (pitfall P13).
+``image_size``. ``tie_word_embeddings=False`` as in the released checkpoints (``JanusConfig`` defaults to
+True, which would tie ``lm_head`` to ``embed_tokens``).
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def tiny_model(seed: int = 0, dtype=None):
         model.lm_head.weight[EOS].mul_(5.0)  # some captions end early, some run to the limit
     gc = model.generation_config
     gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = BOS, EOS, PAD
-    gc.generation_kwargs = {"boi_token_id": BOI}  # what hub generation_config.json files carry (pitfall P6)
+    # image-mode generate reads the BOI id from generation_kwargs, as hub generation_config.json files carry it
+    gc.generation_kwargs = {"boi_token_id": BOI}
     gc.guidance_scale = 5
     return model.to(dtype) if dtype is not None else model
 

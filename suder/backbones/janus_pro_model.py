@@ -3,8 +3,7 @@
 Imported lazily by ``suder.backbones.janus_pro`` (this module loads transformers). Janus-Pro (Chen et al.
 2025, arXiv:2501.17811) decouples visual encoding: captions read SigLIP features (``vision_model`` +
 ``aligner``), images are drawn as 576 VQ codes (``generation_embeddings`` + ``generation_aligner`` in,
-``generation_head`` out), and one Llama (``language_model``) serves both. Facts and pitfalls:
-``shared/reference/janus-transformers.md`` (P1..P17 below refer to its section 8).
+``generation_head`` out), and one Llama (``language_model``) serves both (transformers 5.24).
 
 Sequences, formatted the documented way (the processor's chat template with ``add_generation_prompt=True``):
 
@@ -16,15 +15,20 @@ Sequences, formatted the documented way (the processor's chat template with ``ad
 - captioning: the processor's text-mode prompt (with the default system prompt when the checkpoint sets it),
   ``<|User|>: <image_placeholder>\\n{instruction}\\n\\n<|Assistant|>:`` with the image's SigLIP features in
   the placeholders, then the caption and the end-of-sentence token, right-padded. The image placeholder, BOI
-  and EOI ids are suppressed (``-inf``) when sampling *and* when scoring captions, so the two agree (P12).
+  and EOI ids are suppressed (``-inf``) when sampling *and* when scoring captions, so the two agree (a sampled
+  placeholder id inside a caption would otherwise make transformers' forward look for image features there).
 
-Why not ``model.generate``: image mode hides ``top_k=50`` (P3), takes no ``generator`` (P5), has no no-CFG
-path (P1) and returns no per-step scores (P4); text mode takes no ``generator`` either. The samplers below
+Why not ``model.generate``: image mode adds a hidden ``top_k=50`` whenever none is set, takes no
+``generator`` (only the global seed), crashes without CFG (``guidance_scale <= 1``) and returns no per-step
+scores (``.scores`` is the last step's raw logits); text mode takes no ``generator`` either. The samplers below
 follow HF's image loop otherwise, sample from the full softmax, and record per-token log-probs equal to the
-teacher-forced ones (tested to 1e-4 in float32). Positions are ``cumsum(mask) - 1`` everywhere. Image
-samplers are looked up by name (``IMAGE_SAMPLERS``): ``reference`` is the plain loop, ``fast`` (the default)
-gives the same tokens and log-probs for a seed on a pre-allocated cache, with CUDA graphs on CUDA
-(``suder.fast_sampling``; measured in ``docs/performance.md``).
+teacher-forced ones (tested to 1e-4 in float32; in bfloat16 they drift apart, see ``ImageSamples.logps``).
+Temperature 0 is greedy in both directions and in every sampler: the arg-max code after guidance, the
+arg-max caption token, with the chosen tokens' log-probs under the temperature-1 distribution of the same
+(CFG) policy, which is what the log-prob methods return at temperature 0 too. Positions are
+``cumsum(mask) - 1`` everywhere. Image samplers are looked up by name (``IMAGE_SAMPLERS``): ``reference`` is
+the plain loop, ``fast`` (the default) gives the same tokens and log-probs for a seed on a pre-allocated
+cache, with CUDA graphs on CUDA (``suder.fast_sampling``; measured in ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -241,7 +245,8 @@ class JanusProBackbone(nn.Module):
             raise BackboneError(f"The processor expands images to {processor.num_image_tokens} tokens but "
                                 f"the model uses {self.num_image_tokens}; load both from one checkpoint.")
         self.suppressed_ids = [self.image_id, self.boi_id, self.eoi_id]
-        model.model.vqmodel.requires_grad_(False)  # codes are discrete: the VQ model has no gradient (P14)
+        # codes are discrete: the VQ model has no gradient (transformers leaves requires_grad on)
+        model.model.vqmodel.requires_grad_(False)
         if self.freeze_vision_encoder:
             model.model.vision_model.requires_grad_(False)
         self.train(model.training)
@@ -273,7 +278,8 @@ class JanusProBackbone(nn.Module):
         return self.model.lm_head.weight.device
 
     def train(self, mode: bool = True) -> JanusProBackbone:
-        """As ``nn.Module.train``, but the VQ model (and a frozen vision encoder) stay in eval mode (P14)."""
+        """As ``nn.Module.train``, but the VQ model (and a frozen vision encoder) stay in eval mode (the VQ
+        model sets eval in its ``__init__``, which ``model.train()`` would undo)."""
         super().train(mode)
         self.model.model.vqmodel.eval()
         if self.freeze_vision_encoder:
@@ -441,7 +447,8 @@ class JanusProBackbone(nn.Module):
                      generator: torch.Generator | None = None, guidance_scale: float | None = None,
                      temperature: float = 1.0, **options: Any) -> ImageSamples:
         """``num_samples`` images per prompt, ``num_image_tokens`` codes each, with per-token log-probs under
-        the guided distribution (scale != 1) at ``temperature``; ``sampler=`` picks an ``IMAGE_SAMPLERS``."""
+        the guided distribution (scale != 1) at ``temperature`` (0: greedy, log-probs at temperature 1);
+        ``sampler=`` picks an ``IMAGE_SAMPLERS``."""
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         sampler = options.get("sampler", self.image_sampler)
         if sampler not in IMAGE_SAMPLERS:
