@@ -283,40 +283,53 @@ def render(run_dir: str | Path, max_grids: int = 12, refresh: int | None = None)
     reload = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh and not run else ""
     flat = {k: pts for g in groups.values() for k, pts in g.items()}
     title = html.escape(d.resolve().name)
-    body = [f"<h1>suder run <code>{title}</code></h1>", f"<p class=muted>{summary_line(run, metrics, config)}</p>"]
+    sections: list[tuple[str, str, str]] = []  # (id, heading, html)
     if run.get("before") or run.get("after"):
-        body += ["<h2 id=judge>Judged accuracy before and after</h2>", judge_table(run["before"], run["after"])]
+        sections.append(("judge", "Judged accuracy before and after", judge_table(run["before"], run["after"])))
     if flat:
         charts = "".join(f'<div class="chart">{svg_chart(k, flat[k])}</div>' for k in overview_keys(groups))
-        body += ["<h2 id=overview>Overview</h2>", f'<div class="charts">{charts}</div>', "<h2 id=metrics>Metrics</h2>"]
-        for name, series in groups.items():
-            charts = "".join(f'<div class="chart">{svg_chart(k, pts)}</div>' for k, pts in series.items())
-            body.append(
-                f'<details open id="group-{name}" class="group"><summary>{name} ({len(series)})</summary>'
-                f'<div class="charts">{charts}</div></details>'
-            )
-    shown, found, total = sample_grids(d / "samples", max_grids)
-    if shown:
-        note = f" (showing {len(shown)} of {total} steps)" if len(shown) < total else ""
-        rows = []
-        for step in shown:
-            cells = []
-            for direction in ("gen", "und"):
-                f = found.get((step, direction))
-                img = f'<img alt="step {step} {direction}" src="{_data_uri(f)}">' if f else ""
-                cells.append(f"<td>{img}</td>")
-            rows.append(f"<tr><th>step {step}</th>{''.join(cells)}</tr>")
-        body += [
-            f"<h2 id=samples>Samples over training{note}</h2>",
-            '<table class="grids"><tr><th></th><th>gen: prompts and their images</th>'
-            f"<th>und: images and their captions (reward)</th></tr>{''.join(rows)}</table>",
-        ]
+        sections.append(("overview", "Overview", f'<div class="charts">{charts}</div>'))
+    samples = samples_section(d / "samples", max_grids)
+    if samples:
+        sections.append(("samples", samples[0], samples[1]))
+    if flat:
+        sections.append(("metrics", "All metrics", "".join(group_section(n, series) for n, series in groups.items())))
     if config:
-        body += ["<h2 id=config>Config</h2><p class=muted>bold: differs from the default</p>", config_section(config)]
+        sections.append(
+            ("config", "Config", "<p class=muted>bold: differs from the default</p>" + config_section(config))
+        )
+    nav = " · ".join(f'<a href="#{key}">{html.escape(heading.split(" (")[0])}</a>' for key, heading, _ in sections)
+    body = [f"<h1>suder run <code>{title}</code></h1>", f"<p class=muted>{summary_line(run, metrics, config)}</p>"]
+    body += [f"<p>{nav}</p>"] + [f"<h2 id={key}>{heading}</h2>{part}" for key, heading, part in sections]
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>suder report: {title}</title>{reload}'
         f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
     )
+
+
+def group_section(name: str, series: dict[str, list[tuple[int, float]]]) -> str:
+    charts = "".join(f'<div class="chart">{svg_chart(k, pts)}</div>' for k, pts in series.items())
+    return (
+        f'<details open id="group-{name}" class="group"><summary>{name} ({len(series)})</summary>'
+        f'<div class="charts">{charts}</div></details>'
+    )
+
+
+def samples_section(folder: Path, max_grids: int) -> tuple[str, str] | None:
+    """(heading, table) of the sample grids: one row per step, gen and und side by side."""
+    shown, found, total = sample_grids(folder, max_grids)
+    if not shown:
+        return None
+    note = f" (showing {len(shown)} of {total} steps)" if len(shown) < total else ""
+    rows = []
+    for step in shown:
+        cells = []
+        for direction in ("gen", "und"):
+            f = found.get((step, direction))
+            cells.append(f'<td><img alt="step {step} {direction}" src="{_data_uri(f)}"></td>' if f else "<td></td>")
+        rows.append(f"<tr><th>step {step}</th>{''.join(cells)}</tr>")
+    head = "<tr><th></th><th>gen: prompts and their images</th><th>und: images and their captions (reward)</th></tr>"
+    return f"Samples over training{note}", f'<table class="grids">{head}{"".join(rows)}</table>'
 
 
 def write_report(
