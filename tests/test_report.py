@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,6 +19,7 @@ from suder.cli import main
 from suder.errors import DataError
 from suder.report import ema, metric_groups, read_metrics, render, sample_grids
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(steps=3, group_size=4, gen_batch_size=2, und_batch_size=2, eval_num=8, sample_every=1, save_every=0)
 
 
@@ -161,3 +166,16 @@ def test_watch_rewrites_a_live_report_until_the_run_ends(tmp_path, run_dir):
     target = watch(live, None, 30, sleep=sleep)
     assert len(pages) == 1 and '<meta http-equiv="refresh" content="30">' in pages[0]
     assert "refresh" not in target.read_text() and "Judged accuracy" in target.read_text()
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser")), reason="no Chromium here")
+def test_render_script_screenshots_the_page_offline(run_dir, tmp_path):
+    """examples/render_report.sh as a user runs it: the page renders in headless Chromium with the network cut."""
+    from PIL import Image
+
+    shot = tmp_path / "shot.png"
+    env = os.environ | {"HEIGHT": "900"}
+    subprocess.run(["bash", str(ROOT / "examples" / "render_report.sh"), str(run_dir), str(shot)], check=True, env=env)
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 900)
+    assert len(image.getcolors(1 << 16) or []) > 50  # text, table, curves: not a blank or error page
