@@ -13,7 +13,7 @@ import pytest
 from suder.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["backbones", "world", "world export", "pretrain", "generate", "caption", "eval", "run"]
+COMMANDS = ["backbones", "world", "world export", "pretrain", "generate", "caption", "eval", "report", "run"]
 
 
 def _suder(*args, check=True):
