@@ -1,0 +1,171 @@
+"""The built-in backbones pass the public conformance kit (``suder.testing``), as a third-party backbone would.
+
+Each class runs every check of ``suder.testing.BackboneConformance`` (group layout, left padding, sampled vs
+teacher-forced log-probs under both CFG policies, greedy temperature 0, seeding, save/load, trainable parameters,
+and 2 trainer steps in every strategy with both algorithms) on a tiny model of the backbone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from suder.testing import BackboneConformance
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class TestToyConformance(BackboneConformance):
+    backbone_name = "toy"
+    prompts = ("a red circle", "two blue squares to the left of a green triangle")
+    train_options = {"eval_num": 4}
+
+    def make_backbone(self, tiny_toy_path):
+        from suder import load_backbone
+
+        return load_backbone("toy", model=tiny_toy_path)
+
+    def make_images(self, n):
+        from suder.worlds import shapes
+
+        return [shapes.render(s) for s in shapes.sample_scenes(n, seed=0)]
+
+
+class TestJanusProConformance(BackboneConformance):
+    backbone_name = "janus-pro"
+    prompts = ("a red circle", "a green triangle left of a yellow star")
+    guidance_scale = 5.0
+    load_options = {"dtype": "float32", "device": "cpu"}
+
+    def make_backbone(self):
+        from janus_tiny import tiny_backbone
+
+        return tiny_backbone(max_caption_tokens=8)
+
+    def make_images(self, n):
+        from janus_tiny import random_images
+
+        return random_images(n)
+
+
+class TestShowOConformance(BackboneConformance):
+    backbone_name = "show-o"
+    prompts = ("a red square", "two green triangles left of a photo of a cat")
+    guidance_scale = 1.5
+    unguided_scale = 0.0  # Show-o's logits are (1 + g) cond - g uncond
+    load_options = {"device": "cpu"}
+
+    def make_backbone(self):
+        from show_o_tiny import tiny_backbone
+
+        return tiny_backbone()
+
+    def make_images(self, n):
+        from show_o_tiny import tiny_images
+
+        return tiny_images(n)
+
+
+# ------------------------------------------------------------------------------------------ the kit can fail
+TOY_PROMPTS = list(TestToyConformance.prompts)
+
+
+@pytest.fixture
+def toy(tiny_toy_path):
+    from suder import load_backbone
+
+    return load_backbone("toy", model=tiny_toy_path).eval()
+
+
+@pytest.fixture
+def toy_images():
+    return TestToyConformance().make_images(2)
+
+
+def test_group_major_rows_fail_the_layout_check(toy, toy_images):
+    """Rows laid out group-major ([a, b, a, b]) under input-major prompts: each row is scored with the wrong prompt."""
+    from suder.testing import check_group_layout
+
+    sample = toy.sample_image
+
+    def group_major(prompts, *, num_samples=1, **kw):
+        s = sample(prompts, num_samples=num_samples, **kw)
+        order = torch.arange(len(s)).view(len(prompts), num_samples).T.reshape(-1)
+        return type(s)(s.prompts, s.tokens[order], s.logps[order], num_samples, s.guidance_scale, s.temperature)
+
+    toy.sample_image = group_major
+    with pytest.raises(AssertionError, match="scored alone"):
+        check_group_layout(toy, TOY_PROMPTS, toy_images, guidance_scale=3.0)
+
+
+def test_padding_dependent_scores_fail_the_padding_check(toy, toy_images):
+    from suder.testing import check_left_padding
+
+    score = toy.logp_image_given_text
+
+    def padded(images, texts, **kw):  # a backbone whose pads leak into the scores
+        lp = score(images, texts, **kw)
+        lp.values = lp.values + 1e-3 * (len(texts) - 1)
+        return lp
+
+    toy.logp_image_given_text = padded
+    with pytest.raises(AssertionError, match="in a batch vs alone"):
+        check_left_padding(toy, TOY_PROMPTS, toy_images)
+
+
+def test_untempered_scores_fail_the_logps_check(toy, toy_images):
+    from suder.testing import check_sampled_logps_match_teacher_forced
+
+    score = toy.logp_text_given_image
+    toy.logp_text_given_image = lambda texts, images, **kw: score(texts, images)  # ignores temperature
+    with pytest.raises(AssertionError, match=r"sample_text\(temperature=0.7\).logps vs teacher-forced"):
+        check_sampled_logps_match_teacher_forced(toy, TOY_PROMPTS, toy_images, guidance_scale=3.0)
+
+
+def test_ignored_guidance_fails_the_logps_check(toy, toy_images):
+    from suder.testing import check_sampled_logps_match_teacher_forced
+
+    score = toy.logp_image_given_text
+    toy.logp_image_given_text = lambda images, texts, **kw: score(images, texts, **(kw | {"policy": "cond"}))
+    with pytest.raises(AssertionError, match="policy='guided'"):
+        check_sampled_logps_match_teacher_forced(toy, TOY_PROMPTS, toy_images, guidance_scale=3.0)
+
+
+def test_an_unused_generator_fails_the_seeding_check(toy, toy_images):
+    from suder.testing import check_generator_reproduces
+
+    sample_image, sample_text = toy.sample_image, toy.sample_text
+    toy.sample_image = lambda prompts, generator=None, **kw: sample_image(prompts, **kw)
+    toy.sample_text = lambda images, generator=None, **kw: sample_text(images, **kw)
+    with pytest.raises(AssertionError, match="same generator seed"):
+        check_generator_reproduces(toy, TOY_PROMPTS, toy_images)
+
+
+def test_a_parameter_without_gradient_fails_the_trainable_check(toy, toy_images):
+    from suder.testing import check_trainable_parameters
+
+    toy.unused = torch.nn.Linear(2, 2)
+    toy.trainable_parameters = lambda direction: list(toy.lm.parameters()) + list(toy.unused.parameters())
+    with pytest.raises(AssertionError, match="no gradient of the gen log-prob reaches 2 of"):
+        check_trainable_parameters(toy, TOY_PROMPTS, toy_images)
+
+
+def test_a_lossy_save_fails_the_round_trip(toy, toy_images, tmp_path):
+    from suder.testing import check_save_load_round_trip
+
+    save = toy.save_pretrained
+
+    def lossy(path):
+        with torch.no_grad():
+            toy.lm.lm_head.weight.add_(1e-2)  # what is saved is not the model that was scored
+        save(path)
+
+    toy.save_pretrained = lossy
+    with pytest.raises(AssertionError, match="after save/load"):
+        check_save_load_round_trip(toy, "toy", tmp_path / "m", TOY_PROMPTS, toy_images)
