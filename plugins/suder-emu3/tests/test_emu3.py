@@ -1,0 +1,154 @@
+"""The ``emu3`` plugin on a tiny random Emu3 (CPU, offline): the suder conformance kit, the sequence layout of
+BAAI's processor, top-k, the saved folder, registration and the one-line error without weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import suder_emu3  # noqa: F401
+except ImportError as exc:  # a clear message rather than a failure in every test
+    raise ImportError("the emu3 plugin tests need the plugin installed: pip install -e plugins/suder-emu3") from exc
+from emu3_tiny import CODES, IMAGE_SIZE, random_images, tiny_backbone
+
+from suder.testing import BackboneConformance
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = ["a red circle", "a green triangle left of a yellow star"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class TestEmu3Conformance(BackboneConformance):
+    backbone_name = "emu3"
+    prompts = tuple(PROMPTS)
+    guidance_scale = 3.0
+    load_options = {"device": "cpu"}
+
+    def make_backbone(self):
+        return tiny_backbone()
+
+    def make_images(self, n):
+        return random_images(n)
+
+
+def test_generation_prompt_is_baais_layout():
+    """``<bos> prompt positive <boi> H*W <img>``, left-padded; the unconditional row carries the negative prompt."""
+    bb = tiny_backbone()
+    tok = bb.tokenizer
+    ids, mask = bb.t2i_inputs(PROMPTS, guided=True)
+    assert ids.shape[0] == 4 and mask[0, 0] == 0 and bool(mask[2].all())  # the negative prompt is longest
+    rows = [tok.decode(r[m.bool()]) for r, m in zip(ids, mask)]
+    size = "<|image start|>4*4<|image token|>"
+    assert rows[0] == "<|extra_203|>a red circle masterpiece, film grained, best quality." + size
+    assert rows[2].startswith("<|extra_203|>lowres, bad anatomy") and rows[2].endswith(size)
+
+
+def test_caption_prompt_is_baais_chat_layout():
+    bb = tiny_backbone()
+    codes = torch.arange(16).view(1, 16)
+    text = bb.tokenizer.decode(bb.i2t_inputs(codes)[0])
+    row = "".join(f"<|visual token {i:06d}|>" for i in range(4)) + "<|extra_200|>"
+    assert text.startswith("<|extra_203|>You are a helpful assistant. USER: <|image start|>4*4<|image token|>" + row)
+    assert text.endswith("<|extra_200|><|extra_201|><|image end|>Please describe the image. ASSISTANT:")
+    assert text.count("<|extra_200|>") == 4  # one end-of-line per row
+
+
+def test_top_k_restricts_samples_and_scores():
+    bb = tiny_backbone(top_k=4)
+    s = bb.sample_image(PROMPTS, num_samples=2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lp = bb.logp_image_given_text(s, s.prompts)
+        full = bb.logp_image_given_text(s, s.prompts, top_k=None)
+    assert (lp.values - s.logps).abs().max() <= 1e-5
+    assert bool((lp.values >= full.values - 1e-6).all()) and (lp.values - full.values).abs().max() > 1e-3
+
+
+def test_image_round_trip_through_the_vq(tmp_path):
+    bb = tiny_backbone()
+    s = bb.sample_image(PROMPTS[:1], generator=torch.Generator().manual_seed(0))
+    image = s.images[0]
+    assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    codes = bb.image_codes([image])
+    assert codes.shape == (1, 16) and int(codes.max()) < CODES
+
+
+def test_saved_folder_is_a_transformers_folder(tmp_path):
+    from transformers import Emu3ForConditionalGeneration
+
+    bb = tiny_backbone(guidance_scale=2.0)
+    bb.save_pretrained(tmp_path)
+    plain = Emu3ForConditionalGeneration.from_pretrained(tmp_path)
+    w = "lm_head.weight"
+    assert torch.equal(plain.state_dict()[w], bb.model.state_dict()[w])
+    from suder import load_backbone
+
+    again = load_backbone("emu3", model=str(tmp_path), device="cpu", max_caption_tokens=4)
+    assert again.settings.guidance_scale == 2.0 and again.settings.max_caption_tokens == 4
+
+
+def test_unknown_option_is_a_backbone_error(tmp_path):
+    from suder import load_backbone
+    from suder.errors import BackboneError
+
+    tiny_backbone().save_pretrained(tmp_path)
+    with pytest.raises(BackboneError, match="Unknown emu3 option"):
+        load_backbone("emu3", model=str(tmp_path), device="cpu", guidance=2.0)
+
+
+def test_registered_and_cheap_to_import():
+    code = (
+        "import sys, suder\n"
+        "import suder_emu3\n"
+        "assert 'emu3' in [s.name for s in suder.list_backbones()]\n"
+        "assert 'transformers' not in sys.modules, 'importing suder_emu3 loaded transformers'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_missing_weights_offline_is_one_line(tmp_path):
+    """A hub id that is not in the cache, with HF_HUB_OFFLINE=1: one BackboneError line, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    (tmp_path / "images").mkdir()
+    random_images(1)[0].save(tmp_path / "images" / "0.png")
+    done = subprocess.run([sys.executable, "-m", "suder.cli", "run", "--backbone", "emu3", "--model",
+                           "BAAI/Emu3-Gen-hf", "--strategy", "und", "--images", str(tmp_path / "images"),
+                           "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    lines = [x for x in done.stderr.strip().splitlines() if x.strip()]
+    assert "BAAI/Emu3-Gen-hf" in done.stderr and "hf download" in done.stderr and "Traceback" not in done.stderr
+    assert len(lines) == 1, done.stderr
+
+
+def test_missing_folder_is_a_backbone_error(tmp_path):
+    from suder_emu3 import build_emu3
+
+    from suder.errors import BackboneError
+
+    with pytest.raises(BackboneError, match="does not exist"):
+        build_emu3(str(tmp_path / "no-such-folder"), device="cpu")
+
+
+def test_recipe_resolves_to_the_published_settings():
+    from suder_emu3.backbone import Emu3Settings
+
+    from suder.config import resolve
+
+    cfg = resolve(str(HERE.parent / "emu3.yaml"), None)
+    assert cfg.backbone == "emu3" and cfg.guidance_scale == Emu3Settings.guidance_scale == 3.0
+    assert set(cfg.backbone_options) <= set(Emu3Settings.__dataclass_fields__) | {"device", "dtype"}
+    assert (HERE.parent / "emu3.yaml").read_text().startswith("# suder run --config ")
