@@ -212,10 +212,14 @@ class RunWriter:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_models(self, trainer: Any, folder: Path) -> None:
+        """``save_pretrained`` of each trained model (main process), from a view with whole weights: called by
+        every process, since gathering sharded weights (ZeRO-3, FSDP) needs them all."""
         keys = ["gen", "und"] if trainer.cfg.strategy == "separate" else ["policy"]
         for key in keys:
             target = folder if key == "policy" else folder / key
-            trainer.unwrapped(key).save_pretrained(str(target))
+            with trainer.gathered(key) as backbone:
+                if self.main:
+                    backbone.save_pretrained(str(target))
 
     def _guarded(self, what: str, tmp: Path, write) -> None:
         """Run ``write``; on a full disk remove the partial ``tmp`` and raise a ``TrainingError``."""
@@ -249,11 +253,11 @@ class RunWriter:
             self._guarded(f"checkpoint {step}", tmp, lambda: acc.save_state(str(tmp / "state")))
         finally:
             quiet.setLevel(level)
+        self._guarded(f"checkpoint {step}", tmp, lambda: self._save_models(trainer, tmp / "model"))
         if self.main:
             state = {"step": step, "best": self.best, "bad_evals": self.bad_evals}
 
             def write() -> None:
-                self._save_models(trainer, tmp / "model")
                 (tmp / "step.json").write_text(json.dumps(state))
                 atomic_replace(tmp, final)
 
@@ -300,24 +304,21 @@ class RunWriter:
         tmp = self.out / ".final.tmp"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
-
-            def write() -> None:
-                self._save_models(trainer, tmp)
-                atomic_replace(tmp, final)
-
-            self._guarded("the final model", tmp, write)
+        self._guarded("the final model", tmp, lambda: self._save_models(trainer, tmp))
+        if self.main:
+            self._guarded("the final model", tmp, lambda: atomic_replace(tmp, final))
         trainer.acc.wait_for_everyone()
         return final
 
     # ------------------------------------------------------------------ monitoring
     def heldout(self, trainer: Any) -> tuple[dict[str, float], float]:
-        """Judge a small held-out slice (main process): the metrics and the score early stopping watches."""
+        """Judge a small held-out slice: the metrics and the score early stopping watches."""
         from .evaluate import evaluate, headline
 
         cfg = trainer.cfg
         models = ("gen", "und") if cfg.strategy == "separate" else ("policy", "policy")
-        t2i = evaluate(trainer.unwrapped(models[0]), num=cfg.early_stopping_num, seed=4242, what=("t2i",))
-        cap = evaluate(trainer.unwrapped(models[1]), num=cfg.early_stopping_num, seed=4242, what=("caption",))
+        t2i = evaluate(trainer.eval_model(models[0]), num=cfg.early_stopping_num, seed=4242, what=("t2i",))
+        cap = evaluate(trainer.eval_model(models[1]), num=cfg.early_stopping_num, seed=4242, what=("caption",))
         h = headline(t2i | cap)
         score = (h["t2i"] if "gen" in cfg.directions else 0) + (h["caption_greedy"] if "und" in cfg.directions else 0)
         return {"heldout/t2i": h["t2i"], "heldout/caption_greedy": h["caption_greedy"]}, score

@@ -12,6 +12,7 @@ through it too (``Routed``), under ``torch.no_grad``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -45,16 +46,26 @@ class Dispatch(nn.Module):
 
 
 class Routed:
-    """A backbone seen through its wrapped module: ``routed.sample_image(...)`` runs inside ``wrapped.forward``
-    (so FSDP gathers its shards), attributes that are not methods come from the backbone itself."""
+    """A backbone seen through its wrapped module, for the no-grad calls (sampling, rewards, old and reference
+    log-probs, evaluation): ``routed.sample_image(...)`` runs inside ``wrapped.forward``, so DDP and ZeRO-2 see
+    every use; with sharded weights (``gather=True``: ZeRO-3, FSDP) it runs on a whole-weights view instead
+    (``whole_weights``), since samplers call layers one by one and read weights outside any module's forward.
+    Attributes that are not methods come from the backbone itself."""
 
-    def __init__(self, wrapped: nn.Module, backbone: nn.Module):
-        self._wrapped, self._backbone = wrapped, backbone
+    def __init__(self, wrapped: nn.Module, backbone: nn.Module, gather: bool = False):
+        self._wrapped, self._backbone, self._gather = wrapped, backbone, gather
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._backbone, name)
         if not callable(attr) or name in ("train", "eval"):
             return attr
+        if self._gather:
+
+            def gathered_call(*args, **kwargs):
+                with whole_weights(self._wrapped, self._backbone) as whole:
+                    return getattr(whole, name)(*args, **kwargs)
+
+            return gathered_call
         return lambda *args, **kwargs: self._wrapped(lambda m: getattr(m, name)(*args, **kwargs))
 
 
@@ -133,6 +144,13 @@ def check_engine(acc: Any, engine: str, cfg: TrainConfig) -> None:
             f"The launch config asks for {engine} but accelerate set up {got}{why}; without a GPU, DeepSpeed needs "
             "DS_ACCELERATOR=cpu (see docs/scaling.md)."
         )
+    if engine == "fsdp" or (engine == "deepspeed" and int(acc.state.deepspeed_plugin.zero_stage) == 3):
+        name = "FSDP" if engine == "fsdp" else "DeepSpeed ZeRO-3"
+        raise ConfigError(
+            f"{name} shards the weights, which suder does not support yet: the fast samplers call decoder layers "
+            "one by one, outside the hooks that gather the shards. Use DDP or DeepSpeed ZeRO-2 (with LoRA for "
+            "large models); see docs/scaling.md."
+        )
     if engine == "deepspeed":
         if cfg.strategy == "separate":
             raise ConfigError("The separate strategy trains two models; with DeepSpeed use unified, gen or und.")
@@ -178,23 +196,24 @@ class Trainer:
             self.pools["und"] = image_pool(cfg.images, cfg.seed)
         self.base_path = cfg.model
         if policy is None:
-            if cfg.backbone == "toy" and cfg.model is None:
-                from .pretrain import ensure_toy_base
+            if cfg.model is None and (cfg.backbone == "toy" or cfg.shapes_world):
+                from .pretrain import ensure_base
 
-                self.base_path = str(ensure_toy_base())
+                self.base_path = str(ensure_base(cfg.backbone))
             policy = load_backbone(
                 cfg.backbone, **({"model": self.base_path} if self.base_path else {}), **cfg.backbone_options
             )
         store_guidance(policy, cfg.guidance_scale)
-        self.judge = cfg.backbone == "toy" and cfg.prompts is None and cfg.images is None
+        self.judge = cfg.shapes_world
         self.rewards = {d: self._reward(d) for d in cfg.directions}
         self.models = self._build_models(policy)
 
-    def decide(self, fn: Callable[[], Any]) -> Any:
+    def decide(self, fn: Callable[[], Any], everywhere: bool = False) -> Any:
         """Run ``fn`` on the main process and give its result, or its ``SuderError``, to every process, so that
-        no rank waits forever for a decision (or an error) that only rank 0 saw."""
+        no rank waits forever for a decision (or an error) that only rank 0 saw. ``everywhere``: ``fn`` reads
+        sharded weights, so every process runs it (the main process's result still decides)."""
         result, error = None, None
-        if self.acc.is_main_process:
+        if self.acc.is_main_process or everywhere:
             try:
                 result = fn()
             except SuderError as exc:
@@ -297,10 +316,29 @@ class Trainer:
         return self.acc.unwrap_model(self.models[key]["wrapped"]).backbone
 
     def routed(self, key: str) -> Routed:
-        return Routed(self.models[key]["wrapped"], self.unwrapped(key))
+        return Routed(self.models[key]["wrapped"], self.unwrapped(key), gather=self.sharded)
 
     def scorer(self, key: str) -> Any:
         return self.models["frozen"] if key == "frozen" else self.routed(key)
+
+    @property
+    def sharded(self) -> bool:
+        """Weights are sharded across processes (ZeRO-3, FSDP): every read of them needs every process."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.FSDP:
+            return True
+        plugin = getattr(self.acc.state, "deepspeed_plugin", None)
+        return plugin is not None and int(plugin.zero_stage) == 3
+
+    def eval_model(self, key: str) -> Any:
+        """The model evaluation reads: the raw module where each process holds all weights, else the routed one
+        (whose forward gathers the shards, on every process)."""
+        return self.routed(key) if self.sharded else self.unwrapped(key)
+
+    def gathered(self, key: str):
+        """A view of model ``key`` with whole weights, for saving; entered by every process."""
+        return whole_weights(self.models[key]["wrapped"], self.unwrapped(key))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -317,7 +355,7 @@ class Trainer:
             metrics = self.train_step(step)
             metrics["step"] = step + 1
             if self.judge and c.eval_every and (step + 1) % c.eval_every == 0:
-                held, stopped = self.decide(lambda: self._heldout())
+                held, stopped = self.decide(self._heldout, everywhere=self.sharded)
                 metrics.update(held)
             history.append(metrics)
             writer.log(metrics)
@@ -498,16 +536,49 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, when: str) -> dict[str, Any]:
+        """The judge's scores (main process; with sharded weights every process runs the same evaluation)."""
         from .evaluate import evaluate
 
-        if not self.acc.is_main_process:
+        if not (self.acc.is_main_process or self.sharded):
             return {}
         c = self.cfg
         if c.strategy == "separate":
-            gen = evaluate(self.unwrapped("gen"), num=c.eval_num, what=("t2i",))
-            und = evaluate(self.unwrapped("und"), num=c.eval_num, what=("caption",))
-            return gen | und
-        return evaluate(self.unwrapped("policy"), num=c.eval_num)
+            gen = evaluate(self.eval_model("gen"), num=c.eval_num, what=("t2i",))
+            und = evaluate(self.eval_model("und"), num=c.eval_num, what=("caption",))
+            result = gen | und
+        else:
+            result = evaluate(self.eval_model("policy"), num=c.eval_num)
+        return result if self.acc.is_main_process else {}
+
+
+@contextlib.contextmanager
+def whole_weights(wrapped: nn.Module, backbone: nn.Module):
+    """Every process enters; inside, ``backbone``'s parameters are whole tensors: DeepSpeed ZeRO-3 gathers them
+    (``GatheredParameters``), FSDP2's sharded (``DTensor``) parameters are replaced by their full tensors for
+    the duration, anything else is already whole. For no-grad use (sampling, scoring, saving)."""
+    if any(hasattr(p, "ds_id") for p in backbone.parameters()):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(backbone.parameters()), modifier_rank=None):
+            yield backbone
+        return
+    from torch.distributed.tensor import DTensor
+
+    # FSDP2: swap each sharded parameter for its whole tensor (an all-gather, in the same order on every process;
+    # tied parameters stay tied), and back afterwards
+    swapped, whole = [], {}
+    for module in backbone.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor):
+                if id(param) not in whole:
+                    whole[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=False)
+                swapped.append((module, name, param))
+                module._parameters[name] = whole[id(param)]
+    try:
+        yield backbone
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
 
 
 COUNT_METRICS = {

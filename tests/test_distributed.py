@@ -113,3 +113,27 @@ def test_a_launch_config_that_cannot_run_here_fails_loudly(tiny_toy_path, tmp_pa
     proc = _accelerate_launch("examples/accelerate/zero2.yaml", args, DS_ACCELERATOR="")
     assert proc.returncode != 0
     assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_gradient_and_saving_match_the_unsharded_model(tiny_toy_path, tmp_path):
+    """torch's fully_shard under gloo: the loss through the wrapped forward has the unsharded gradient, and the
+    whole-weights view saves byte-identical files."""
+    proc = _torchrun([str(ROOT / "tests" / "distributed_scripts" / "fsdp2.py"), tiny_toy_path, str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("FSDP2_OK") == 2
+    plain, sharded = (tmp_path / d / "model.safetensors" for d in ("plain", "sharded"))
+    assert plain.read_bytes() == sharded.read_bytes()
+
+
+@pytest.mark.slow
+def test_sharded_engines_are_refused_with_the_reason(tiny_toy_path, tmp_path):
+    pytest.importorskip("deepspeed")
+    zero3 = tmp_path / "zero3.yaml"
+    zero3.write_text(
+        (ROOT / "examples" / "accelerate" / "zero2.yaml").read_text().replace("zero_stage: 2", "zero_stage: 3")
+    )
+    args = ["-m", "suder", "run", "--model", tiny_toy_path, "--output-dir", str(tmp_path / "run"), "--steps", "1"]
+    proc = _accelerate_launch(str(zero3), args, DS_ACCELERATOR="cpu")
+    assert proc.returncode != 0 and "DeepSpeed ZeRO-3 shards the weights" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,0 +1,56 @@
+"""FSDP2 (torch's ``fully_shard``) on CPU processes with gloo: a loss through the wrapped forward gives the unsharded
+model's gradient, and ``save_pretrained`` from a whole-weights view (``whole_weights``) writes the unsharded files.
+
+    torchrun --nproc_per_node 2 tests/distributed_scripts/fsdp2.py MODEL OUT
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import suder
+from suder.trainer import Dispatch, whole_weights
+from suder.worlds import shapes
+
+model_path, out = sys.argv[1:3]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+plain = suder.load_backbone("toy", model=model_path).eval()
+sharded = suder.load_backbone("toy", model=model_path).eval()
+wrapped = Dispatch(sharded)
+for layer in sharded.lm.model.layers:
+    fully_shard(layer)
+fully_shard(wrapped)
+assert any(isinstance(p, DTensor) for p in sharded.parameters()), "nothing was sharded"
+prompts = shapes.sample_prompts(2, seed=1)
+with torch.no_grad():
+    a = plain.sample_image(prompts, num_samples=2, generator=torch.Generator().manual_seed(3))
+    b = a
+
+# a training loss through the wrapped forward: the gradient of every parameter equals the unsharded one
+plain.train()
+sharded.train()
+loss_a = plain.logp_image_given_text(a, a.prompts).sum().sum()
+loss_a.backward()
+loss_b = wrapped(lambda m: m.logp_image_given_text(b, b.prompts).sum().sum())
+loss_b.backward()
+assert torch.allclose(loss_a, loss_b, atol=1e-4), (loss_a, loss_b)
+for (name, p), q in zip(plain.named_parameters(), sharded.parameters()):
+    if p.grad is None:
+        continue
+    g = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+    assert torch.allclose(p.grad, g, atol=1e-5), name
+
+# save_pretrained from a whole-weights view writes the same files as the unsharded model
+with whole_weights(wrapped, sharded) as whole:
+    if rank == 0:
+        whole.save_pretrained(out + "/sharded")
+assert any(isinstance(p, DTensor) for p in sharded.parameters()), "the view did not give the shards back"
+if rank == 0:
+    plain.save_pretrained(out + "/plain")
+dist.barrier()
+print("FSDP2_OK", rank)
+dist.destroy_process_group()
