@@ -204,9 +204,14 @@ def cmd_pretrain(args) -> None:
             out=args.out,
             steps=args.steps,
             seed=args.seed,
-            callback=lambda m: bar.update(task, completed=m["step"], info=f"loss {m['loss']:.3f}"),
+            callback=lambda m: bar.update(task, total=m["total_steps"], completed=m["step"], info=_loss_info(m)),
         )
     _console().print(f"Saved to {args.out} ({result.seconds:.0f} s, final loss {result.losses[-1]:.3f})")
+
+
+def _loss_info(m: dict) -> str:
+    """``loss 0.123``, after the phase when the pre-training reports one (``tokenizer``, ``model``)."""
+    return " ".join(filter(None, (m.get("phase"), f"loss {m['loss']:.3f}")))
 
 
 def cmd_generate(args) -> None:
@@ -229,6 +234,9 @@ def cmd_generate(args) -> None:
     with _progress() as bar:
         task = bar.add_task("generate", total=len(items), info="")
         for i, item in enumerate(items):
+            if args.resume and exports.is_written(args.layout, out, i, item, n):
+                bar.update(task, advance=1)
+                continue
             gen = torch.Generator().manual_seed(exports.item_seed(args.seed, i))
             images = model.sample_image(
                 [item.prompt], num_samples=n, generator=gen, guidance_scale=args.guidance_scale
@@ -236,7 +244,7 @@ def cmd_generate(args) -> None:
             exports.write_item(args.layout, out, i, item, images)
             size = images[0].size[0]
             bar.update(task, advance=1)
-    scorer = exports.SCORERS[args.layout].format(out=out.resolve(), resolution=size)
+    scorer = exports.SCORERS[args.layout].format(out=out.resolve(), resolution=size or "<SAMPLE_SIZE>")
     _console().print(f"Wrote {len(items)} x {n} images to {out} ({args.layout} layout). Score with: {scorer}")
 
 
@@ -357,16 +365,19 @@ def cmd_run(args, extra: list[str]) -> None:
 
     cfg = resolve(args.config, flags)  # fail on a bad option, data file or output folder before any expensive work
     preflight(cfg)
-    if cfg.backbone == "toy" and cfg.model is None:
-        from .pretrain import cache_dir, ensure_toy_base
+    if cfg.model is None and (cfg.backbone == "toy" or cfg.shapes_world):
+        from .pretrain import cache_dir, ensure_base
 
-        console.print(f"[bold]suder run[/]: the embedded default (toy backbone on ShapesWorld); cache: {cache_dir()}")
+        console.print(
+            f"[bold]suder run[/]: the embedded default ({cfg.backbone} backbone on ShapesWorld); cache: {cache_dir()}"
+        )
         with _progress() as bar:  # the pre-trained base is built once, on first use
             task = bar.add_task("pretrain base (first use)", total=None, info="", visible=False)
             flags["model"] = str(
-                ensure_toy_base(
+                ensure_base(
+                    cfg.backbone,
                     callback=lambda m: bar.update(
-                        task, total=m["total_steps"], completed=m["step"], info=f"loss {m['loss']:.3f}", visible=True
+                        task, total=m["total_steps"], completed=m["step"], info=_loss_info(m), visible=True
                     )
                 )
             )
@@ -414,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="supervised pre-training on paired ShapesWorld")
     pt.add_argument("--backbone", default="toy")
     pt.add_argument("--out", required=True)
-    pt.add_argument("--steps", type=int, default=500)
+    pt.add_argument("--steps", type=int, default=None, help="default: the backbone's recipe (toy: 500)")
     pt.add_argument("--seed", type=int, default=0)
 
     g = sub.add_parser("generate", help="sample images for a benchmark's prompts, in the folder its scorer reads")
@@ -429,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layout", choices=("geneval", "dpg-bench", "t2i-compbench"), default="geneval")
     g.add_argument("--num-samples", type=int, default=None, help="per prompt (default: geneval 4, dpg-bench 4, t2i 10)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--resume", action="store_true", help="skip prompts whose files are all in --out (same result: per-prompt seeds)"
+    )
     g.add_argument("--guidance-scale", type=float, default=None, help="default: the scale stored with the model")
     g.add_argument("--out", required=True)
 

@@ -118,6 +118,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         defaults = TOY_DEFAULTS if self.backbone == "toy" else PAPER_DEFAULTS
+        if self.backbone != "toy" and self.shapes_world:  # a backbone's ShapesWorld default (suder.pretrain)
+            from .pretrain import shapes_recipe
+
+            defaults = {**TOY_DEFAULTS, **shapes_recipe(self.backbone).run_defaults}
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -151,11 +155,11 @@ class TrainConfig:
             raise ConfigError("grpo_eps_low must be in [0, 1) and grpo_eps_high >= 0.")
         if self.algo == "simpo" and self.grpo_iterations != 1:
             raise ConfigError("grpo_iterations applies to algo grpo only; SimPO takes one step per rollout.")
-        if self.backbone != "toy" and self.strategy in ("unified", "gen", "separate") and self.prompts is None:
+        if not self.shapes_world and self.backbone != "toy" and self.strategy != "und" and self.prompts is None:
             raise ConfigError(
                 f"The {self.backbone} backbone needs --prompts FILE (one prompt per line) to train 'gen'."
             )
-        if self.backbone != "toy" and self.strategy in ("unified", "und", "separate") and self.images is None:
+        if not self.shapes_world and self.backbone != "toy" and self.strategy != "gen" and self.images is None:
             raise ConfigError(f"The {self.backbone} backbone needs --images DIR (a folder of images) to train 'und'.")
 
     def _check_choice(self, key: str, options: tuple[str, ...]) -> None:
@@ -164,6 +168,18 @@ class TrainConfig:
             hint = closest(str(value), options)
             extra = f" Did you mean '{hint}'?" if hint else ""
             raise ConfigError(f"{key} must be one of {', '.join(options)}; got '{value}'.{extra}")
+
+    @property
+    def shapes_world(self) -> bool:
+        """Trained and judged on ShapesWorld: no --prompts and no --images, on the toy or on a backbone with a
+        ShapesWorld recipe (``suder.pretrain``), whose base is the model when --model is not given."""
+        if self.prompts is not None or self.images is not None:
+            return False
+        if self.backbone == "toy":
+            return True
+        from .pretrain import shapes_recipe
+
+        return shapes_recipe(self.backbone) is not None
 
     @property
     def directions(self) -> tuple[str, ...]:

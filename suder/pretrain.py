@@ -1,14 +1,31 @@
-"""Supervised pre-training on paired ShapesWorld data, through the protocol's two log-prob methods.
+"""Supervised pre-training on paired ShapesWorld data, one mechanism for every backbone.
 
-The loss is ``-(log p(image | prompt) + log p(caption | image))`` per token, so any backbone that implements
-``UnifiedLMM`` pre-trains the same way. The condition is dropped (empty prompt) for ``cond_dropout`` of the
-text-to-image rows, which is what classifier-free guidance needs.
+The loss is ``-(log p(image | prompt) + log p(caption | image))`` per token, through the protocol's two log-prob
+methods, so any backbone that implements ``UnifiedLMM`` pre-trains the same way. The condition is dropped (empty
+prompt) for ``cond_dropout`` of the text-to-image rows, which is what classifier-free guidance needs.
 
-The defaults (500 steps, batch 48 + 48, AdamW lr 1e-3 with 100 warm-up steps, then cosine) give a base with
+**ShapesWorld base recipes.** What differs between backbones is how the untrained ShapesWorld-sized model is built
+(its size, its own image tokenizer, trained first) and the hyper-parameters. A backbone opts in by giving its
+registered factory an attribute ``shapes_recipe``: a callable returning a ``ShapesRecipe``:
+
+- ``build(seed=, callback=, **options)``: the untrained model at ShapesWorld scale, its image tokenizer already
+  trained (``callback`` receives ``{"step", "total_steps", "loss"}`` of that phase); ``options`` are the
+  ``backbone_options`` of ``pretrain`` (tests pass tiny sizes);
+- ``version``: part of the cache folder's name; bump it when the recipe changes;
+- ``pretrain``: defaults of ``pretrain``'s keywords (``steps``, ``batch_size``, ``lr``, ``warmup_steps``, ...);
+- ``image_logp_options(rng)``: optional keyword arguments of ``logp_image_given_text`` per step (Show-o: a random
+  mask ratio, its mask-token-prediction objective);
+- ``run_defaults``: ``TrainConfig`` defaults of ``suder run`` on this base, over the toy's (``config.TOY_DEFAULTS``).
+
+The toy needs no recipe: its factory builds a ShapesWorld model by default (``DEFAULT_RECIPE``). Show-o's is
+``suder/backbones/show_o/shapes_world.py``. ``ensure_base(backbone)`` builds a backbone's base once and caches it
+under ``cache_dir()`` as ``{backbone}-base-{version}-steps{steps}-seed{seed}``; ``suder run --backbone NAME`` with
+no ``--model``, ``--prompts`` or ``--images`` uses it.
+
+The toy's defaults (500 steps, batch 48 + 48, AdamW lr 1e-3 with 100 warm-up steps, then cosine) give a base with
 basic but imperfect alignment, the sweet spot for self-improvement found by the prototype (about 45% T2I, 80%
 sampled captions). Self-rewards need a competent reverse direction as the judge, and room to improve: from a
 250-step base (11.5% T2I) DSR gained 3 points of T2I, from this one 15 to 20, from a 750-step base (56%) 6 to 7.
-The embedded default of ``suder run`` builds this base once and caches it (``ensure_toy_base``).
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ from typing import Any
 import torch
 
 BASE_VERSION = "v1"
+PRETRAIN_DEFAULTS: dict[str, Any] = dict(steps=500, batch_size=48, lr=1e-3, warmup_steps=100, cond_dropout=0.1)
 
 
 @dataclass
@@ -34,29 +52,87 @@ class PretrainResult:
     out: str | None
     seconds: float
     losses: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+
+
+@dataclass
+class ShapesRecipe:
+    """How a backbone builds and pre-trains its ShapesWorld base (see the module docstring)."""
+
+    build: Callable[..., Any] | None = None  # None: ``load_backbone(name, **options)``
+    version: str = BASE_VERSION
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    image_logp_options: Callable[[random.Random], dict[str, Any]] | None = None
+    run_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+DEFAULT_RECIPE = ShapesRecipe()
+
+
+def shapes_recipe(backbone: str) -> ShapesRecipe | None:
+    """The ShapesWorld recipe of a registered backbone (its factory's ``shapes_recipe``), ``DEFAULT_RECIPE`` for
+    the toy, None when it has none (or the name is unknown)."""
+    from .errors import SuderError
+    from .registry import get_backbone_spec
+
+    if backbone == "toy":
+        return DEFAULT_RECIPE
+    try:
+        factory = get_backbone_spec(backbone).factory
+    except SuderError:
+        return None
+    make = getattr(factory, "shapes_recipe", None)
+    return make() if make is not None else None
 
 
 def pretrain(
     model: Any = "toy",
     *,
     out: str | None = None,
-    steps: int = 500,
+    steps: int | None = None,
     seed: int = 0,
-    batch_size: int = 48,
+    batch_size: int | None = None,
     caption_batch_size: int | None = None,
-    lr: float = 1e-3,
-    warmup_steps: int = 100,
-    cond_dropout: float = 0.1,
+    lr: float | None = None,
+    warmup_steps: int | None = None,
+    cond_dropout: float | None = None,
     callback: Callable[[dict], None] | None = None,
     **backbone_options: Any,
 ) -> PretrainResult:
-    """Pre-train ``model`` (a backbone name or object) for ``steps`` AdamW steps; deterministic for a seed."""
+    """Pre-train ``model`` (a backbone name or object) for ``steps`` AdamW steps; deterministic for a seed.
+
+    A name with a ShapesWorld recipe is built by the recipe (image tokenizer training included: ``callback``
+    counts its steps first) and takes the recipe's hyper-parameters where a keyword is None; others fall back to
+    ``PRETRAIN_DEFAULTS`` (the toy's)."""
+    from .errors import BackboneError
     from .registry import load_backbone
     from .worlds import shapes
 
+    start, cpu_start = time.perf_counter(), time.process_time()
+    recipe = shapes_recipe(model) if isinstance(model, str) else None
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, cond_dropout=cond_dropout)
+    hp = {**PRETRAIN_DEFAULTS, **(recipe.pretrain if recipe else {})}
+    hp.update({k: v for k, v in given.items() if v is not None})
+    steps, batch_size, lr, warmup_steps = hp["steps"], hp["batch_size"], hp["lr"], hp["warmup_steps"]
+    caption_batch_size = caption_batch_size or hp.get("caption_batch_size") or batch_size
+    offset = [0]  # steps reported by the recipe's build (image tokenizer training), before ours
+
+    def report(m: dict) -> None:
+        if callback:
+            offset[0] = m["total_steps"]
+            callback({**m, "total_steps": m["total_steps"] + steps, "phase": "tokenizer"})
+
     torch.manual_seed(seed)
     if isinstance(model, str):
-        model = load_backbone(model, **backbone_options)
+        if recipe is not None and recipe.build is not None:
+            model = recipe.build(seed=seed, callback=report, **backbone_options)
+        elif recipe is None and not backbone_options and model != "toy":
+            raise BackboneError(
+                f"The {model} backbone has no ShapesWorld recipe to pre-train from scratch; pass a model object "
+                "to suder.pretrain.pretrain, or fine-tune a released checkpoint with `suder run --model`."
+            )
+        else:
+            model = load_backbone(model, **backbone_options)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -68,15 +144,16 @@ def pretrain(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = random.Random(seed)
+    option_rng = random.Random(seed + 7919)  # its own stream: the data stream stays the toy's
     losses: list[float] = []
-    start = time.perf_counter()
     for step in range(steps):
         pairs = shapes.t2i_pairs(batch_size, seed=rng.randrange(2**31))
-        prompts = ["" if rng.random() < cond_dropout else p for p, _ in pairs]
+        prompts = ["" if rng.random() < hp["cond_dropout"] else p for p, _ in pairs]
         t2i_images = [shapes.render(s) for _, s in pairs]
-        caps = shapes.caption_pairs(caption_batch_size or batch_size, seed=rng.randrange(2**31))
+        caps = shapes.caption_pairs(caption_batch_size, seed=rng.randrange(2**31))
         cap_images = [shapes.render(s) for s, _ in caps]
-        img = model.logp_image_given_text(t2i_images, prompts, policy="cond")
+        options = recipe.image_logp_options(option_rng) if recipe and recipe.image_logp_options else {}
+        img = model.logp_image_given_text(t2i_images, prompts, policy="cond", **options)
         txt = model.logp_text_given_image([c for _, c in caps], cap_images)
         loss = -(img.sum().sum() / img.mask.sum() + txt.sum().sum() / txt.mask.sum())
         opt.zero_grad(set_to_none=True)
@@ -86,11 +163,13 @@ def pretrain(
         sched.step()
         losses.append(loss.item())
         if callback:
-            callback({"step": step + 1, "total_steps": steps, "loss": losses[-1]})
+            total = offset[0] + steps
+            callback({"step": offset[0] + step + 1, "total_steps": total, "loss": losses[-1], "phase": "model"})
     model.eval()
     if out:
         model.save_pretrained(out)
-    return PretrainResult(model, out, time.perf_counter() - start, losses)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return PretrainResult(model, out, seconds, losses, cpu)
 
 
 def cache_dir() -> Path:
@@ -101,21 +180,39 @@ def cache_dir() -> Path:
     return Path(base) / "suder"
 
 
-def ensure_toy_base(steps: int = 500, seed: int = 0, callback: Callable[[dict], None] | None = None) -> Path:
-    """The cached pre-trained toy base of the embedded default, built on first use (about 4 minutes)."""
+def ensure_base(
+    backbone: str = "toy", steps: int | None = None, seed: int = 0, callback: Callable[[dict], None] | None = None
+) -> Path:
+    """The cached pre-trained ShapesWorld base of a backbone (its recipe's steps unless given), built on first
+    use; ``callback`` sees the steps of the build (image tokenizer first, then the model)."""
     import json
 
-    target = cache_dir() / f"toy-base-{BASE_VERSION}-steps{steps}-seed{seed}"
-    if (target / "model.safetensors").is_file():
+    from .errors import BackboneError
+
+    recipe = shapes_recipe(backbone)
+    if recipe is None:
+        raise BackboneError(
+            f"The {backbone} backbone has no ShapesWorld default; pass --model (a checkpoint) with --prompts FILE "
+            "and --images DIR."
+        )
+    steps = steps or recipe.pretrain.get("steps", PRETRAIN_DEFAULTS["steps"])
+    version = BASE_VERSION if backbone == "toy" else recipe.version
+    target = cache_dir() / f"{backbone}-base-{version}-steps{steps}-seed{seed}"
+    if (target / "pretrain.json").is_file() or (target / "model.safetensors").is_file():
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    result = pretrain("toy", out=str(tmp), steps=steps, seed=seed, callback=callback)
-    (tmp / "pretrain.json").write_text(
-        json.dumps({"steps": steps, "seed": seed, "seconds": result.seconds, "final_loss": result.losses[-1]})
-    )
+    result = pretrain(backbone, out=str(tmp), steps=steps, seed=seed, callback=callback)
+    info = {"steps": steps, "seed": seed, "seconds": result.seconds, "final_loss": result.losses[-1]}
+    info |= {"cpu_seconds": result.cpu_seconds, "backbone": backbone, "version": version}
+    (tmp / "pretrain.json").write_text(json.dumps(info))
     try:
         os.replace(tmp, target)
     except OSError:  # another process built it first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_toy_base(steps: int = 500, seed: int = 0, callback: Callable[[dict], None] | None = None) -> Path:
+    """The cached pre-trained toy base of the embedded default, built on first use (about 4 minutes)."""
+    return ensure_base("toy", steps, seed, callback)

@@ -87,7 +87,7 @@ def test_every_recipe_resolves_to_what_it_names(recipe, monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "train", fake_train)
     monkeypatch.setattr(trainer_mod, "preflight", lambda cfg: None)
-    monkeypatch.setattr(importlib.import_module("suder.pretrain"), "ensure_toy_base", lambda **kw: "/no-base")
+    monkeypatch.setattr(importlib.import_module("suder.pretrain"), "ensure_base", lambda *a, **kw: "/no-base")
     with pytest.raises(SystemExit):
         cli.main(["run", "--config", str(recipe)])
     cfg = seen["cfg"]
@@ -123,10 +123,10 @@ def test_cli_algo_flag_is_what_runs(tiny_toy_path, tmp_path):
 
 
 def test_data_files_are_checked_before_the_base_is_built(tmp_path, monkeypatch, capsys):
-    def boom(**kw):
+    def boom(*a, **kw):
         raise AssertionError("pre-training started before the data was checked")
 
-    monkeypatch.setattr(importlib.import_module("suder.pretrain"), "ensure_toy_base", boom)
+    monkeypatch.setattr(importlib.import_module("suder.pretrain"), "ensure_base", boom)
     assert cli.main(["run", "--prompts", str(tmp_path / "missing.txt"), "--output-dir", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -10,7 +10,9 @@ diffusers. The pieces, each importable on its own:
 - ``prompting``: token ids, sequence layouts and omni-attention masks;
 - ``sampling``: the MaskGIT sampler and text draws;
 - ``clip``: the CLIP-ViT understanding path of the ``show-o-w-clip-vit`` checkpoints;
-- ``backbone``: the ``UnifiedLMM`` adapter and ``build_show_o``.
+- ``backbone``: the ``UnifiedLMM`` adapter and ``build_show_o``;
+- ``shapes_world``: Show-o's ShapesWorld default (a small model and its MAGVIT-v2 trained here), the recipe
+  ``suder.pretrain`` finds as ``build_show_o.shapes_recipe``.
 
 See ``docs/backbones/show-o.md``.
 """
@@ -27,6 +29,15 @@ def build_show_o(**kwargs: Any):
     from .backbone import build_show_o as build
 
     return build(**kwargs)
+
+
+def _shapes_recipe():
+    from .shapes_world import recipe
+
+    return recipe()
+
+
+build_show_o.shapes_recipe = _shapes_recipe  # suder.pretrain's ShapesWorld base recipe (module docstring)
 
 
 def expected_state_dict_shapes(which: str = "showlab/show-o") -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,221 @@
+"""Show-o's ShapesWorld default: a small model of the released architecture, trained here from scratch.
+
+``suder pretrain --backbone show-o`` and ``suder run --backbone show-o`` (no ``--model``) use ``recipe()``
+through ``suder.pretrain``'s one mechanism (see its docstring). The parts are the classes that load showlab's
+checkpoints (``Showo``, ``MAGVITv2``) with small sizes, and a text tokenizer of the same kind as Phi-1.5's:
+
+- **Text tokenizer**: a byte-level BPE (GPT-2 style, as Phi-1.5's) trained in memory on the ShapesWorld
+  grammar, so every word is one token; ``<|endoftext|>`` is id 0 and is bos = eos, as in Show-o. Show-o's
+  ``[PAD]`` and nine task tokens follow, then the image codes, then the mask token (``docs/backbones/show-o.md``,
+  "Token layout").
+- **MAGVIT-v2 tokenizer** (``SHAPES_VQ``): the release's five resolution levels (stride 16) with 32 channels
+  and one ResNet block per level, 6 LFQ bits (64 codes). A 32 px ShapesWorld image becomes 2 x 2 codes, one per
+  quadrant, which is exactly where ShapesWorld puts its objects. Trained by ``train_tokenizer`` with the
+  MAGVIT-v2 / Open-MAGVIT2 objective minus its perceptual and adversarial terms (no LPIPS weights here, and
+  flat-coloured shapes need no GAN): reconstruction (MSE) + 0.25 commitment ``||z - sg(q)||^2`` + 0.1 LFQ
+  entropy loss (mean per-code entropy minus the entropy of the batch-averaged code distribution, both weighted
+  1.0), with q = sign(z) passed straight through (Yu et al. 2023, arXiv:2310.05737, section 3.1 and eq. 2;
+  Open-MAGVIT2's ``imagenet_lfqgan_128_B.yaml``: ``commit_weight 0.25``, ``codebook_weight 0.1``,
+  ``sample_minimization_weight`` / ``batch_maximization_weight`` 1.0). The code distribution is
+  softmax(2 z . c) over the 64 codes c in {-1, 1}^6. Departure: lr 2e-3 with a short cosine schedule instead of
+  1e-4 constant, to converge on CPU in a few minutes.
+- **Show-o transformer** (``SHAPES_LLM``): Phi with q/k LayerNorm, 4 layers of width 128, 4 image tokens.
+  ``suder.pretrain.pretrain`` trains it through the protocol's two log-prob methods, which for Show-o are its
+  mixed objective: mask-token prediction of the image (``logp_image_given_text`` with a random
+  ``remask_ratio`` per step drawn from Show-o's cosine mask schedule, ``image_logp_options``) and next-token
+  prediction of the caption (``logp_text_given_image``).
+
+Sampling settings saved with the base: 4 MaskGIT steps (one per image token; Show-o's 18 would mostly re-draw
+nothing), captions up to 24 tokens, guidance ``SHAPES_GUIDANCE``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+SHAPES_LLM = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=512,
+    max_position_embeddings=64,
+    max_text_len=20,
+    codebook_size=64,
+    num_vq_tokens=16,
+)
+SHAPES_VQ = dict(
+    ch=32,
+    encoder_ch_mult=(1, 1, 2, 2),
+    encoder_num_res_blocks=(1, 1, 1, 1),
+    decoder_ch_mult=(1, 1, 2, 2),
+    decoder_num_res_blocks=(1, 1, 1, 1),
+    z_channels=6,
+)
+SHAPES_GUIDANCE = 0.0
+SHAPES_SETTINGS = dict(guidance_scale=SHAPES_GUIDANCE, steps=4, max_caption_tokens=24)
+COMMIT_WEIGHT, ENTROPY_WEIGHT = 0.25, 0.1
+RECON = "l2"
+
+
+# --------------------------------------------------------------------------------------------- text tokenizer
+def text_tokenizer() -> Any:
+    """A byte-level BPE tokenizer whose vocabulary holds every ShapesWorld word, with and without a leading
+    space, as one token; ``<|endoftext|>`` (id 0) is bos, eos and unk. Deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ...worlds import shapes
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,  # an upper bound: merging stops once every word is a single token
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    words = list(shapes.VOCAB_WORDS)
+    tok.train_from_iterator([" ".join(words), *(f"{w} {w}" for w in words)], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+
+
+# --------------------------------------------------------------------------------------------- MAGVIT-v2 training
+def _pixels(images: list[Any]) -> torch.Tensor:
+    from .magvit import image_to_tensor
+
+    return torch.stack([image_to_tensor(im, 32) for im in images])
+
+
+def lfq_losses(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(straight-through quantized z, commitment loss, entropy loss) of (B, C, H, W) latents; ``codebook``
+    (K, C) of -1/+1 rows (``LFQuantizer.embedding``). See the module docstring for the formulas."""
+    q = torch.where(z > 0, 1.0, -1.0)
+    quantized = z + (q - z).detach()
+    commit = F.mse_loss(z, q)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B H W, C)
+    probs = torch.softmax(2 * flat @ codebook.t(), -1)  # (B H W, K)
+    per_code = -(probs * torch.log(probs + 1e-5)).sum(-1).mean()
+    mean = probs.mean(0)
+    batch = -(mean * torch.log(mean + 1e-5)).sum()
+    return quantized, commit, per_code - batch
+
+
+def train_tokenizer(
+    vq: Any,
+    *,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    callback: Callable[[dict], None] | None = None,
+) -> list[float]:
+    """Train ``vq`` (a ``MAGVITv2``) on rendered ShapesWorld scenes; returns the losses. Deterministic for a
+    seed."""
+    from ...worlds import shapes
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vq.train().requires_grad_(True)
+    opt = torch.optim.Adam(vq.parameters(), lr=lr, betas=(0.9, 0.99))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    )
+    codebook = vq.quantize.embedding
+    losses = []
+    for step in range(steps):
+        # a mix of evaluation-like scenes and the pre-training captioning distribution
+        scenes = shapes.sample_scenes(batch_size, seed=rng.randrange(2**31))
+        x = _pixels([shapes.render(s) for s in scenes])
+        z = vq.encoder(x)
+        quantized, commit, entropy = lfq_losses(z, codebook)
+        recon = vq.decoder(quantized)
+        rec = F.mse_loss(recon, x) + (F.l1_loss(recon, x) if RECON == "l1+l2" else 0)
+        loss = rec + COMMIT_WEIGHT * commit + ENTROPY_WEIGHT * entropy
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if callback:
+            callback({"step": step + 1, "total_steps": steps, "loss": losses[-1]})
+    vq.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def reconstruction_accuracy(vq: Any, num: int = 400, seed: int = 999) -> dict[str, float]:
+    """How often the judge (``shapes.parse_image``) reads a reconstructed held-out scene as the scene itself:
+    ``{"scenes": fraction, "codes_used": distinct codes seen}``."""
+    from ...worlds import shapes
+    from .magvit import tensor_to_images
+
+    scenes = shapes.sample_scenes(num, seed=seed)
+    x = _pixels([shapes.render(s) for s in scenes])
+    codes = vq.get_code(x)
+    images = tensor_to_images(vq.decode_code(codes))
+    hits = [shapes.parse_image(im) == s for im, s in zip(images, scenes)]
+    return {"scenes": sum(hits) / num, "codes_used": int(codes.unique().numel())}
+
+
+# --------------------------------------------------------------------------------------------- the recipe
+def build_shapes_base(
+    seed: int = 0,
+    callback: Callable[[dict], None] | None = None,
+    *,
+    llm: dict[str, Any] | None = None,
+    vq: dict[str, Any] | None = None,
+    tokenizer_steps: int = 300,
+    tokenizer_batch_size: int = 32,
+    **settings: Any,
+):
+    """An untrained Show-o at ShapesWorld scale whose MAGVIT-v2 tokenizer is already trained (``callback``
+    sees its steps); ``llm`` / ``vq`` override ``SHAPES_LLM`` / ``SHAPES_VQ`` (tests use tiny sizes), and
+    ``settings`` the saved sampling settings (``SHAPES_SETTINGS``)."""
+    from .backbone import from_parts
+    from .magvit import MAGVITv2
+    from .modeling import Showo
+
+    tokenizer = text_tokenizer()
+    llm_cfg, vq_cfg = {**SHAPES_LLM, **(llm or {})}, {**SHAPES_VQ, **(vq or {})}
+    torch.manual_seed(seed)
+    tokenizer_model = MAGVITv2(**vq_cfg)
+    start = time.perf_counter()
+    train_tokenizer(tokenizer_model, steps=tokenizer_steps, batch_size=tokenizer_batch_size, seed=seed,
+                    callback=callback)
+    torch.manual_seed(seed)
+    n = len(tokenizer)
+    showo = Showo(llm_vocab_size=n, vocab_size=n + 10 + llm_cfg["codebook_size"] + 1, **llm_cfg)
+    model = from_parts(showo, tokenizer_model, tokenizer, **{**SHAPES_SETTINGS, **settings})
+    model.tokenizer_seconds = time.perf_counter() - start
+    return model
+
+
+def image_logp_options(rng: random.Random) -> dict[str, Any]:
+    """Show-o's pre-training masks a fraction cos(pi/2 t), t ~ U(0, 1), of the image tokens and predicts them
+    (``training/train.py``'s ``mask_or_random_replace_tokens`` with the cosine schedule); one ratio per step
+    here."""
+    return {"remask_ratio": max(1e-3, math.cos(math.pi / 2 * rng.random())), "remask_seed": rng.randrange(2**31)}
+
+
+def recipe():
+    """Show-o's ShapesWorld base recipe (``suder.pretrain.ShapesRecipe``)."""
+    from ...pretrain import ShapesRecipe
+
+    return ShapesRecipe(
+        build=build_shapes_base,
+        version="v1",
+        pretrain=dict(steps=1500, batch_size=48, lr=1e-3, warmup_steps=100),
+        image_logp_options=image_logp_options,
+        run_defaults=dict(lr=3e-5, guidance_scale=None),
+    )
