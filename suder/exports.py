@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,18 +154,28 @@ def grid_2x2(images: list[Any]):
 
 
 def write_item(layout: str, out: str | Path, index: int, item: Item, images: list[Any]) -> list[Path]:
-    """Save one prompt's samples (and GenEval's metadata.jsonl) under ``out``; returns the image files."""
+    """Save one prompt's samples (and GenEval's metadata.jsonl) under ``out``; returns the image files. Each file
+    is written under a temporary name and renamed, so an interrupted run never leaves a truncated image."""
     out = Path(out)
     paths = [out / rel for rel in image_paths(layout, index, item, len(images))]
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     if layout == "geneval":
         (out / f"{index:05d}" / "metadata.jsonl").write_text(item.line + "\n", encoding="utf-8")
-    if layout == "dpg-bench":
-        grid_2x2(images).save(paths[0])
-        return paths
-    for path, image in zip(paths, images):
-        image.save(path)
+    pictures = [grid_2x2(images)] if layout == "dpg-bench" else images
+    for path, image in zip(paths, pictures):
+        tmp = path.with_name(path.name + ".tmp")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
     return paths
+
+
+def is_written(layout: str, out: str | Path, index: int, item: Item, num_samples: int) -> bool:
+    """Whether every file of prompt ``index`` is already there (``suder generate --resume`` skips it)."""
+    out = Path(out)
+    files = [out / rel for rel in image_paths(layout, index, item, num_samples)]
+    if layout == "geneval":
+        files.append(out / f"{index:05d}" / "metadata.jsonl")
+    return all(f.is_file() for f in files)
 
 
 def item_seed(seed: int, index: int) -> int:

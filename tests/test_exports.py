@@ -151,3 +151,17 @@ def test_generate_is_reproducible_and_follows_the_seed(tiny_toy_path, tmp_path):
         return [list(Image.open(f).getdata()) for f in sorted((tmp_path / name).rglob("*.png"))]
 
     assert pixels("a") == pixels("b") and pixels("a") != pixels("c")
+
+
+def test_resume_fills_in_only_what_is_missing_and_gives_the_same_images(tiny_toy_path, tmp_path):
+    prompts = tmp_path / "color_val.txt"
+    prompts.write_text("a red square\ntwo blue circles\n")
+    out = tmp_path / "t"
+    assert _generate(tiny_toy_path, "t2i-compbench", prompts, out, "--num-samples", "2") == 0
+    first = {f.name: f.read_bytes() for f in (out / "samples").iterdir()}
+    (out / "samples" / "two blue circles_000003.png").unlink()  # an interrupted run
+    kept = out / "samples" / "a red square_000000.png"
+    kept.write_bytes(b"left alone")
+    assert _generate(tiny_toy_path, "t2i-compbench", prompts, out, "--num-samples", "2", "--resume") == 0
+    again = {f.name: f.read_bytes() for f in (out / "samples").iterdir()}
+    assert again == first | {kept.name: b"left alone"}  # prompt 0 skipped, prompt 1 redrawn identically
