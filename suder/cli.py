@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=None, help="per prompt (default: geneval 4, dpg-bench 4, t2i 10)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
-        "--resume", action="store_true", help="skip prompts whose files are all in --out (same result: per-prompt seeds)"
+        "--resume", action="store_true", help="skip prompts whose files are all in --out (each prompt has its own seed)"
     )
     g.add_argument("--guidance-scale", type=float, default=None, help="default: the scale stored with the model")
     g.add_argument("--out", required=True)
