@@ -14,16 +14,23 @@ from suder.errors import BackboneError
 DEFAULT_MODEL = "BAAI/Emu3-Gen-hf"
 
 
-def build_emu3(model: str | None = None, device: str | None = None, dtype: str | None = None, **settings: Any):
-    """Factory for ``load_backbone("emu3", model=...)``: a hub id (default ``BAAI/Emu3-Gen-hf``; the captioning
-    checkpoint is ``BAAI/Emu3-Chat-hf``) or a folder written by ``save_pretrained``. ``settings`` override the
+def build_emu3(
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    und_model: str | None = None,
+    **settings: Any,
+):
+    """Factory for ``load_backbone("emu3", model=...)``: a hub id (default ``BAAI/Emu3-Gen-hf``) or a folder written
+    by ``save_pretrained``. ``und_model``: a second checkpoint that captions (``BAAI/Emu3-Chat-hf``), trained for
+    ``und`` while ``model`` trains for ``gen``; a saved folder brings its own (``und/``). ``settings`` override the
     ``Emu3Settings`` (BAAI's published ones by default, or the ones saved in the folder). ``dtype``: float32 on CPU,
     bfloat16 on GPU unless given."""
     import json
 
     import torch
 
-    from .backbone import SETTINGS_FILE, Emu3Backbone, settings_from
+    from .backbone import SETTINGS_FILE, UND_FOLDER, Emu3Backbone, settings_from
 
     model = model or DEFAULT_MODEL
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,10 +42,13 @@ def build_emu3(model: str | None = None, device: str | None = None, dtype: str |
             saved = json.load(f)
     config = settings_from(saved | settings)
     parts = _load_parts(model, getattr(torch, dtype))
-    return Emu3Backbone(*parts, config).to(device)
+    if und_model is None and os.path.isdir(os.path.join(model, UND_FOLDER)):
+        und_model = os.path.join(model, UND_FOLDER)
+    und = _load_parts(und_model, getattr(torch, dtype), model_only=True)[0] if und_model else None
+    return Emu3Backbone(*parts, config, und_model=und).to(device)
 
 
-def _load_parts(model: str, dtype: Any) -> tuple[Any, Any, Any]:
+def _load_parts(model: str, dtype: Any, model_only: bool = False) -> tuple[Any, Any, Any]:
     """(Emu3ForConditionalGeneration, tokenizer, Emu3ImageProcessor) from a folder or the hub cache, or a one-line
     ``BackboneError`` saying how to get the weights."""
     from transformers import AutoTokenizer, Emu3ForConditionalGeneration, Emu3ImageProcessor
@@ -49,6 +59,8 @@ def _load_parts(model: str, dtype: Any) -> tuple[Any, Any, Any]:
                             "or a hub id such as BAAI/Emu3-Gen-hf.")
     try:
         built = Emu3ForConditionalGeneration.from_pretrained(model, dtype=dtype)
+        if model_only:
+            return built.eval(), None, None
         tokenizer = AutoTokenizer.from_pretrained(model)
         image_processor = Emu3ImageProcessor.from_pretrained(model)
     except OSError as exc:

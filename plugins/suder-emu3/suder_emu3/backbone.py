@@ -45,6 +45,7 @@ from suder.errors import BackboneError
 from suder.protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave
 
 SETTINGS_FILE = "suder_emu3.json"
+UND_FOLDER = "und"  # the captioning checkpoint of a two-checkpoint backbone, inside the saved folder
 EOL, EOF, BOI, EOI, IMG = "<|extra_200|>", "<|extra_201|>", "<|image start|>", "<|image end|>", "<|image token|>"
 NEGATIVE_PROMPT = (
     "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, "
@@ -67,13 +68,19 @@ class Emu3Settings:
 
 
 class Emu3Backbone(nn.Module):
-    """``Emu3ForConditionalGeneration`` + its tokenizer and image processor, as a ``UnifiedLMM``."""
+    """``Emu3ForConditionalGeneration`` + its tokenizer and image processor, as a ``UnifiedLMM``.
+
+    ``und_model``: a second checkpoint of the same architecture that captions (BAAI's Emu3-Chat beside Emu3-Gen);
+    ``model`` then only draws. Each direction trains its own checkpoint, and each scores the other's samples for
+    the dual self-rewards. The VQ-VAE of ``model`` encodes and decodes images for both."""
 
     name = "emu3"
 
-    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, settings: Emu3Settings | None = None):
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, settings: Emu3Settings | None = None,
+                 und_model: Any = None):
         super().__init__()
         self.model = model
+        self.und_model = und_model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.settings = settings or Emu3Settings()
@@ -91,7 +98,8 @@ class Emu3Backbone(nn.Module):
         self.eol, self.eof, self.boi, self.eoi, self.img = ids
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
-        vq.requires_grad_(False)
+        for lm in self._lms():
+            lm.model.vqmodel.requires_grad_(False)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -106,17 +114,27 @@ class Emu3Backbone(nn.Module):
     def num_image_tokens(self) -> int:
         return self.grid * self.grid
 
+    def _lms(self) -> list[Any]:
+        return [self.model] + ([self.und_model] if self.und_model is not None else [])
+
+    def lm(self, direction: str) -> Any:
+        """The checkpoint that serves ``direction``: ``und_model`` captions when there is one."""
+        return self.und_model if direction == "und" and self.und_model is not None else self.model
+
     def train(self, mode: bool = True) -> Emu3Backbone:
         super().train(mode)
-        self.model.model.vqmodel.eval()  # frozen, as in transformers
+        for lm in self._lms():
+            lm.model.vqmodel.eval()  # frozen, as in transformers
         return self
 
     def trainable_parameters(self, direction: str) -> list[nn.Parameter]:
-        """Both directions train the language model (embeddings, decoder, head); the VQ-VAE stays frozen."""
-        return list(self.model.model.text_model.parameters()) + list(self.model.lm_head.parameters())
+        """The language model (embeddings, decoder, head) of the direction's checkpoint; the VQ-VAE stays frozen."""
+        lm = self.lm(direction)
+        return list(lm.model.text_model.parameters()) + list(lm.lm_head.parameters())
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.model.gradient_checkpointing_enable(**kwargs)
+        for lm in self._lms():
+            lm.gradient_checkpointing_enable(**kwargs)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -124,10 +142,10 @@ class Emu3Backbone(nn.Module):
     def _size_tokens(self) -> str:
         return f"{BOI}{self.grid}*{self.grid}{IMG}"
 
-    def _hidden(self, ids, mask, cache=None, positions=None) -> torch.Tensor:
+    def _hidden(self, ids, mask, cache=None, positions=None, direction: str = "gen") -> torch.Tensor:
         if positions is None:
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+        out = self.lm(direction).model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                use_cache=cache is not None)
         return out.last_hidden_state
 
@@ -143,7 +161,7 @@ class Emu3Backbone(nn.Module):
 
     def _text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits with the visual tokens ruled out (captions are text)."""
-        logits = self.model.lm_head(hidden).float()
+        logits = self.lm("und").lm_head(hidden).float()
         return logits.index_fill(-1, self.visual_ids, float("-inf"))
 
     def _policy(self, options: dict[str, Any]) -> float | None:
@@ -295,7 +313,7 @@ class Emu3Backbone(nn.Module):
 
         cache = DynamicCache()
         mask = torch.ones_like(ids)
-        hidden = self._hidden(ids, mask, cache)[:, -1]
+        hidden = self._hidden(ids, mask, cache, direction="und")[:, -1]
         tokens = torch.full((n, limit), self.pad, dtype=torch.long, device=self.device)
         logps = torch.zeros(n, limit, device=self.device)
         alive = torch.zeros(n, limit, dtype=torch.bool, device=self.device)
@@ -309,7 +327,8 @@ class Emu3Backbone(nn.Module):
             if bool(done.all()) or t + 1 == limit:
                 break
             mask = torch.cat([mask, mask.new_ones(n, 1)], 1)
-            hidden = self._hidden(tokens[:, t : t + 1], mask, cache, mask.sum(-1, keepdim=True) - 1)[:, -1]
+            step_pos = mask.sum(-1, keepdim=True) - 1
+            hidden = self._hidden(tokens[:, t : t + 1], mask, cache, step_pos, direction="und")[:, -1]
         width = int(alive.sum(-1).max())
         texts = [self.tokenizer.decode(row[alive[i]].tolist(), skip_special_tokens=True).strip()
                  for i, row in enumerate(tokens)]
@@ -341,16 +360,19 @@ class Emu3Backbone(nn.Module):
         prefix = self.i2t_inputs(codes)
         ids = torch.cat([prefix, tokens], 1)
         mask = torch.cat([torch.ones_like(prefix), tmask.long()], 1)
-        hidden = self._hidden(ids, mask)[:, prefix.shape[1] - 1 : -1]
+        hidden = self._hidden(ids, mask, direction="und")[:, prefix.shape[1] - 1 : -1]
         step = _tempered(self._text_logits(hidden), options.get("temperature", 1.0))
         values = torch.log_softmax(step, -1).gather(-1, tokens[..., None]).squeeze(-1)
         return TokenLogProbs(values.masked_fill(~tmask, 0.0), tmask)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """A transformers folder (model, tokenizer, image processor) plus ``suder_emu3.json`` (the settings)."""
+        """A transformers folder (model, tokenizer, image processor) plus ``suder_emu3.json`` (the settings);
+        ``und_model``, if any, in the subfolder ``und/`` (a transformers model folder)."""
         os.makedirs(path, exist_ok=True)
         self.model.save_pretrained(path)
+        if self.und_model is not None:
+            self.und_model.save_pretrained(os.path.join(path, UND_FOLDER))
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
         with open(os.path.join(path, SETTINGS_FILE), "w") as f:

@@ -69,13 +69,15 @@ def tiny_model(tokenizer, seed: int = 0):
     return model
 
 
-def tiny_backbone(seed: int = 0, **settings):
+def tiny_backbone(seed: int = 0, und_seed: int | None = None, **settings):
+    """The adapter around a tiny model; ``und_seed``: a second tiny checkpoint that captions (Gen + Chat)."""
     from suder_emu3.backbone import Emu3Backbone, Emu3Settings
     from transformers import Emu3ImageProcessor
 
     tokenizer = tiny_tokenizer()
     settings = {"image_size": IMAGE_SIZE, "max_caption_tokens": 8, **settings}
-    return Emu3Backbone(tiny_model(tokenizer, seed), tokenizer, Emu3ImageProcessor(), Emu3Settings(**settings))
+    und = None if und_seed is None else tiny_model(tokenizer, und_seed)
+    return Emu3Backbone(tiny_model(tokenizer, seed), tokenizer, Emu3ImageProcessor(), Emu3Settings(**settings), und)
 
 
 def random_images(n: int, seed: int = 0, size: tuple[int, int] = (12, 10)):

@@ -150,5 +150,39 @@ def test_recipe_resolves_to_the_published_settings():
 
     cfg = resolve(str(HERE.parent / "emu3.yaml"), None)
     assert cfg.backbone == "emu3" and cfg.guidance_scale == Emu3Settings.guidance_scale == 3.0
-    assert set(cfg.backbone_options) <= set(Emu3Settings.__dataclass_fields__) | {"device", "dtype"}
+    assert set(cfg.backbone_options) <= set(Emu3Settings.__dataclass_fields__) | {"device", "dtype", "und_model"}
+    assert cfg.backbone_options["und_model"] == "BAAI/Emu3-Chat-hf" and cfg.model == "BAAI/Emu3-Gen-hf"
     assert (HERE.parent / "emu3.yaml").read_text().startswith("# suder run --config ")
+
+
+def test_two_checkpoints_one_per_direction(tmp_path):
+    """With ``und_model`` (Emu3-Chat beside Emu3-Gen), captions come from and train the second checkpoint, images
+    the first; the pair saves to one folder and loads back whole."""
+    from suder.testing import check_save_load_round_trip, check_trainable_parameters, check_trainer_runs
+
+    pair, gen, chat = tiny_backbone(und_seed=1), tiny_backbone(seed=0), tiny_backbone(seed=1)
+    images = random_images(2)
+    codes = torch.randint(0, CODES, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(pair.logp_text_given_image(PROMPTS, codes).values,  # codes: the VQs differ
+                           chat.logp_text_given_image(PROMPTS, codes).values)
+        assert torch.equal(pair.logp_image_given_text(codes, PROMPTS).values,
+                           gen.logp_image_given_text(codes, PROMPTS).values)
+    und = {id(p) for p in pair.und_model.parameters()}
+    assert all(id(p) in und for p in pair.trainable_parameters("und"))
+    assert not any(id(p) in und for p in pair.trainable_parameters("gen"))
+    check_trainable_parameters(pair, PROMPTS, images)
+    cpu = {"device": "cpu"}
+    again = check_save_load_round_trip(pair, "emu3", tmp_path / "saved", PROMPTS, images, load_options=cpu)
+    assert again.und_model is not None and (tmp_path / "saved" / "und" / "config.json").exists()
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    for i, im in enumerate(random_images(4, seed=3)):
+        im.save(data / "images" / f"{i}.png")
+    before = {n: p.detach().clone() for n, p in pair.named_parameters()}
+    check_trainer_runs(pair, tmp_path / "run", strategy="unified", algo="simpo", prompts_file=str(data / "prompts.txt"),
+                       images_dir=str(data / "images"), name="emu3", load_options=cpu)
+    for prefix in ("model.lm_head.", "und_model.lm_head."):
+        changed = [n for n, p in pair.named_parameters() if n.startswith(prefix) and not torch.equal(p, before[n])]
+        assert changed, f"nothing under {prefix} changed"
