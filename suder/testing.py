@@ -293,6 +293,7 @@ def check_trainable_parameters(model: Any, prompts: Sequence[str], images: Seque
     with torch.no_grad():
         codes = model.sample_image(list(prompts), generator=_gen(5)).tokens
     was_training = model.training
+    flags = {id(p): p.requires_grad for p in model.parameters()}
     try:
         for direction in DIRECTIONS:
             params = list(model.trainable_parameters(direction))
@@ -316,7 +317,7 @@ def check_trainable_parameters(model: Any, prompts: Sequence[str], images: Seque
     finally:
         for p in model.parameters():
             p.grad = None
-            p.requires_grad_(True)
+            p.requires_grad_(flags[id(p)])
         model.train(was_training)
 
 
@@ -429,7 +430,9 @@ class BackboneConformance:
 
     def test_save_load_round_trip(self, request, tmp_path):
         if self.backbone_name is None:
-            return
+            import pytest
+
+            pytest.skip("set backbone_name to the registered name to check save_pretrained + load_backbone")
         check_save_load_round_trip(self._backbone(request), self.backbone_name, tmp_path / "saved", *self._inputs(),
                                    load_options=self.load_options, atol=self.atol)
 

@@ -169,3 +169,14 @@ def test_a_lossy_save_fails_the_round_trip(toy, toy_images, tmp_path):
     toy.save_pretrained = lossy
     with pytest.raises(AssertionError, match="after save/load"):
         check_save_load_round_trip(toy, "toy", tmp_path / "m", TOY_PROMPTS, toy_images)
+
+
+def test_the_trainable_check_leaves_the_model_as_it_found_it(toy, toy_images):
+    from suder.testing import check_trainable_parameters
+
+    toy.lm.model.embed_tokens.weight.requires_grad_(False)  # a frozen part must stay frozen
+    toy.eval()
+    toy.trainable_parameters = lambda direction: [p for p in toy.lm.parameters() if p.requires_grad]
+    check_trainable_parameters(toy, TOY_PROMPTS, toy_images)
+    assert not toy.lm.model.embed_tokens.weight.requires_grad and not toy.training
+    assert all(p.grad is None for p in toy.parameters())
