@@ -186,3 +186,17 @@ def test_two_checkpoints_one_per_direction(tmp_path):
     for prefix in ("model.lm_head.", "und_model.lm_head."):
         changed = [n for n, p in pair.named_parameters() if n.startswith(prefix) and not torch.equal(p, before[n])]
         assert changed, f"nothing under {prefix} changed"
+
+
+def test_imports_only_suders_public_api():
+    """A third-party package depends on suder's public modules only, never on its internals or built-ins."""
+    import ast
+
+    public = {"suder", "suder.errors", "suder.protocol", "suder.testing", "suder.hookspecs"}
+    for path in (HERE.parent / "suder_emu3").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith("suder.") or name in public, f"{path.name} imports {name}"
