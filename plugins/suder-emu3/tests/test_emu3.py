@@ -200,3 +200,35 @@ def test_imports_only_suders_public_api():
                 names = [node.module]
             for name in names:
                 assert not name.startswith("suder.") or name in public, f"{path.name} imports {name}"
+
+
+def test_sequences_match_transformers_emu3_processor():
+    """Our token ids equal ``Emu3Processor``'s, with its image placeholders replaced by the visual tokens and
+    end-of-line tokens as ``Emu3Model`` does (``get_image_features``): the generation prompt with
+    ``return_for_image_generation=True``, and the image block of a captioning prompt (32 px / 8 = 4 x 4 codes,
+    the tiny model's grid)."""
+    import numpy as np
+    from emu3_tiny import SPECIALS, _tokenizer_json
+    from PIL import Image
+    from tokenizers import Tokenizer
+    from transformers import Emu3ImageProcessor, Emu3Processor, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()), pad_token=SPECIALS[0], bos_token=SPECIALS[1],
+        eos_token=SPECIALS[2], extra_special_tokens={"image_token": "<image>", "boi_token": "<|image start|>",
+        "eoi_token": "<|image end|>", "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>"},
+    )
+    processor = Emu3Processor(Emu3ImageProcessor(min_pixels=32 * 32, max_pixels=32 * 32), tokenizer)
+    bb = tiny_backbone()
+    text = PROMPTS[1] + bb.settings.positive_prompt
+    want = processor(text=[text], return_for_image_generation=True, ratio="1:1", image_area=32 * 32)["input_ids"][0]
+    assert bb.t2i_inputs(PROMPTS[1:], guided=False)[0][0].tolist() == list(want)
+    s = bb.settings
+    chat = f"{s.system_prompt} USER: <image>{s.caption_prompt}. ASSISTANT:"
+    ids = processor(images=[Image.fromarray(np.zeros((32, 32, 3), np.uint8))], text=[chat], return_tensors="pt")
+    ids = ids["input_ids"][0]
+    codes = torch.randint(0, CODES, (1, 16), generator=torch.Generator().manual_seed(0))
+    placeholders = ids == tokenizer.image_token_id
+    assert int(placeholders.sum()) == 4 * 5
+    ids[placeholders] = bb._body(codes)[0]
+    assert bb.i2t_inputs(codes)[0].tolist() == ids.tolist()
