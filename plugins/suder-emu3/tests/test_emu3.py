@@ -232,3 +232,27 @@ def test_sequences_match_transformers_emu3_processor():
     assert int(placeholders.sum()) == 4 * 5
     ids[placeholders] = bb._body(codes)[0]
     assert bb.i2t_inputs(codes)[0].tolist() == ids.tolist()
+
+
+def test_greedy_guided_images_equal_transformers_generate():
+    """Our guided sampler at temperature 0 draws the codes transformers' ``generate`` draws greedily with BAAI's
+    recipe: CFG against the negative prompt (``negative_prompt_ids``, scale 3) and the layout's allowed tokens
+    (``prefix_allowed_tokens_fn``: visual tokens, an end-of-line token closing each row)."""
+    bb = tiny_backbone()
+    prompt = PROMPTS[1:]
+    ids, mask = bb.t2i_inputs(prompt, guided=False)
+    negative = [bb.bos, *bb._encode(bb.settings.negative_prompt + bb._size_tokens())]
+    side, start, visual = bb.grid, ids.shape[1], bb.visual_ids.tolist()
+
+    def allowed(batch_id, input_ids):
+        done = input_ids.shape[0] - start
+        return [bb.eol] if done % (side + 1) == side else visual
+
+    out = bb.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=side * (side + 1), do_sample=False,
+                            guidance_scale=3.0, negative_prompt_ids=torch.tensor([negative]),
+                            prefix_allowed_tokens_fn=allowed, pad_token_id=bb.pad, eos_token_id=bb.eos)
+    rows = out[0, start:].view(side, side + 1)
+    assert bool((rows[:, -1] == bb.eol).all())
+    want = bb.model.model.vocabulary_mapping.convert_bpe2img(rows).flatten().long()
+    got = bb.sample_image(prompt, guidance_scale=3.0, temperature=0.0).tokens[0]
+    assert torch.equal(got, want)
