@@ -239,10 +239,9 @@ def dtype_tables(model, device, special, repeats) -> dict:
     """``sampler_table`` in float32 and in bfloat16 (the same random weights, rounded), side by side."""
     tables = {name: sampler_table(model.to(dtype), device, special, repeats)
               for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    fp32, bf16 = tables["float32"]["seconds"], tables["bfloat16"]["seconds"]
     for key in ("median_s", "cpu_median_s"):
-        median = {name: {k: v[key] for k, v in t["seconds"].items()} for name, t in tables.items()}
-        tables[f"bfloat16_over_float32_{key}"] = {k: median["bfloat16"][k] / median["float32"][k]
-                                                  for k in median["float32"]}
+        tables[f"bfloat16_over_float32_{key}"] = {k: bf16[k][key] / fp32[k][key] for k in fp32}
     return tables
 
 
