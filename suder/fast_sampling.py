@@ -54,16 +54,18 @@ def supports(lm: nn.Module) -> bool:
 
 
 def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of ``StaticDecoder``'s KV cache and attention products: float32 on CPU, else the model's.
+    """The dtype of ``StaticDecoder``'s KV cache and attention products: float32 for a bfloat16 or float16
+    model on CPU, else the model's own.
 
-    On CPU a bfloat16 (or float16) batched product of one query row with the cache runs 3-4x slower than the
-    float32 one, and with the keys transposed and sliced (``q @ k[:span]^T``) it first copies the whole filled
-    cache to contiguous memory, every layer of every step: the bfloat16 sampler was 2.7x slower than float32
-    and as slow as transformers' ``generate`` (``docs/performance.md``). The keys and values are the model's
-    own (rounded to its dtype by its projections), only stored and multiplied in float32: the attention is
-    then a little more precise than the model's bfloat16 forward, not less. On CUDA bf16 products are fast.
+    On CPU a bfloat16 batched product of one query row with the cache runs 3-4x slower than the float32 one,
+    and with the keys transposed and sliced (``q @ k[:span]^T``) it first copies the whole filled cache to
+    contiguous memory, every layer of every step: the bfloat16 sampler took 3.3x its float32 time
+    (``docs/performance.md``). The keys and values are the model's own (rounded to its dtype by its
+    projections), only stored and multiplied in float32: the attention is a little more precise than the
+    model's bfloat16 forward, not less. On CUDA reduced-precision products are fast and the cache stays small.
     """
-    return torch.float32 if device.type == "cpu" and dtype.is_floating_point else dtype
+    reduced = dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if device.type == "cpu" and reduced else dtype
 
 
 def uniforms(generator: torch.Generator | None, steps: int, rows: int, device: torch.device) -> torch.Tensor:
@@ -111,8 +113,7 @@ class StaticDecoder:
         cache = DynamicCache(config=lm.config)  # prefill each distinct prompt row once, then copy it G times
         out = lm(inputs_embeds=embeds[first], attention_mask=mask[first], position_ids=positions[first],
                  cache=cache, use_cache=True)
-        self.dtype = cache.layers[0].keys.dtype  # the model's compute dtype
-        self.attention_dtype = attention_dtype(self.dtype, mask.device)
+        self.attention_dtype = attention_dtype(cache.layers[0].keys.dtype, mask.device)
         self.keys, self.values = [], []  # each (R, H_kv, S, D), written in place by ``step``
         for layer in cache.layers:
             for prefix, store in ((layer.keys, self.keys), (layer.values, self.values)):

@@ -54,9 +54,10 @@ def resolve_dtype(dtype: Any, device: Any = None) -> torch.dtype | str:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 (the released checkpoints' precision) on a GPU, float32 on CPU.
 
-    On CPU bfloat16 saves memory but not time: its small matrix products run slower than float32 ones (the
-    tiny 576-token benchmark samples 1.6x slower in bfloat16, ``docs/performance.md``), and sampled and
-    teacher-forced log-probs drift apart (``ImageSamples.logps``). Pass ``dtype="bfloat16"`` to ask for it.
+    On CPU bfloat16 saves memory but not time: its small matrix products run slower than float32 ones (on the
+    tiny 576-token benchmark, sampling takes 1.3x the float32 time, transformers' ``generate`` 1.5x:
+    ``docs/performance.md``), and sampled and teacher-forced log-probs drift apart (``ImageSamples.logps``).
+    Pass ``dtype="bfloat16"`` to ask for it.
     """
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
