@@ -134,6 +134,11 @@ def check_group_layout(
         width = int(alone.mask[0].sum())
         _assert_close(f"sample_text row {r} (image {r // G}) scored alone vs its .logps", alone.values[0, :width],
                       t.logps[r, :width], t.mask[r, :width], atol)
+    other = _text_logps(model, t.select([0]), [images[1]], temperature=t.temperature or 1.0)
+    assert (other.values[0][other.mask[0]] - t.logps[0][t.mask[0]].to(other.values.device)).abs().max() > atol, (
+        "the log-probs of a caption do not depend on its image, so the layout cannot be checked: make the test "
+        "model's conditioning matter"
+    )
 
 
 def check_left_padding(
