@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    import suder_emu3  # noqa: F401
-except ImportError as exc:  # a clear message rather than a failure in every test
-    raise ImportError("the emu3 plugin tests need the plugin installed: pip install -e plugins/suder-emu3") from exc
+# CI installs the plugin (.ci/run, where a failed install stops the run); elsewhere these tests skip without it
+pytest.importorskip("suder_emu3", reason="the emu3 plugin is not installed: pip install -e plugins/suder-emu3")
 from emu3_tiny import CODES, IMAGE_SIZE, random_images, tiny_backbone
 
 from suder.testing import BackboneConformance
