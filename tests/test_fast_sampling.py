@@ -11,7 +11,7 @@ from janus_tiny import NUM_IMAGE_TOKENS as JANUS_TOKENS
 from janus_tiny import tiny_backbone
 
 from suder.backbones.toy import NUM_IMAGE_TOKENS as TOY_TOKENS
-from suder.fast_sampling import StaticDecoder, distinct_rows, supports, uniforms
+from suder.fast_sampling import StaticDecoder, attention_dtype, distinct_rows, supports, uniforms
 
 TOL = 1e-5
 TOY_PROMPTS = ["a red square", "a green circle to the left of a blue triangle", "three white squares"]
@@ -171,6 +171,9 @@ def test_bfloat16_model_attends_over_a_float32_cache_on_cpu():
     with torch.no_grad():
         decoder = StaticDecoder(lm, prompt, mask, new_tokens=3)
         assert {t.dtype for t in decoder.keys + decoder.values} == {torch.float32}
+        cpu, cuda = torch.device("cpu"), torch.device("cuda")  # float64 stays; CUDA keeps the model's dtype
+        assert attention_dtype(torch.float64, cpu) == torch.float64
+        assert attention_dtype(torch.bfloat16, cuda) == torch.bfloat16
         for i in range(3):
             got = decoder.step(fed[:, i : i + 1], 5 + i + 1)
             full_mask = torch.cat([mask, torch.ones(2, i + 1, dtype=mask.dtype)], 1)
