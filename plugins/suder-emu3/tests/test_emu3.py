@@ -110,7 +110,8 @@ def test_registered_and_cheap_to_import():
     code = (
         "import sys, suder\n"
         "import suder_emu3\n"
-        "assert 'emu3' in [s.name for s in suder.list_backbones()]\n"
+        "spec = {s.name: s for s in suder.list_backbones()}['emu3']\n"
+        "assert (spec.plugin, spec.distribution) == ('emu3', 'suder-emu3'), spec\n"
         "assert 'transformers' not in sys.modules, 'importing suder_emu3 loaded transformers'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
