@@ -104,6 +104,22 @@ def test_group_major_rows_fail_the_layout_check(toy, toy_images):
         check_group_layout(toy, TOY_PROMPTS, toy_images, guidance_scale=3.0)
 
 
+def test_group_major_captions_fail_the_layout_check(toy, toy_images):
+    from suder.testing import check_group_layout
+
+    sample = toy.sample_text
+
+    def group_major(images, *, num_samples=1, **kw):
+        t = sample(images, num_samples=num_samples, **kw)
+        rows = t.select(torch.arange(len(t)).view(len(images), num_samples).T.reshape(-1))
+        rows.num_samples = num_samples
+        return rows
+
+    toy.sample_text = group_major
+    with pytest.raises(AssertionError, match=r"sample_text row \d \(image \d\) scored alone"):
+        check_group_layout(toy, TOY_PROMPTS, toy_images, guidance_scale=3.0)
+
+
 def test_padding_dependent_scores_fail_the_padding_check(toy, toy_images):
     from suder.testing import check_left_padding
 
