@@ -592,10 +592,14 @@ COUNT_METRICS = {
 
 
 def _accumulate(into: dict[str, Any], values: dict[str, Any], n: int) -> None:
-    """Average metrics over micro-batches; counts (``COUNT_METRICS``) are summed."""
+    """Average metrics over micro-batches; counts (``COUNT_METRICS``) are summed, ``*max*`` keys maxed."""
     for k, v in values.items():
         if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-            into[k] = into.get(k, 0.0) + (v if k.split("/")[-1] in COUNT_METRICS else v / n)
+            last = k.split("/")[-1]
+            if "max" in last:
+                into[k] = max(into.get(k, v), v)
+            else:
+                into[k] = into.get(k, 0.0) + (v if last in COUNT_METRICS else v / n)
         elif k not in into:
             into[k] = v
 
