@@ -149,8 +149,8 @@ class TrainConfig:
         for key in ("save_total_limit", "save_every", "sample_every", "eval_every", "early_stopping_patience"):
             if int(getattr(self, key)) < 0:
                 raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}.")
-        if self.steps is not None and self.steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {self.steps}.")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1 (training steps to run), got {self.steps}.")
         if not 0 <= self.grpo_eps_low < 1 or self.grpo_eps_high < 0:
             raise ConfigError("grpo_eps_low must be in [0, 1) and grpo_eps_high >= 0.")
         if self.algo == "simpo" and self.grpo_iterations != 1:

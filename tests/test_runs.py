@@ -335,3 +335,20 @@ def test_non_finite_rewards_fail_loudly(tiny_toy_path, tmp_path, monkeypatch):
         _train(tiny_toy_path, tmp_path / "g", algo="grpo", strategy="gen", steps=1)
     with pytest.raises(TrainingError, match="not finite"):
         _train(tiny_toy_path, tmp_path / "s", algo="simpo", strategy="gen", steps=1)
+
+
+def test_metrics_over_micro_batches_average_sum_counts_and_max_maxima():
+    from suder.trainer import _accumulate
+
+    into: dict = {}
+    for part in (
+        {"gen/reward_mean": 1.0, "gen/groups": 2.0, "gen/logp_drift_max": 0.5},
+        {"gen/reward_mean": 3.0, "gen/groups": 2.0, "gen/logp_drift_max": 0.1},
+    ):
+        _accumulate(into, part, 2)
+    assert into == {"gen/reward_mean": 2.0, "gen/groups": 4.0, "gen/logp_drift_max": 0.5}
+
+
+def test_zero_steps_is_an_error():
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
+        TrainConfig(steps=0)
