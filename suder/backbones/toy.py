@@ -39,6 +39,7 @@ from torch import nn
 from ..errors import BackboneError, DataError
 from ..hookspecs import hookimpl
 from ..protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave
+from ..sampling import caption_loop, left_pad, right_pad
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<t2i>", "<i2t>", "<boi>", "<eoi>")
 PAD, BOS, EOS, T2I, I2T, BOI, EOI = range(len(SPECIALS))
@@ -212,14 +213,7 @@ class ToyUnifiedLM(nn.Module):
 
     def _t2i_prefix(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ``<bos> <t2i> words <boi>``: ids (B, L) and attention mask (B, L)."""
-        seqs = [[BOS, T2I, *self.encode_text(p), BOI] for p in prompts]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return left_pad([[BOS, T2I, *self.encode_text(p), BOI] for p in prompts], PAD, self.device)
 
     def _forward(self, ids, mask, cache=None, positions=None):
         if positions is None:
@@ -381,22 +375,18 @@ class ToyUnifiedLM(nn.Module):
 
         cache = DynamicCache(config=self.lm.config)
         mask = torch.ones_like(ids)
-        logits = self._forward(ids, mask, cache).logits[:, -1]
-        tokens = torch.full((n, limit), PAD, dtype=torch.long, device=self.device)
-        logps = torch.zeros(n, limit, device=self.device)
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        alive = torch.zeros(n, limit, dtype=torch.bool, device=self.device)
-        for t in range(limit):
-            choice, logp = _sample(self._restricted(logits, self._text_ids).float(), temperature, generator)
-            token = self._text_ids.to(self.device)[choice]
-            alive[:, t] = ~done
-            tokens[:, t] = torch.where(done, PAD, token)
-            logps[:, t] = torch.where(done, 0.0, logp)
-            done = done | (token == EOS)
-            if bool(done.all()) or t + 1 == limit:
-                break
+        text_ids = self._text_ids.to(self.device)
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            nonlocal mask
             mask = torch.cat([mask, mask.new_ones(n, 1)], 1)
-            logits = self._forward(tokens[:, t : t + 1], mask, cache, mask.sum(-1, keepdim=True) - 1).logits[:, -1]
+            logits = self._forward(token, mask, cache, mask.sum(-1, keepdim=True) - 1).logits[:, -1]
+            return self._restricted(logits, text_ids).float()
+
+        first = self._restricted(self._forward(ids, mask, cache).logits[:, -1], text_ids).float()
+        tokens, logps, alive = caption_loop(first, step, _sample, limit=limit, eos=EOS, pad=PAD,
+                                            temperature=temperature, generator=generator,
+                                            token_of=lambda choice: text_ids[choice])
         width = int(alive.sum(-1).max())
         texts = [self.decode_text(row[alive[i]].tolist()) for i, row in enumerate(tokens)]
         sources = images.images if isinstance(images, ImageSamples) and images._images is not None else images
@@ -413,14 +403,7 @@ class ToyUnifiedLM(nn.Module):
     def _caption_tokens(self, texts: Sequence[str] | TextSamples) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, TextSamples):
             return texts.tokens.to(self.device), texts.mask.to(self.device)
-        seqs = [self.encode_text(t) + [EOS] for t in texts]
-        width = max(len(s) for s in seqs)
-        tokens = torch.full((len(seqs), width), PAD, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = True
-        return tokens.to(self.device), mask.to(self.device)
+        return right_pad([self.encode_text(t) + [EOS] for t in texts], PAD, self.device)
 
     def logp_text_given_image(
         self, texts: Sequence[str] | TextSamples, images: Sequence[Any] | ImageSamples, **options: Any

@@ -43,6 +43,7 @@ from torch import nn
 
 from suder.errors import BackboneError
 from suder.protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave
+from suder.sampling import caption_loop, left_pad, right_pad
 
 SETTINGS_FILE = "suder_emu3.json"
 UND_FOLDER = "und"  # the captioning checkpoint of a two-checkpoint backbone, inside the saved folder
@@ -212,7 +213,7 @@ class Emu3Backbone(nn.Module):
         s = self.settings
         texts = [p + s.positive_prompt for p in prompts] + ([s.negative_prompt] * len(prompts) if guided else [])
         seqs = [[self.bos, *self._encode(t + self._size_tokens())] for t in texts]
-        return _left_pad(seqs, self.pad, self.device)
+        return left_pad(seqs, self.pad, self.device)
 
     @torch.no_grad()
     def sample_image(
@@ -313,22 +314,16 @@ class Emu3Backbone(nn.Module):
 
         cache = DynamicCache()
         mask = torch.ones_like(ids)
-        hidden = self._hidden(ids, mask, cache, direction="und")[:, -1]
-        tokens = torch.full((n, limit), self.pad, dtype=torch.long, device=self.device)
-        logps = torch.zeros(n, limit, device=self.device)
-        alive = torch.zeros(n, limit, dtype=torch.bool, device=self.device)
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        for t in range(limit):
-            token, logp = _sample(self._text_logits(hidden), temperature, None, generator)
-            alive[:, t] = ~done
-            tokens[:, t] = torch.where(done, self.pad, token)
-            logps[:, t] = torch.where(done, 0.0, logp)
-            done = done | (token == self.eos)
-            if bool(done.all()) or t + 1 == limit:
-                break
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            nonlocal mask
             mask = torch.cat([mask, mask.new_ones(n, 1)], 1)
-            step_pos = mask.sum(-1, keepdim=True) - 1
-            hidden = self._hidden(tokens[:, t : t + 1], mask, cache, step_pos, direction="und")[:, -1]
+            hidden = self._hidden(token, mask, cache, mask.sum(-1, keepdim=True) - 1, direction="und")[:, -1]
+            return self._text_logits(hidden)
+
+        first = self._text_logits(self._hidden(ids, mask, cache, direction="und")[:, -1])
+        tokens, logps, alive = caption_loop(first, step, lambda lg, t, g: _sample(lg, t, None, g), limit=limit,
+                                            eos=self.eos, pad=self.pad, temperature=temperature, generator=generator)
         width = int(alive.sum(-1).max())
         texts = [self.tokenizer.decode(row[alive[i]].tolist(), skip_special_tokens=True).strip()
                  for i, row in enumerate(tokens)]
@@ -342,13 +337,7 @@ class Emu3Backbone(nn.Module):
         if isinstance(texts, TextSamples):
             return texts.tokens.to(self.device), texts.mask.to(self.device)
         # the reply follows "ASSISTANT:" after a space, as sampled captions do before they are stripped
-        seqs = [self._encode(" " + t.strip()) + [self.eos] for t in texts]
-        width = max(len(s) for s in seqs)
-        tokens = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), True
-        return tokens.to(self.device), mask.to(self.device)
+        return right_pad([self._encode(" " + t.strip()) + [self.eos] for t in texts], self.pad, self.device)
 
     def logp_text_given_image(
         self, texts: Sequence[str] | TextSamples, images: Sequence[Any] | ImageSamples, **options: Any
@@ -377,15 +366,6 @@ class Emu3Backbone(nn.Module):
         self.image_processor.save_pretrained(path)
         with open(os.path.join(path, SETTINGS_FILE), "w") as f:
             json.dump(asdict(self.settings), f, indent=2)
-
-
-def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :], mask[i, width - len(s) :] = torch.tensor(s), 1
-    return ids.to(device), mask.to(device)
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
