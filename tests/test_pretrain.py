@@ -115,7 +115,15 @@ def test_image_logp_options_follow_the_cosine_mask_schedule():
     assert sum(r <= 0.5 for r in ratios) / len(ratios) == pytest.approx(1 / 3, abs=0.03)
 
 
-def test_a_backbone_without_a_recipe_has_no_shapes_world_default():
+@pytest.fixture
+def no_janus_recipe(monkeypatch):
+    """janus-pro as a backbone without a ShapesWorld recipe, whether or not it has one."""
+    from suder.registry import get_backbone_spec
+
+    monkeypatch.delattr(get_backbone_spec("janus-pro").factory, "shapes_recipe", raising=False)
+
+
+def test_a_backbone_without_a_recipe_has_no_shapes_world_default(no_janus_recipe):
     assert pretrain_mod.shapes_recipe("janus-pro") is None and pretrain_mod.shapes_recipe("nope") is None
     with pytest.raises(BackboneError, match="has no ShapesWorld default"):
         pretrain_mod.ensure_base("janus-pro")
@@ -141,7 +149,7 @@ def test_toy_base_keeps_its_cache_path_and_defaults(monkeypatch, tmp_path):
     assert json.loads((path / "pretrain.json").read_text())["steps"] == 500
 
 
-def test_config_uses_the_recipe_defaults_only_on_shapes_world():
+def test_config_uses_the_recipe_defaults_only_on_shapes_world(no_janus_recipe):
     cfg = TrainConfig(backbone="show-o")
     assert cfg.shapes_world and cfg.lr == shapes_world.recipe().run_defaults["lr"]
     assert cfg.steps == TOY_DEFAULTS["steps"] and cfg.guidance_scale is None  # the base's own guidance
@@ -166,7 +174,7 @@ def test_the_base_loads_back_and_is_judged(tiny_show_o_base):
     from suder.evaluate import evaluate
 
     model = load_backbone("show-o", model=tiny_show_o_base)
-    assert model.settings.steps == 4 and model.resolution == 32 and model.tokens.num_image_tokens == 16
+    assert model.settings.steps == 8 and model.resolution == 32 and model.tokens.num_image_tokens == 16
     result = evaluate(model, num=8, batch=8)
     assert result["t2i"]["n"] == 8 and result["caption_greedy"]["n"] == 8
 

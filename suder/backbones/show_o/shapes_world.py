@@ -47,7 +47,7 @@ SHAPES_LLM = dict(
     intermediate_size=512,
     max_position_embeddings=64,
     max_text_len=20,
-    codebook_size=64,
+    codebook_size=256,
     num_vq_tokens=16,
 )
 SHAPES_VQ = dict(
@@ -56,12 +56,13 @@ SHAPES_VQ = dict(
     encoder_num_res_blocks=(1, 1, 1, 1),
     decoder_ch_mult=(1, 1, 2, 2),
     decoder_num_res_blocks=(1, 1, 1, 1),
-    z_channels=6,
+    z_channels=8,
 )
 SHAPES_GUIDANCE = 0.0
-SHAPES_SETTINGS = dict(guidance_scale=SHAPES_GUIDANCE, steps=4, max_caption_tokens=24)
+SHAPES_SETTINGS = dict(guidance_scale=SHAPES_GUIDANCE, steps=8, max_caption_tokens=24)
 COMMIT_WEIGHT, ENTROPY_WEIGHT = 0.25, 0.1
-RECON = "l2"
+RECON = "l1+l2"
+RECON_WEIGHT = 1.0
 
 
 # --------------------------------------------------------------------------------------------- text tokenizer
@@ -113,9 +114,9 @@ def lfq_losses(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, t
 def train_tokenizer(
     vq: Any,
     *,
-    steps: int = 300,
-    batch_size: int = 32,
-    lr: float = 2e-3,
+    steps: int = 1200,
+    batch_size: int = 8,
+    lr: float = 1e-3,
     seed: int = 0,
     callback: Callable[[dict], None] | None = None,
 ) -> list[float]:
@@ -134,14 +135,13 @@ def train_tokenizer(
     codebook = vq.quantize.embedding
     losses = []
     for step in range(steps):
-        # a mix of evaluation-like scenes and the pre-training captioning distribution
         scenes = shapes.sample_scenes(batch_size, seed=rng.randrange(2**31))
         x = _pixels([shapes.render(s) for s in scenes])
         z = vq.encoder(x)
         quantized, commit, entropy = lfq_losses(z, codebook)
         recon = vq.decoder(quantized)
         rec = F.mse_loss(recon, x) + (F.l1_loss(recon, x) if RECON == "l1+l2" else 0)
-        loss = rec + COMMIT_WEIGHT * commit + ENTROPY_WEIGHT * entropy
+        loss = RECON_WEIGHT * rec + COMMIT_WEIGHT * commit + ENTROPY_WEIGHT * entropy
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -175,8 +175,8 @@ def build_shapes_base(
     *,
     llm: dict[str, Any] | None = None,
     vq: dict[str, Any] | None = None,
-    tokenizer_steps: int = 300,
-    tokenizer_batch_size: int = 32,
+    tokenizer_steps: int = 1200,
+    tokenizer_batch_size: int = 8,
     **settings: Any,
 ):
     """An untrained Show-o at ShapesWorld scale whose MAGVIT-v2 tokenizer is already trained (``callback``
@@ -215,7 +215,7 @@ def recipe():
     return ShapesRecipe(
         build=build_shapes_base,
         version="v1",
-        pretrain=dict(steps=1500, batch_size=48, lr=1e-3, warmup_steps=100),
+        pretrain=dict(steps=1000, batch_size=24, lr=1e-3, warmup_steps=100),
         image_logp_options=image_logp_options,
         run_defaults=dict(lr=3e-5, guidance_scale=None),
     )
