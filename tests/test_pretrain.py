@@ -208,3 +208,20 @@ def test_suder_run_show_o_builds_its_base_and_caches_it(monkeypatch, tmp_path, c
     base = pretrain_mod.cache_dir() / "show-o-base-tiny-test-steps3-seed0"
     assert json.loads((base / "pretrain.json").read_text())["backbone"] == "show-o"
     assert (base / "magvitv2" / "pytorch_model.safetensors").is_file()
+
+
+def test_cli_eval_caption_generate_on_the_base(tiny_show_o_base, tmp_path, capsys):
+    from suder import cli
+    from suder.worlds import shapes
+
+    assert cli.main(["eval", "--backbone", "show-o", "--model", tiny_show_o_base, "--num", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["t2i"]["n"] == 4
+    shapes.export(3, 0, tmp_path / "imgs")
+    out = tmp_path / "caps.jsonl"
+    args = ["caption", "--backbone", "show-o", "--model", tiny_show_o_base, "--images", str(tmp_path / "imgs")]
+    assert cli.main(args + ["--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    args = ["generate", "--backbone", "show-o", "--model", tiny_show_o_base, "--prompts", str(tmp_path / "p.txt")]
+    assert cli.main(args + ["--num-samples", "1", "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "00000" / "samples" / "0000.png").is_file()
