@@ -7,7 +7,9 @@ The adapter (``JanusProBackbone``, in ``janus_pro_model``) exposes ``.model`` (t
 
 This module stays cheap to import (``suder backbones`` lists it without loading transformers): the adapter
 class and everything heavy live in ``suder.backbones.janus_pro_model``, imported when a backbone is built.
-See ``docs/backbones/janus-pro.md`` for memory needs, LoRA and the CFG policy.
+See ``docs/backbones/janus-pro.md`` for memory needs, LoRA and the CFG policy. Its ShapesWorld default (a
+small Janus-Pro trained here: ``suder run --backbone janus-pro`` with no ``--model``) is built by
+``suder.backbones.janus_shapes_world``.
 """
 
 from __future__ import annotations
@@ -147,6 +149,15 @@ def build_janus_pro(model: Any = DEFAULT_MODEL, *, processor: Any = None, dtype:
     if has_adapter:
         backbone.load_adapter(adapter)
     return backbone
+
+
+def _shapes_recipe():
+    from .janus_shapes_world import recipe
+
+    return recipe()
+
+
+build_janus_pro.shapes_recipe = _shapes_recipe  # suder.pretrain's ShapesWorld base (janus_shapes_world)
 
 
 @hookimpl

@@ -1,0 +1,187 @@
+"""Janus-Pro's ShapesWorld default on tiny sizes: its processor and chat template, its VQ training, and the whole
+path (pretrain a few steps, one DSR step, judged before/after) through the Python API and ``suder run``, then
+``suder eval / caption / generate`` on the base."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+
+import pytest
+import torch
+
+from suder.backbones import janus_shapes_world as jsw
+
+pretrain_mod = importlib.import_module("suder.pretrain")
+TINY_BUILD = dict(
+    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2),
+    vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0),
+    vq=dict(base_channels=32, latent_channels=32, channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=0),
+    tokenizer_steps=2,
+    tokenizer_batch_size=4,
+)
+
+
+RUN_DEFAULTS = jsw.recipe().run_defaults
+
+
+def tiny_recipe():
+    return pretrain_mod.ShapesRecipe(
+        build=functools.partial(jsw.build_shapes_base, **TINY_BUILD),
+        version="tiny-test",
+        pretrain=dict(steps=2, batch_size=4, lr=1e-3, warmup_steps=1),
+        run_defaults=RUN_DEFAULTS,
+    )
+
+
+# ------------------------------------------------------------------------------------------ processor
+def _chat(processor, messages, gen=True):
+    return processor.apply_chat_template(messages, add_generation_prompt=gen)
+
+
+def test_chat_template_formats_turns_like_the_released_processors():
+    """Expected strings written by hand from DeepSeek's SFT format as the released processors render it."""
+    p = jsw.shapes_processor()
+    user = {"role": "user", "content": [{"type": "text", "text": " a red circle "}]}
+    assert _chat(p, [user]) == "<|User|>: a red circle\n\n<|Assistant|>:"
+    caption = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}
+    assert _chat(p, [caption]) == "<|User|>: <image_placeholder>\nDescribe this image.\n\n<|Assistant|>:"
+    two = {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]}
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}
+    assert _chat(p, [two, answer], gen=False) == "<|User|>: x y\n\n<|Assistant|>: ok"
+    system = {"role": "system", "content": [{"type": "text", "text": "sys"}]}
+    empty = {"role": "assistant", "content": [{"type": "text", "text": ""}]}
+    late = {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image"}]}
+    assert _chat(p, [system, late, empty], gen=False) == (
+        f"System: sys{jsw.EOS_TOKEN}<|User|>: x\n<image_placeholder>\n\n<|Assistant|>:"
+    )
+    assert _chat(p, [user, answer, user]).count(jsw.EOS_TOKEN) == 1  # the assistant turn ends in EOS
+
+
+def test_processor_has_one_token_per_word_and_the_real_prompt_layout():
+    from PIL import Image
+
+    from suder.worlds import shapes
+
+    p = jsw.shapes_processor()
+    words = " ".join(shapes.VOCAB_WORDS)
+    assert len(p.tokenizer.tokenize(" " + words)) == len(shapes.VOCAB_WORDS)
+    assert p.tokenizer("a")["input_ids"][0] == jsw.BOS and p.tokenizer.padding_side == "left"
+    turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}
+    text = _chat(p, [turn])
+    ids = p(text=[text], images=[Image.new("RGB", (32, 32))], return_tensors="pt")["input_ids"][0].tolist()
+    assert ids.count(jsw.IMG) == 4 and ids[0] == jsw.BOS
+    assert p.tokenizer.decode(ids[1:5]) == "You are a helpful"  # the default system prompt, word by word
+
+
+# ------------------------------------------------------------------------------------------ VQ model
+def test_vq_training_lowers_the_loss_and_leaves_a_unit_codebook():
+    from transformers.models.janus.modeling_janus import JanusVQVAE
+
+    cfg = jsw.shapes_config(64, vq=TINY_BUILD["vq"]).vq_config
+    assert cfg.num_patches == 2  # 2 x 2 codes at 32 px
+    torch.manual_seed(0)
+    vq = JanusVQVAE(cfg)
+    losses = jsw.train_tokenizer(vq, steps=12, batch_size=8, lr=3e-3)
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+    norms = vq.quantize.embedding.weight.norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    assert not any(p.requires_grad for p in vq.parameters()) and not vq.training
+
+
+def test_transformers_encode_picks_the_codes_training_used():
+    """The stored codebook is normalised, so transformers' un-normalised nearest-code search equals training's
+    search on the sphere (without normalising, the two disagree)."""
+    from transformers.models.janus.modeling_janus import JanusVQVAE
+
+    cfg = jsw.shapes_config(64, vq=TINY_BUILD["vq"]).vq_config
+    torch.manual_seed(0)
+    vq = JanusVQVAE(cfg)
+    with torch.no_grad():
+        vq.quantize.embedding.weight.mul_(torch.rand(cfg.num_embeddings, 1) * 3)  # uneven norms
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    _, codes, _, _ = jsw._quantize(vq, x)
+    jsw.normalize_codebook(vq)
+    assert torch.equal(vq.encode(x).image_tokens.view(-1), codes)
+
+
+# ------------------------------------------------------------------------------------------ the whole path
+@pytest.fixture(scope="module")
+def tiny_janus_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("janus-base")
+    events = []
+    result = pretrain_mod.pretrain("janus-pro", out=str(out), steps=2, batch_size=4, warmup_steps=1, seed=0,
+                                   callback=events.append, **TINY_BUILD)
+    return str(out), result, events
+
+
+def test_pretrain_trains_the_vision_encoder_and_counts_tokenizer_steps(tiny_janus_base):
+    _, result, events = tiny_janus_base
+    assert [e["phase"] for e in events] == ["tokenizer"] * 2 + ["model"] * 2
+    assert [e["step"] for e in events] == [1, 2, 3, 4] and {e["total_steps"] for e in events} == {4}
+    assert result.model.freeze_vision_encoder  # saved frozen for self-improvement ...
+    # ... but it trained: pre-training moved SigLIP (random init otherwise)
+    torch.manual_seed(0)
+    fresh = jsw.build_shapes_base(**TINY_BUILD).model.model.vision_model.state_dict()
+    trained = result.model.model.model.vision_model.state_dict()
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)
+
+
+def test_the_base_loads_back_and_is_judged(tiny_janus_base):
+    from suder import load_backbone
+    from suder.evaluate import evaluate
+
+    path, _, _ = tiny_janus_base
+    model = load_backbone("janus-pro", model=path)
+    assert model.num_image_tokens == 4 and model.guidance_scale == jsw.SHAPES_GUIDANCE
+    assert model.max_caption_tokens == 24 and model.freeze_vision_encoder
+    assert model.processor.tokenizer.chat_template or model.processor.chat_template == jsw.CHAT_TEMPLATE
+    image = model.sample_image(["a red circle"], generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    result = evaluate(model, num=8, batch=8)
+    assert result["t2i"]["n"] == 8 and result["caption_greedy"]["n"] == 8
+
+
+def test_dsr_on_the_base_runs_and_reports_the_judge_table(tiny_janus_base, tmp_path):
+    import suder
+
+    path, _, _ = tiny_janus_base
+    result = suder.train("janus-pro", model=path, steps=1, group_size=2, gen_batch_size=2, und_batch_size=2,
+                         eval_num=8, output_dir=str(tmp_path / "run"))
+    assert set(result.before) >= {"t2i", "caption_greedy"} and set(result.after) >= {"t2i", "caption_greedy"}
+    assert result.metrics and "gen/reward_mean" in result.metrics[0] and "und/reward_mean" in result.metrics[0]
+
+
+def test_suder_run_janus_pro_builds_its_base_and_caches_it(monkeypatch, tmp_path, capsys):
+    from suder import cli
+    from suder.config import TrainConfig
+
+    monkeypatch.setattr(jsw, "recipe", tiny_recipe)
+    assert TrainConfig(backbone="janus-pro").shapes_world  # no --prompts needed: its ShapesWorld default
+    args = ["run", "--backbone", "janus-pro", "--steps", "1", "--group-size", "2", "--gen-batch-size", "2"]
+    args += ["--und-batch-size", "2", "--eval-num", "8", "--output-dir", str(tmp_path / "r")]
+    assert cli.main(args) == 0
+    out = capsys.readouterr()
+    assert "before" in out.out and "after" in out.out
+    base = pretrain_mod.cache_dir() / "janus-pro-base-tiny-test-steps2-seed0"
+    assert json.loads((base / "pretrain.json").read_text())["backbone"] == "janus-pro"
+    assert (base / "config.json").is_file() and (base / "suder_janus.json").is_file()
+
+
+def test_cli_eval_caption_generate_on_the_base(tiny_janus_base, tmp_path, capsys):
+    from suder import cli
+    from suder.worlds import shapes
+
+    path, _, _ = tiny_janus_base
+    assert cli.main(["eval", "--backbone", "janus-pro", "--model", path, "--num", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["t2i"]["n"] == 4
+    shapes.export(3, 0, tmp_path / "imgs")
+    out = tmp_path / "caps.jsonl"
+    args = ["caption", "--backbone", "janus-pro", "--model", path, "--images", str(tmp_path / "imgs")]
+    assert cli.main(args + ["--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    args = ["generate", "--backbone", "janus-pro", "--model", path, "--prompts", str(tmp_path / "p.txt")]
+    assert cli.main(args + ["--num-samples", "1", "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "00000" / "samples" / "0000.png").is_file()
