@@ -17,7 +17,7 @@ pretrain_mod = importlib.import_module("suder.pretrain")
 TINY_BUILD = dict(
     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2),
     vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0),
-    vq=dict(base_channels=32, latent_channels=32, channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=0),
+    vq=dict(base_channels=32, latent_channels=32, channel_multiplier=[1, 1, 1, 1], num_res_blocks=0, num_embeddings=64),
     tokenizer_steps=2,
     tokenizer_batch_size=4,
 )
@@ -71,7 +71,7 @@ def test_processor_has_one_token_per_word_and_the_real_prompt_layout():
     turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}
     text = _chat(p, [turn])
     ids = p(text=[text], images=[Image.new("RGB", (32, 32))], return_tensors="pt")["input_ids"][0].tolist()
-    assert ids.count(jsw.IMG) == 4 and ids[0] == jsw.BOS
+    assert ids.count(jsw.IMG) == 16 and ids[0] == jsw.BOS
     assert p.tokenizer.decode(ids[1:5]) == "You are a helpful"  # the default system prompt, word by word
 
 
@@ -80,7 +80,7 @@ def test_vq_training_lowers_the_loss_and_leaves_a_unit_codebook():
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
     cfg = jsw.shapes_config(64, vq=TINY_BUILD["vq"]).vq_config
-    assert cfg.num_patches == 2  # 2 x 2 codes at 32 px
+    assert cfg.num_patches == 4  # 4 x 4 codes at 32 px, 2 x 2 per quadrant
     torch.manual_seed(0)
     vq = JanusVQVAE(cfg)
     losses = jsw.train_tokenizer(vq, steps=12, batch_size=8, lr=3e-3)
@@ -134,7 +134,7 @@ def test_the_base_loads_back_and_is_judged(tiny_janus_base):
 
     path, _, _ = tiny_janus_base
     model = load_backbone("janus-pro", model=path)
-    assert model.num_image_tokens == 4 and model.guidance_scale == jsw.SHAPES_GUIDANCE
+    assert model.num_image_tokens == 16 and model.guidance_scale == jsw.SHAPES_GUIDANCE
     assert model.max_caption_tokens == 24 and model.freeze_vision_encoder
     assert model.processor.tokenizer.chat_template or model.processor.chat_template == jsw.CHAT_TEMPLATE
     image = model.sample_image(["a red circle"], generator=torch.Generator().manual_seed(0)).images[0]

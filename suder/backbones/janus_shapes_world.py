@@ -9,18 +9,21 @@ a small ``JanusConfig`` (``shapes_config``); nothing is downloaded:
   (the DeepSeek tokenizer's kind) trained in memory on the ShapesWorld words, the system prompt and the
   caption instruction, so that each of their words is one token; BOS is prepended to every text, as the
   DeepSeek tokenizer does. Images are 32 px (``shapes.SIZE``), normalised with mean = std = 0.5 as in Janus-Pro.
-- **VQ model** (``SHAPES_VQ``): Janus's VQ-VAE (LlamaGen's) with five resolution levels (stride 16), so a
-  32 px image is 2 x 2 codes, one per quadrant, which is where ShapesWorld puts its objects; 64 codes of 8
-  dims. Trained first by ``train_tokenizer`` with the VQ-VAE objective (van den Oord et al. 2017, eq. 3):
-  reconstruction (MSE) + codebook ``||sg(z) - e||^2`` + 0.25 commitment ``||z - sg(e)||^2``, straight-through,
-  with LlamaGen's l2-normalised codes (``codebook_l2_norm``: z and e on the unit sphere, which is what
-  transformers' ``get_codebook_entry`` assumes when it decodes). Departures: no perceptual or adversarial
+- **VQ model** (``SHAPES_VQ``): Janus's VQ-VAE (LlamaGen's) with four resolution levels of 32 channels (stride
+  8), so a 32 px image is 4 x 4 codes, 2 x 2 per quadrant (ShapesWorld puts one object in a quadrant); 256
+  codes of 8 dims. (Stride 16, one code per quadrant, trained much more slowly: its reconstructions stayed
+  blurred after 300 steps.) Trained first by ``train_tokenizer`` with the VQ-VAE objective (van den Oord et
+  al. 2017, eq. 3): reconstruction (MSE) + codebook ``||sg(z) - e||^2`` + 0.25 commitment
+  ``||z - sg(e)||^2``, straight-through, with LlamaGen's l2-normalised codes (``codebook_l2_norm``: z and e
+  on the unit sphere, which is what transformers' ``get_codebook_entry`` assumes when it decodes). Departures:
+  no perceptual or adversarial
   terms (no LPIPS weights here, and flat-coloured shapes need none), codes unused in a batch are restarted at
   random encoder outputs every ``RESTART_EVERY`` steps (dead-code restarts, as in Jukebox / SoundStream), and
   the stored codebook is normalised, so that transformers' un-normalised nearest-code search picks the same
-  codes.
+  codes. 1200 steps of 8 scenes, Adam lr 1e-3 with a short warm-up and cosine decay (small batches, many
+  steps: more updates per CPU second).
 - **Language model** (``SHAPES_TEXT``): Llama, 4 layers of width 128; **vision encoder** (``SHAPES_VISION``):
-  SigLIP with 16 px patches (4 image tokens, one per quadrant) and the two-layer aligner; the generation
+  SigLIP with 8 px patches (16 image tokens, as many as codes) and the two-layer aligner; the generation
   embeddings, aligner and head are Janus's. ``suder.pretrain.pretrain`` trains all of them but the VQ model
   through the protocol's two log-prob methods: next-code prediction of the image given the prompt (the
   prompt dropped for 10% of rows, for guidance) and next-token prediction of the caption given the image.
@@ -85,10 +88,10 @@ CHAT_TEMPLATE = (
 
 SHAPES_TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=256)
-SHAPES_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4.0, patch_size=16,
+SHAPES_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4.0, patch_size=8,
                      depth=2)
-SHAPES_VQ = dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
-                 channel_multiplier=[1, 1, 1, 1, 1], num_res_blocks=1, num_hidden_layers=2)
+SHAPES_VQ = dict(embed_dim=8, num_embeddings=256, latent_channels=32, base_channels=32,
+                 channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, num_hidden_layers=2)
 SHAPES_GUIDANCE = 2.0
 SHAPES_SETTINGS = dict(guidance_scale=SHAPES_GUIDANCE, max_caption_tokens=24)
 COMMIT_WEIGHT = 0.25
@@ -119,8 +122,9 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def shapes_processor(num_image_tokens: int = 4):
-    """A real ``JanusProcessor`` for 32 px images (see the module docstring)."""
+def shapes_processor(num_image_tokens: int | None = None):
+    """A real ``JanusProcessor`` for 32 px images (see the module docstring); ``num_image_tokens`` defaults to
+    ``SHAPES_VISION``'s patch count."""
     from tokenizers import Tokenizer
     from transformers import JanusProcessor, PreTrainedTokenizerFast
     from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
@@ -137,7 +141,8 @@ def shapes_processor(num_image_tokens: int = 4):
     image_processor = JanusImageProcessorPil(size={"height": shapes.SIZE, "width": shapes.SIZE},
                                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return JanusProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
-                          use_default_system_prompt=True, num_image_tokens=num_image_tokens)
+                          use_default_system_prompt=True,
+                          num_image_tokens=num_image_tokens or (shapes.SIZE // SHAPES_VISION["patch_size"]) ** 2)
 
 
 def shapes_config(vocab_size: int, text: dict | None = None, vision: dict | None = None, vq: dict | None = None):
@@ -185,7 +190,7 @@ def _quantize(vq: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return flat, codes, q, loss
 
 
-def train_tokenizer(vq: Any, *, steps: int = 400, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+def train_tokenizer(vq: Any, *, steps: int = 1200, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
                     callback: Callable[[dict], None] | None = None) -> list[float]:
     """Train ``vq`` (a ``JanusVQVAE``) on rendered ShapesWorld scenes; returns the losses. Deterministic for a
     seed. Ends with the codebook rows normalised (see the module docstring)."""
@@ -197,7 +202,7 @@ def train_tokenizer(vq: Any, *, steps: int = 400, batch_size: int = 32, lr: floa
     opt = torch.optim.Adam(vq.parameters(), lr=lr, betas=(0.9, 0.99))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))))
     used = torch.zeros(vq.quantize.num_embeddings, dtype=torch.bool)
     losses = []
     for step in range(steps):
@@ -250,7 +255,7 @@ def reconstruction_accuracy(backbone: Any, num: int = 400, seed: int = 999) -> d
 # --------------------------------------------------------------------------------------------- the recipe
 def build_shapes_base(seed: int = 0, callback: Callable[[dict], None] | None = None, *,
                       text: dict[str, Any] | None = None, vision: dict[str, Any] | None = None,
-                      vq: dict[str, Any] | None = None, tokenizer_steps: int = 400, tokenizer_batch_size: int = 32,
+                      vq: dict[str, Any] | None = None, tokenizer_steps: int = 1200, tokenizer_batch_size: int = 8,
                       **settings: Any):
     """An untrained Janus-Pro at ShapesWorld scale whose VQ model is already trained (``callback`` sees its
     steps) and whose vision encoder trains with the rest; ``text`` / ``vision`` / ``vq`` override the
@@ -286,6 +291,6 @@ def recipe():
     return ShapesRecipe(
         build=build_shapes_base,
         version="v1",
-        pretrain=dict(steps=800, batch_size=48, lr=1e-3, warmup_steps=100),
+        pretrain=dict(steps=600, batch_size=32, lr=1e-3, warmup_steps=50),
         run_defaults=dict(lr=3e-5, guidance_scale=None),
     )
