@@ -46,6 +46,7 @@ from torch import nn
 
 from ..errors import BackboneError, closest
 from ..protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave, texts_of
+from ..sampling import caption_loop
 from .janus_pro import ADAPTER_DIR, SETTINGS_FILE
 
 DEFAULT_INSTRUCTION = "Describe this image."
@@ -529,23 +530,16 @@ class JanusProBackbone(nn.Module):
         embeds = self._und_embeds(prompt.expand(n, -1), L, pictures)
         out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=mask.cumsum(-1) - 1, cache=cache,
                  use_cache=True)
-        tokens = torch.full((n, limit), self.pad_id, dtype=torch.long, device=self.device)
-        logps = torch.zeros(n, limit, device=self.device)
-        alive = torch.zeros(n, limit, dtype=torch.bool, device=self.device)
-        done = torch.zeros(n, dtype=torch.bool, device=self.device)
-        for t in range(limit):
-            token, logp = draw(self._text_logits(out.last_hidden_state[:, -1]), temperature, generator)
-            alive[:, t] = ~done
-            tokens[:, t] = torch.where(done, self.pad_id, token)
-            logps[:, t] = torch.where(done, 0.0, logp)
-            done = done | (token == self.eos_id)
-            if bool(done.all()) or t + 1 == limit:
-                break
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            nonlocal mask, position
             mask = torch.cat([mask, mask.new_ones(n, 1)], 1)
             position = position + 1
-            out = lm(input_ids=tokens[:, t : t + 1], attention_mask=mask, position_ids=position, cache=cache,
-                     use_cache=True)
-        return tokens, logps, alive
+            out = lm(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+            return self._text_logits(out.last_hidden_state[:, -1])
+
+        return caption_loop(self._text_logits(out.last_hidden_state[:, -1]), step, draw, limit=limit,
+                            eos=self.eos_id, pad=self.pad_id, temperature=temperature, generator=generator)
 
     def logp_text_given_image(self, texts: Sequence[str] | TextSamples, images: Sequence[Any] | ImageSamples,
                               **options: Any) -> TokenLogProbs:
