@@ -59,8 +59,10 @@ def caption_loop(
     ``logits``: (n, V) float logits of the first token (after the caption prompt). ``step(token)`` feeds the
     (n, 1) tokens just drawn through the model (KV-cached) and returns the next (n, V) logits. ``draw(logits,
     temperature, generator)`` returns (choice (n,), its log-prob (n,)); ``token_of`` maps a choice to a token id
-    when the logits cover a restricted vocabulary. Returns ``tokens`` (n, limit) long (``pad`` after the end),
-    ``logps`` (n, limit) float (0 there) and ``alive`` (n, limit) bool (True at sampled tokens, ``eos`` included).
+    when the logits cover a restricted vocabulary. The loop only hands ``logits`` from ``step`` to ``draw``, so
+    they may be any (n, ...) tensor ``draw`` reads (Show-o passes hidden states and projects them in ``draw``).
+    Returns ``tokens`` (n, limit) long (``pad`` after the end), ``logps`` (n, limit) float (0 there) and ``alive``
+    (n, limit) bool (True at sampled tokens, ``eos`` included).
     """
     n, device = logits.shape[0], logits.device
     tokens = torch.full((n, limit), pad, dtype=torch.long, device=device)

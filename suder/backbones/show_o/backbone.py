@@ -40,6 +40,7 @@ from torch import nn
 
 from ...errors import BackboneError, DataError
 from ...protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave
+from ...sampling import caption_loop
 from .clip import DEFAULT_VISION_TOWER, SYSTEM_PROMPT, ClipVisionTower, mmu_vit_attention_mask
 from .magvit import MAGVITv2, image_to_tensor, tensor_to_images
 from .modeling import CheckpointNotFound, Showo, resolve_checkpoint
@@ -429,25 +430,21 @@ class ShowOBackbone(nn.Module):
         eos, pad = self.tokens.eos, self.tokens.pad
         cache = DynamicCache(config=self.model.showo.config)
         hidden = self._und_hidden(images, num_samples, cache=cache)[0][:, -1]
-        rows = hidden.shape[0]
-        tokens = torch.full((rows, limit), pad, dtype=torch.long, device=self.device)
-        logps = torch.zeros(rows, limit, device=self.device)
-        alive = torch.zeros(rows, limit, dtype=torch.bool, device=self.device)
-        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
         scale = float(temperature) or 1.0  # greedy captions are scored untempered
-        for t in range(limit):
+
+        def draw_from(hidden: torch.Tensor, temperature: float, generator: torch.Generator | None):
             text_logits, full = self._text_logits(hidden)
             choice, logp = draw(text_logits, temperature, generator)
             if full is not None:  # renormalise the chosen token's log-prob over the whole vocabulary
                 logp = logp + torch.logsumexp(text_logits / scale, -1) - torch.logsumexp(full / scale, -1)
-            alive[:, t] = ~done
-            tokens[:, t] = torch.where(done, pad, choice)
-            logps[:, t] = torch.where(done, 0.0, logp)
-            done = done | (choice == eos)
-            if bool(done.all()) or t + 1 == limit:
-                break
+            return choice, logp
+
+        def step(token: torch.Tensor) -> torch.Tensor:
             # one new row that may see every cached position: no mask needed
-            hidden = self.model.hidden_states(tokens[:, t : t + 1], None, cache)[:, -1]
+            return self.model.hidden_states(token, None, cache)[:, -1]
+
+        tokens, logps, alive = caption_loop(hidden, step, draw_from, limit=limit, eos=eos, pad=pad,
+                                            temperature=temperature, generator=generator)
         width = int(alive.sum(-1).max())
         texts = [self._decode_caption(row[alive[i]].tolist()) for i, row in enumerate(tokens)]
         if isinstance(images, ImageSamples):
