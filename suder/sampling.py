@@ -1,10 +1,10 @@
 """Pieces every backbone's samplers share: padding and the KV-cached caption loop (public: plugins may use them).
 
 Used by every built-in caption sampler (toy, janus-pro, show-o) and by the emu3 plugin; the toy and emu3 also pad
-with ``left_pad`` / ``right_pad``. Each backbone keeps what differs between models (its forward, its restricted vocabulary, its ``draw``, whose
-random-number use fixes what a seed samples); what is the same everywhere lives here once. The conformance kit
-(``suder.testing``) checks that the backbones using them mean the same thing by them: right-padded captions whose
-``.logps`` are the teacher-forced ones, left-padded prompts that score as they do alone.
+with ``left_pad`` / ``right_pad``. Each backbone keeps what differs between models (its forward, its restricted
+vocabulary, its ``draw``, whose random-number use fixes what a seed samples); what is the same everywhere lives here
+once. The conformance kit (``suder.testing``) checks that the backbones using them mean the same thing by them:
+right-padded captions whose ``.logps`` are the teacher-forced ones, left-padded prompts that score as they do alone.
 """
 
 from __future__ import annotations
