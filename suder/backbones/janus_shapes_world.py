@@ -13,14 +13,14 @@ a small ``JanusConfig`` (``shapes_config``); nothing is downloaded:
   8), so a 32 px image is 4 x 4 codes, 2 x 2 per quadrant (ShapesWorld puts one object in a quadrant); 256
   codes of 8 dims. (Stride 16, one code per quadrant, trained much more slowly: its reconstructions stayed
   blurred after 300 steps.) Trained first by ``train_tokenizer`` with the VQ-VAE objective (van den Oord et
-  al. 2017, eq. 3): reconstruction (MSE) + codebook ``||sg(z) - e||^2`` + 0.25 commitment
+  al. 2017, eq. 3): reconstruction (MSE + L1) + codebook ``||sg(z) - e||^2`` + 0.25 commitment
   ``||z - sg(e)||^2``, straight-through, with LlamaGen's l2-normalised codes (``codebook_l2_norm``: z and e
   on the unit sphere, which is what transformers' ``get_codebook_entry`` assumes when it decodes). Departures:
   no perceptual or adversarial
   terms (no LPIPS weights here, and flat-coloured shapes need none), codes unused in a batch are restarted at
   random encoder outputs every ``RESTART_EVERY`` steps (dead-code restarts, as in Jukebox / SoundStream), and
   the stored codebook is normalised, so that transformers' un-normalised nearest-code search picks the same
-  codes. 1200 steps of 8 scenes, Adam lr 1e-3 with a short warm-up and cosine decay (small batches, many
+  codes. 2400 steps of 8 scenes, Adam lr 1e-3 with a short warm-up and cosine decay (small batches, many
   steps: more updates per CPU second).
 - **Language model** (``SHAPES_TEXT``): Llama, 4 layers of width 128; **vision encoder** (``SHAPES_VISION``):
   SigLIP with 8 px patches (16 image tokens, as many as codes) and the two-layer aligner; the generation
@@ -95,6 +95,7 @@ SHAPES_VQ = dict(embed_dim=8, num_embeddings=256, latent_channels=32, base_chann
 SHAPES_GUIDANCE = 2.0
 SHAPES_SETTINGS = dict(guidance_scale=SHAPES_GUIDANCE, max_caption_tokens=24)
 COMMIT_WEIGHT = 0.25
+L1_WEIGHT = 1.0  # L1 + L2 reconstruction: L2 alone leaves colours between palette entries
 RESTART_EVERY = 25
 
 
@@ -190,7 +191,7 @@ def _quantize(vq: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return flat, codes, q, loss
 
 
-def train_tokenizer(vq: Any, *, steps: int = 1200, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
+def train_tokenizer(vq: Any, *, steps: int = 2400, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
                     callback: Callable[[dict], None] | None = None) -> list[float]:
     """Train ``vq`` (a ``JanusVQVAE``) on rendered ShapesWorld scenes; returns the losses. Deterministic for a
     seed. Ends with the codebook rows normalised (see the module docstring)."""
@@ -209,7 +210,7 @@ def train_tokenizer(vq: Any, *, steps: int = 1200, batch_size: int = 8, lr: floa
         x = _pixels([shapes.render(s) for s in shapes.sample_scenes(batch_size, seed=rng.randrange(2**31))])
         flat, codes, q, vq_loss = _quantize(vq, x)
         recon = vq.decoder(vq.post_quant_conv(q))
-        loss = F.mse_loss(recon, x) + vq_loss
+        loss = F.mse_loss(recon, x) + L1_WEIGHT * F.l1_loss(recon, x) + vq_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -255,7 +256,7 @@ def reconstruction_accuracy(backbone: Any, num: int = 400, seed: int = 999) -> d
 # --------------------------------------------------------------------------------------------- the recipe
 def build_shapes_base(seed: int = 0, callback: Callable[[dict], None] | None = None, *,
                       text: dict[str, Any] | None = None, vision: dict[str, Any] | None = None,
-                      vq: dict[str, Any] | None = None, tokenizer_steps: int = 1200, tokenizer_batch_size: int = 8,
+                      vq: dict[str, Any] | None = None, tokenizer_steps: int = 2400, tokenizer_batch_size: int = 8,
                       **settings: Any):
     """An untrained Janus-Pro at ShapesWorld scale whose VQ model is already trained (``callback`` sees its
     steps) and whose vision encoder trains with the rest; ``text`` / ``vision`` / ``vq`` override the
