@@ -12,10 +12,8 @@ through it too (``Routed``), under ``torch.no_grad``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -28,7 +26,8 @@ from torch import nn
 from . import rewards as rewards_mod
 from .config import TrainConfig, resolve
 from .data import image_pool, prompt_pool
-from .errors import ConfigError, SuderError, TrainingError
+from .distributed import check_engine, launched_engine, whole_weights
+from .errors import SuderError, TrainingError
 from .outputs import RunWriter, TrainResult, check_writable
 from .registry import get_reward_spec, load_backbone
 from .rollout import ALGORITHMS, ReferenceScope, Rollout, sample_group
@@ -121,44 +120,6 @@ def preflight(cfg: TrainConfig) -> Path | None:
         image_pool(cfg.images, cfg.seed)
     check_writable(Path(cfg.output_dir))
     return RunWriter(Path(cfg.output_dir), True).plan_start(cfg)
-
-
-def launched_engine() -> str:
-    """What ``accelerate launch`` asked for: ``deepspeed``, ``fsdp`` or ``ddp`` (also plain torchrun, 1 process)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        return "deepspeed"
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return "fsdp"
-    return "ddp"
-
-
-def check_engine(acc: Any, engine: str, cfg: TrainConfig) -> None:
-    """A launch config that cannot do what it says fails here, instead of quietly training with DDP; DeepSpeed
-    gets our accumulation (one optimizer step per training step, whatever its config file says)."""
-    from accelerate.utils import DistributedType
-
-    got = {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(acc.distributed_type, "ddp")
-    if engine != got:
-        why = " (FSDP through accelerate needs GPUs)" if engine == "fsdp" else ""
-        raise ConfigError(
-            f"The launch config asks for {engine} but accelerate set up {got}{why}; without a GPU, DeepSpeed needs "
-            "DS_ACCELERATOR=cpu (see docs/scaling.md)."
-        )
-    if engine == "fsdp" or (engine == "deepspeed" and int(acc.state.deepspeed_plugin.zero_stage) == 3):
-        name = "FSDP" if engine == "fsdp" else "DeepSpeed ZeRO-3"
-        raise ConfigError(
-            f"{name} shards the weights, which suder does not support yet: the fast samplers call decoder layers "
-            "one by one, outside the hooks that gather the shards. Use DDP or DeepSpeed ZeRO-2 (with LoRA for "
-            "large models); see docs/scaling.md."
-        )
-    if engine == "deepspeed":
-        if cfg.strategy == "separate":
-            raise ConfigError("The separate strategy trains two models; with DeepSpeed use unified, gen or und.")
-        ds = acc.state.deepspeed_plugin.deepspeed_config
-        ds["gradient_accumulation_steps"] = cfg.grad_accum
-        if not isinstance(ds.get("train_micro_batch_size_per_gpu"), int):
-            ds["train_micro_batch_size_per_gpu"] = 1  # rollouts are batched by us; DeepSpeed only needs a number
-        acc.gradient_accumulation_steps = cfg.grad_accum
 
 
 class Trainer:
@@ -549,36 +510,6 @@ class Trainer:
         else:
             result = evaluate(self.eval_model("policy"), num=c.eval_num)
         return result if self.acc.is_main_process else {}
-
-
-@contextlib.contextmanager
-def whole_weights(wrapped: nn.Module, backbone: nn.Module):
-    """Every process enters; inside, ``backbone``'s parameters are whole tensors: DeepSpeed ZeRO-3 gathers them
-    (``GatheredParameters``), FSDP2's sharded (``DTensor``) parameters are replaced by their full tensors for
-    the duration, anything else is already whole. For no-grad use (sampling, scoring, saving)."""
-    if any(hasattr(p, "ds_id") for p in backbone.parameters()):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(backbone.parameters()), modifier_rank=None):
-            yield backbone
-        return
-    from torch.distributed.tensor import DTensor
-
-    # FSDP2: swap each sharded parameter for its whole tensor (an all-gather, in the same order on every process;
-    # tied parameters stay tied), and back afterwards
-    swapped, whole = [], {}
-    for module in backbone.modules():
-        for name, param in list(module._parameters.items()):
-            if isinstance(param, DTensor):
-                if id(param) not in whole:
-                    whole[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=False)
-                swapped.append((module, name, param))
-                module._parameters[name] = whole[id(param)]
-    try:
-        yield backbone
-    finally:
-        for module, name, param in swapped:
-            module._parameters[name] = param
 
 
 COUNT_METRICS = {

@@ -12,7 +12,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import suder
-from suder.trainer import Dispatch, whole_weights
+from suder.distributed import whole_weights
+from suder.trainer import Dispatch
 from suder.worlds import shapes
 
 model_path, out = sys.argv[1:3]
