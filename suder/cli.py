@@ -535,7 +535,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under torchrun / accelerate launch, end the process group before exit: a gloo group left to interpreter
+    shutdown can abort a process ("terminate called without an active exception")."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -96,3 +96,6 @@ for step in range(STEPS):
 if rank == 0:
     torch.save(record, out)
 print("DONE", rank)
+tr.acc.wait_for_everyone()
+if torch.distributed.is_initialized():  # a gloo group left to interpreter shutdown can abort the process
+    torch.distributed.destroy_process_group()
