@@ -37,8 +37,8 @@ def check_engine(acc: Any, engine: str, cfg: TrainConfig) -> None:
     if engine != got:
         why = " (FSDP through accelerate needs GPUs)" if engine == "fsdp" else ""
         raise ConfigError(
-            f"The launch config asks for {engine} but accelerate set up {got}{why}; without a GPU, DeepSpeed needs "
-            "DS_ACCELERATOR=cpu (see docs/scaling.md)."
+            f"The launch config asks for {engine} but accelerate set up {got}{why}; use a config this machine can "
+            "run (see docs/scaling.md)."
         )
     if engine == "fsdp" or (engine == "deepspeed" and int(acc.state.deepspeed_plugin.zero_stage) == 3):
         name = "FSDP" if engine == "fsdp" else "DeepSpeed ZeRO-3"

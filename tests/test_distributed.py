@@ -84,7 +84,7 @@ def _accelerate_launch(config: str, args: list[str], timeout: int = 240, **env) 
 
 @pytest.mark.slow
 def test_deepspeed_zero2_on_two_cpu_processes_steps_once_per_training_step(tiny_toy_path, tmp_path):
-    """The shipped zero2.yaml, as a user launches it (2 processes, no GPU: DS_ACCELERATOR=cpu): DeepSpeed really
+    """The shipped zero2.yaml, as a user launches it (2 processes, no GPU): DeepSpeed really
     runs, its engine steps once per training step with grad_accum 2, the lr follows our schedule, and the final
     model saves and loads."""
     pytest.importorskip("deepspeed")
@@ -106,13 +106,16 @@ def test_deepspeed_zero2_on_two_cpu_processes_steps_once_per_training_step(tiny_
 
 @pytest.mark.slow
 def test_a_launch_config_that_cannot_run_here_fails_loudly(tiny_toy_path, tmp_path):
-    """DeepSpeed without a GPU and without DS_ACCELERATOR=cpu must not quietly train with DDP."""
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "run"
-    args = ["-m", "suder", "run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "1"]
-    proc = _accelerate_launch("examples/accelerate/zero2.yaml", args, DS_ACCELERATOR="")
-    assert proc.returncode != 0
-    assert not (out / "metrics.jsonl").exists()
+    """accelerate's FSDP does not engage without GPUs (it quietly gives DDP); the run must stop instead."""
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n"
+        "mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nmachine_rank: 0\nuse_cpu: false\n"
+    )
+    args = ["-m", "suder", "run", "--model", tiny_toy_path, "--output-dir", str(tmp_path / "run"), "--steps", "1"]
+    proc = _accelerate_launch(str(fsdp), args)
+    assert proc.returncode != 0 and "asks for fsdp but accelerate set up ddp" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow
