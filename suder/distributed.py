@@ -40,13 +40,17 @@ def check_engine(acc: Any, engine: str, cfg: TrainConfig) -> None:
             f"The launch config asks for {engine} but accelerate set up {got}{why}; use a config this machine can "
             "run (see docs/scaling.md)."
         )
-    if engine == "fsdp" or (engine == "deepspeed" and int(acc.state.deepspeed_plugin.zero_stage) == 3):
-        name = "FSDP" if engine == "fsdp" else "DeepSpeed ZeRO-3"
-        raise ConfigError(
-            f"{name} shards the weights, which suder does not support yet: the fast samplers call decoder layers "
-            "one by one, outside the hooks that gather the shards. Use DDP or DeepSpeed ZeRO-2 (with LoRA for "
-            "large models); see docs/scaling.md."
-        )
+    if engine == "fsdp":
+        plugin = acc.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise ConfigError(
+                f"FSDP version {plugin.fsdp_version} is not supported: suder gathers sharded weights for sampling "
+                "through FSDP2's per-parameter shards; set fsdp_version: 2 in the accelerate config (see "
+                "examples/accelerate/fsdp2.yaml)."
+            )
+        # every process loads the whole model before prepare, so rank-0-only loading saves nothing here, and
+        # accelerate's version of it breaks on persistent buffers (the toy's codebook): keep the loaded weights
+        plugin.cpu_ram_efficient_loading = False
     if engine == "deepspeed":
         if cfg.strategy == "separate":
             raise ConfigError("The separate strategy trains two models; with DeepSpeed use unified, gen or und.")
@@ -57,16 +61,46 @@ def check_engine(acc: Any, engine: str, cfg: TrainConfig) -> None:
         acc.gradient_accumulation_steps = cfg.grad_accum
 
 
+_WHOLE: set[int] = set()  # backbones inside a whole_weights view now (an inner view of the same one does nothing)
+
+
 @contextlib.contextmanager
 def whole_weights(wrapped: nn.Module, backbone: nn.Module):
     """Every process enters; inside, ``backbone``'s parameters are whole tensors: DeepSpeed ZeRO-3 gathers them
     (``GatheredParameters``), FSDP2's sharded (``DTensor``) parameters are replaced by their full tensors for
-    the duration, anything else is already whole. For no-grad use (sampling, scoring, saving)."""
+    the duration, anything else is already whole. For no-grad use (sampling, scoring, saving). Re-entrant: a view
+    entered inside another of the same backbone gathers nothing.
+
+    The collectives happen here, on entry, in the same order on every process; inside, each process may call its
+    layers as often as its own samples need (captions end at different lengths). For that, FSDP2's forward hooks
+    are taken off for the duration: they would all-gather again at every layer call (a count that differs between
+    processes, so they would wait on each other forever), and the first layer called would make itself FSDP's root.
+    """
+    if id(backbone) in _WHOLE:
+        yield backbone
+        return
+    _WHOLE.add(id(backbone))
+    try:
+        with _gather(wrapped, backbone):
+            yield backbone
+    finally:
+        _WHOLE.discard(id(backbone))
+
+
+@contextlib.contextmanager
+def _gather(wrapped: nn.Module, backbone: nn.Module):
     if any(hasattr(p, "ds_id") for p in backbone.parameters()):
         import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
 
+        # TRL's way for generation under ZeRO-3 (``unwrap_model_for_generation``): gather, and take the engine's
+        # fetch/release hooks off meanwhile, or the first layer's forward would release the gathered weights
         with deepspeed.zero.GatheredParameters(list(backbone.parameters()), modifier_rank=None):
-            yield backbone
+            remove_hooks(wrapped)
+            try:
+                yield backbone
+            finally:
+                add_hooks(wrapped)
         return
     from torch.distributed.tensor import DTensor
 
@@ -80,8 +114,33 @@ def whole_weights(wrapped: nn.Module, backbone: nn.Module):
                     whole[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=False)
                 swapped.append((module, name, param))
                 module._parameters[name] = whole[id(param)]
+    hooks = _without_fsdp_hooks(wrapped) if swapped else []
     try:
         yield backbone
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param
+        for module, pre, post in hooks:
+            module._forward_pre_hooks, module._forward_hooks = pre, post
+
+
+def _without_fsdp_hooks(wrapped: nn.Module) -> list[tuple[nn.Module, Any, Any]]:
+    """Take FSDP2's forward hooks off every ``fully_shard``-ed module under ``wrapped``; returns what to put back.
+    torch (2.13) has no public switch for this: the hooks are found by the handles FSDP keeps on its state
+    (``_pre_forward_hook_handle``, ``_post_forward_hook_handle``, a ``_MultiHandle`` for grouped modules);
+    ``tests/test_distributed.py`` runs sampling on per-layer-sharded models, so a change there fails loudly."""
+    from torch.distributed.fsdp import FSDPModule
+
+    kept = []
+    for module in wrapped.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        ids = set()
+        for handle in (state._pre_forward_hook_handle, state._post_forward_hook_handle):
+            ids.update(h.id for h in getattr(handle, "handles", (handle,)))
+        pre, post = module._forward_pre_hooks, module._forward_hooks
+        kept.append((module, pre, post))
+        module._forward_pre_hooks = type(pre)((k, v) for k, v in pre.items() if k not in ids)
+        module._forward_hooks = type(post)((k, v) for k, v in post.items() if k not in ids)
+    return kept

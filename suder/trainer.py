@@ -12,6 +12,7 @@ through it too (``Routed``), under ``torch.no_grad``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -30,7 +31,7 @@ from .distributed import check_engine, launched_engine, whole_weights
 from .errors import SuderError, TrainingError
 from .outputs import RunWriter, TrainResult, check_writable
 from .registry import get_reward_spec, load_backbone
-from .rollout import ALGORITHMS, ReferenceScope, Rollout, sample_group
+from .rollout import ALGORITHMS, Batch, ReferenceScope, Rollout, policy_logps, sample_group
 
 
 class Dispatch(nn.Module):
@@ -39,6 +40,11 @@ class Dispatch(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+        # what accelerate's FSDP ``TRANSFORMER_BASED_WRAP`` shards layer by layer when the config names no class
+        present = {type(m).__name__ for m in backbone.modules()}
+        self._no_split_modules = sorted(
+            {n for m in backbone.modules() for n in getattr(m, "_no_split_modules", None) or [] if n in present}
+        )
 
     def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
         return fn(self.backbone)
@@ -46,17 +52,18 @@ class Dispatch(nn.Module):
 
 class Routed:
     """A backbone seen through its wrapped module, for the no-grad calls (sampling, rewards, old and reference
-    log-probs, evaluation): ``routed.sample_image(...)`` runs inside ``wrapped.forward``, so DDP and ZeRO-2 see
-    every use; with sharded weights (``gather=True``: ZeRO-3, FSDP) it runs on a whole-weights view instead
-    (``whole_weights``), since samplers call layers one by one and read weights outside any module's forward.
-    Attributes that are not methods come from the backbone itself."""
+    log-probs): ``routed.sample_image(...)`` runs inside ``wrapped.forward``, so DDP and ZeRO-2 see every use; with
+    sharded weights (``gather=True``: ZeRO-3, FSDP2) it runs on a whole-weights view instead (``whole_weights``),
+    since samplers call layers one by one and read weights outside any module's forward. The trainer enters that
+    view once per rollout phase (``Trainer.whole``), which makes each call's own gathering a no-op. Attributes that
+    are not methods come from the backbone itself."""
 
     def __init__(self, wrapped: nn.Module, backbone: nn.Module, gather: bool = False):
         self._wrapped, self._backbone, self._gather = wrapped, backbone, gather
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._backbone, name)
-        if not callable(attr) or name in ("train", "eval"):
+        if not callable(attr) or name in ("train", "eval", "reference_scope"):
             return attr
         if self._gather:
 
@@ -169,16 +176,17 @@ class Trainer:
         self.rewards = {d: self._reward(d) for d in cfg.directions}
         self.models = self._build_models(policy)
 
-    def decide(self, fn: Callable[[], Any], everywhere: bool = False) -> Any:
+    def decide(self, fn: Callable[[], Any], whole: tuple[str, ...] = ()) -> Any:
         """Run ``fn`` on the main process and give its result, or its ``SuderError``, to every process, so that
-        no rank waits forever for a decision (or an error) that only rank 0 saw. ``everywhere``: ``fn`` reads
-        sharded weights, so every process runs it (the main process's result still decides)."""
+        no rank waits forever for a decision (or an error) that only rank 0 saw. ``whole``: the models ``fn`` reads,
+        whose sharded weights every process gathers first (``Trainer.whole``)."""
         result, error = None, None
-        if self.acc.is_main_process or everywhere:
-            try:
-                result = fn()
-            except SuderError as exc:
-                error = exc
+        with self.whole(whole):
+            if self.acc.is_main_process:
+                try:
+                    result = fn()
+                except SuderError as exc:
+                    error = exc
         if self.acc.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -226,8 +234,9 @@ class Trainer:
                 frozen.to(self.acc.device)
         keys = {"gen": ("gen",), "und": ("und",)} if c.strategy == "separate" else {"policy": c.directions}
         models: dict[str, Any] = {"frozen": frozen, "reference": frozen}
-        for i, (key, directions) in enumerate(keys.items()):
-            m = policy if i == 0 else copy.deepcopy(policy)
+        # copies first: FSDP shards a module in place when it is prepared, and a sharded module cannot be copied
+        copies = [policy] + [copy.deepcopy(policy) for _ in list(keys)[1:]]
+        for m, (key, directions) in zip(copies, keys.items()):
             trainable = {id(p) for d in directions for p in m.trainable_parameters(d)}
             for p in m.parameters():
                 p.requires_grad_(id(p) in trainable)
@@ -242,6 +251,9 @@ class Trainer:
             # the parameters as the engine holds them after prepare (FSDP replaces them with sharded ones)
             params = [p for p in wrapped.parameters() if p.requires_grad]
             models[key] = {"wrapped": wrapped, "opt": opt, "sched": sched, "params": params}
+        if isinstance(frozen, ReferenceScope) and self.sharded:  # the policy's own weights, on a gathered view
+            first = next(iter(keys))
+            models["frozen"] = models["reference"] = ReferenceScope(self.routed_from(models[first]["wrapped"]))
         return models
 
     def _lr_lambda(self, total: int) -> Callable[[int], float]:
@@ -277,7 +289,10 @@ class Trainer:
         return self.acc.unwrap_model(self.models[key]["wrapped"]).backbone
 
     def routed(self, key: str) -> Routed:
-        return Routed(self.models[key]["wrapped"], self.unwrapped(key), gather=self.sharded)
+        return self.routed_from(self.models[key]["wrapped"])
+
+    def routed_from(self, wrapped: nn.Module) -> Routed:
+        return Routed(wrapped, self.acc.unwrap_model(wrapped).backbone, gather=self.sharded)
 
     def scorer(self, key: str) -> Any:
         return self.models["frozen"] if key == "frozen" else self.routed(key)
@@ -293,13 +308,27 @@ class Trainer:
         return plugin is not None and int(plugin.zero_stage) == 3
 
     def eval_model(self, key: str) -> Any:
-        """The model evaluation reads: the raw module where each process holds all weights, else the routed one
-        (whose forward gathers the shards, on every process)."""
-        return self.routed(key) if self.sharded else self.unwrapped(key)
+        """The model evaluation reads (main process), inside ``whole`` where the weights are sharded."""
+        return self.unwrapped(key)
 
     def gathered(self, key: str):
         """A view of model ``key`` with whole weights, for saving; entered by every process."""
         return whole_weights(self.models[key]["wrapped"], self.unwrapped(key))
+
+    def trained_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in self.models if k not in ("frozen", "reference"))
+
+    @contextlib.contextmanager
+    def whole(self, keys: tuple[str, ...] | list[str] | set[str]):
+        """With sharded weights (ZeRO-3, FSDP2), every process enters: the weights of models ``keys`` are gathered
+        once, and inside each process calls them as often as its own samples need, with no collectives (captions
+        end at different lengths on different processes). TRL gathers once per generation the same way. Without
+        sharding, nothing to do."""
+        with contextlib.ExitStack() as stack:
+            if self.sharded:
+                for key in sorted(set(keys)):
+                    stack.enter_context(self.gathered(key))
+            yield
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -316,7 +345,7 @@ class Trainer:
             metrics = self.train_step(step)
             metrics["step"] = step + 1
             if self.judge and c.eval_every and (step + 1) % c.eval_every == 0:
-                held, stopped = self.decide(self._heldout, everywhere=self.sharded)
+                held, stopped = self.decide(self._heldout, whole=self.trained_keys())
                 metrics.update(held)
             history.append(metrics)
             writer.log(metrics)
@@ -354,10 +383,23 @@ class Trainer:
         algo = ALGORITHMS[c.algo]
         work = plan(c, step)
         t0 = time.perf_counter()
-        micro: list[dict[str, Any]] = []
-        metrics: dict[str, Any] = {}
         self._last_rollouts = []
         self._phase_times: dict[str, float] = {}
+        # sharded weights: gathered once for the whole rollout phase, scorers included (see ``whole``)
+        with self.whole({k for w in work for k in (w[0], w[2]) if k in self.trained_keys()}):
+            micro, metrics = self.collect(algo, work, step)
+        t1 = time.perf_counter()
+        norm = self.normalizers(micro)
+        for key in sorted({k for k, _, _ in work}):
+            metrics.update(self.update(key, algo, micro, norm))
+        metrics.update({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
+        return self.reduce_metrics(metrics)
+
+    def collect(self, algo: Any, work: list[tuple[str, str, str]], step: int) -> tuple[list[dict], dict[str, Any]]:
+        """This step's ``grad_accum`` micro-batches: rollouts, rewards and prepared batches, with their metrics."""
+        c = self.cfg
+        micro: list[dict[tuple[str, str], Any]] = []
+        metrics: dict[str, Any] = {}
         for m in range(c.grad_accum):
             batches = {}
             for key, direction, scorer_key in work:
@@ -365,16 +407,20 @@ class Trainer:
                 with self.acc.autocast():
                     rollout = self.rollout(key, direction, scorer_key, step, m)
                     seeds = [derive_seed(c.seed, step, m, it, 7) for it in range(c.grpo_iterations)]
-                    batch, rm = algo.prepare(self.routed(key), rollout, c, self.models["reference"], seeds)
+                    batch, rm = self.prepare_batch(algo, key, rollout, seeds)
                 _accumulate(metrics, rm, c.grad_accum)
                 batches[(key, direction)] = batch
             micro.append(batches)
-        t1 = time.perf_counter()
-        norm = self.normalizers(micro)
-        for key in sorted({k for k, _, _ in work}):
-            metrics.update(self.update(key, algo, micro, norm))
-        metrics.update({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
-        return self.reduce_metrics(metrics)
+        return micro, metrics
+
+    def prepare_batch(self, algo: Any, key: str, rollout: Rollout, seeds: list[int]) -> tuple[Batch | None, dict]:
+        """``algo.prepare`` on model ``key``. With sharded weights every process must run the same layers' forwards
+        in the update (each gathers its shards from all processes): where all of this process's groups were
+        skipped, a stand-in (one sample, weight zero, ``count == 0``) takes the batch's place."""
+        batch, metrics = algo.prepare(self.routed(key), rollout, self.cfg, self.models["reference"], seeds)
+        if batch is None and self.sharded:
+            batch = Batch(rollout.direction, rollout.samples.select([0]), count=0, tokens=0)
+        return batch, metrics
 
     def normalizers(self, micro: list[dict[tuple[str, str], Any]]) -> dict[tuple[str, str], dict[str, float]]:
         """Pairs/rows and target tokens of the whole accumulated batch, summed over micro-batches and processes
@@ -461,10 +507,16 @@ class Trainer:
                 part = {kd: b for kd, b in batches.items() if kd[0] == key}
 
                 def step_loss(backbone, part=part, it=it):
-                    total = sum(p.sum() for p in model["params"]) * 0.0  # keeps every rank in the backward
+                    if self.sharded:  # stand-ins keep every process in the same forwards and backward
+                        total = torch.zeros((), device=self.acc.device)
+                    else:  # keeps every rank in DDP's backward
+                        total = sum(p.sum() for p in model["params"]) * 0.0
                     parts = {}
                     for (_, d), b in part.items():
                         if b is None or norm[(key, d)]["count"] == 0:
+                            continue
+                        if b.count == 0:  # a stand-in (sharded weights): the same forward, weight zero
+                            total = total + policy_logps(backbone, d, b.samples, c).values.sum() * 0.0
                             continue
                         loss, lm = algo.loss(backbone, b, c, norm[(key, d)], it)
                         total = total + weights[d] * loss
@@ -477,7 +529,7 @@ class Trainer:
                     loss, parts = wrapped(step_loss)
                     self.acc.backward(loss * scale)
                 _accumulate(metrics, parts, len(micro) * iterations)
-            norm_value = self.acc.clip_grad_norm_(model["params"], c.max_grad_norm or float("inf"))
+            norm_value = self.clip_grad_norm(model["params"], c.max_grad_norm or float("inf"))
             if norm_value is not None:
                 norm_value = float(norm_value)
                 if not math.isfinite(norm_value):  # the same on every process: gradients are all-reduced
@@ -495,21 +547,32 @@ class Trainer:
         metrics.update(getattr(self, "_phase_times", {}))
         return metrics
 
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> Any:
+        """``accelerator.clip_grad_norm_``, except under FSDP, where accelerate 1.15 looks the model up with
+        ``params == list(model.parameters())``, which raises for a second prepared model of the same shape (the
+        separate strategy); with FSDP2's single mesh its answer is torch's ``clip_grad_norm_`` anyway."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type != DistributedType.FSDP:
+            return self.acc.clip_grad_norm_(params, max_norm)
+        self.acc.unscale_gradients()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, when: str) -> dict[str, Any]:
-        """The judge's scores (main process; with sharded weights every process runs the same evaluation)."""
+        """The judge's scores (main process; with sharded weights every process gathers them first)."""
         from .evaluate import evaluate
 
-        if not (self.acc.is_main_process or self.sharded):
-            return {}
         c = self.cfg
-        if c.strategy == "separate":
-            gen = evaluate(self.eval_model("gen"), num=c.eval_num, what=("t2i",))
-            und = evaluate(self.eval_model("und"), num=c.eval_num, what=("caption",))
-            result = gen | und
-        else:
-            result = evaluate(self.eval_model("policy"), num=c.eval_num)
-        return result if self.acc.is_main_process else {}
+        with self.whole(self.trained_keys()):
+            if not self.acc.is_main_process:
+                return {}
+            if c.strategy == "separate":
+                gen = evaluate(self.eval_model("gen"), num=c.eval_num, what=("t2i",))
+                und = evaluate(self.eval_model("und"), num=c.eval_num, what=("caption",))
+                return gen | und
+            return evaluate(self.eval_model("policy"), num=c.eval_num)
 
 
 COUNT_METRICS = {

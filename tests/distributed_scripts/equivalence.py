@@ -1,13 +1,20 @@
 """One training update on N processes x a micro-batches of b groups, or on 1 process x N*a*b groups, from the same
-rollouts; writes the losses, learning rates, gradients and optimizer step counts it saw (rank 0) to OUT.
+rollouts; writes the losses, learning rates, gradients and optimizer step counts it saw (rank 0) to OUT, and the
+trained model (``save_pretrained`` from the trainer's whole-weights view) to OUT.final/. At the last step one group
+has equal rewards (skipped): on 2 processes it is all that rank 1 has in its first micro-batch. With sharded weights
+(FSDP2), OUT.torch/ also gets the model saved from torch's own full state dict of the same weights.
 
     python tests/distributed_scripts/equivalence.py MODEL OUT ALGO STRATEGY                       # 1 process
-    torchrun --nproc_per_node 2 tests/distributed_scripts/equivalence.py MODEL OUT ALGO STRATEGY  # 2 processes
+    torchrun --nproc_per_node 2 tests/distributed_scripts/equivalence.py MODEL OUT ALGO STRATEGY  # 2 processes, DDP
+    accelerate launch --config_file FSDP2.yaml tests/distributed_scripts/accelerate_fsdp2.py \
+        tests/distributed_scripts/equivalence.py MODEL OUT ALGO STRATEGY                          # 2 processes, FSDP2
 """
 
 import sys
+from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from suder import rewards
 from suder.config import TrainConfig
@@ -51,8 +58,10 @@ algo_obj = ALGORITHMS[algo]
 record = []
 for step in range(STEPS):
     micro = [dict() for _ in range(ACCUM)]
+    whole = tr.whole(tr.trained_keys())  # as Trainer.train_step: sharded weights gathered once for the rollouts
+    whole.__enter__()
     for key, direction, scorer_key in plan(cfg, step):
-        policy = tr.unwrapped(key)
+        policy = tr.routed(key)  # whole weights on every process, whatever the engine shards
         policy.eval()
         gen = torch.Generator().manual_seed(derive_seed(11, step, direction == "und"))
         if direction == "gen":
@@ -63,13 +72,16 @@ for step in range(STEPS):
             inputs = [shapes.render(s) for s in shapes.sample_scenes(TOTAL, seed=200 + step)]
             samples = policy.sample_text(inputs, num_samples=G, generator=gen)
             r = rewards.dsr_understanding(rewards.RewardContext(scorer=tr.scorer(scorer_key)), samples)
+        if step == STEPS - 1:  # (the last step: a changed update would also change later rewards, hence later losses)
+            r[G : 2 * G] = 0.0  # group 1 skipped (equal rewards): rank 1's whole first micro-batch on 2 processes
         policy.train()
         for m in range(ACCUM):
             first = (m * N + rank) * per_micro
             rows = list(range(first * G, (first + per_micro) * G))
             roll = Rollout(direction, samples.select(rows), r[rows], G)
             seeds = [derive_seed(5, step, it) for it in range(cfg.grpo_iterations)]
-            micro[m][(key, direction)] = algo_obj.prepare(tr.routed(key), roll, cfg, tr.models["reference"], seeds)[0]
+            micro[m][(key, direction)] = tr.prepare_batch(algo_obj, key, roll, seeds)[0]
+    whole.__exit__(None, None, None)
     norm = tr.normalizers(micro)
     entry = {"step": step}
     for key in sorted({k for k, _, _ in plan(cfg, step)}):
@@ -79,7 +91,8 @@ for step in range(STEPS):
         original = inner.step
 
         def capture(*a, _orig=original, _key=key, _grads=grads, **k):
-            _grads[_key] = torch.cat([p.grad.detach().flatten().clone() for p in tr.models[_key]["params"]])
+            whole = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in tr.models[_key]["params"]]
+            _grads[_key] = torch.cat([g.detach().flatten().clone() for g in whole])
             return _orig(*a, **k)
 
         inner.step = capture
@@ -95,6 +108,18 @@ for step in range(STEPS):
     record.append(entry)
 if rank == 0:
     torch.save(record, out)
+tr.writer._save_models(tr, Path(out + ".final"))
+if tr.sharded:  # the same weights through torch's own full state dict, saved by an unsharded model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    import suder
+
+    for key in [k for k in ("policy", "gen", "und") if k in tr.models]:
+        full = get_model_state_dict(tr.models[key]["wrapped"], options=StateDictOptions(full_state_dict=True))
+        if rank == 0:
+            plain = suder.load_backbone("toy", model=model)
+            plain.load_state_dict({k.removeprefix("backbone."): v for k, v in full.items()})
+            plain.save_pretrained(str(Path(out + ".torch") / ("" if key == "policy" else key)))
 print("DONE", rank)
 tr.acc.wait_for_everyone()
 if torch.distributed.is_initialized():  # a gloo group left to interpreter shutdown can abort the process

@@ -1,5 +1,7 @@
-"""FSDP2 (torch's ``fully_shard``) on CPU processes with gloo: a loss through the wrapped forward gives the unsharded
-model's gradient, and ``save_pretrained`` from a whole-weights view (``whole_weights``) writes the unsharded files.
+"""FSDP2 (torch's ``fully_shard``, one unit per decoder layer) on CPU processes with gloo: sampling on the whole-weights
+view (``whole_weights``) gives the unsharded model's samples, even where the processes' captions end at different
+lengths (so their layers run a different number of times); a loss through the wrapped forward afterwards gives the
+unsharded model's gradient; and ``save_pretrained`` from the view writes the unsharded files.
 
     torchrun --nproc_per_node 2 tests/distributed_scripts/fsdp2.py MODEL OUT
 """
@@ -27,9 +29,18 @@ for layer in sharded.lm.model.layers:
 fully_shard(wrapped)
 assert any(isinstance(p, DTensor) for p in sharded.parameters()), "nothing was sharded"
 prompts = shapes.sample_prompts(2, seed=1)
+# captions of 16 tokens on rank 0 and 5 on rank 1 (seeds picked for that): the layers run 16 and 5 times
+images = [shapes.render(s) for s in shapes.sample_scenes(1, seed=10 + 7 * rank)]
 with torch.no_grad():
     a = plain.sample_image(prompts, num_samples=2, generator=torch.Generator().manual_seed(3))
-    b = a
+    want = plain.sample_text(images, num_samples=2, generator=torch.Generator().manual_seed(5 + 7 * rank))
+    with whole_weights(wrapped, sharded) as whole:
+        b = whole.sample_image(prompts, num_samples=2, generator=torch.Generator().manual_seed(3))
+        got = whole.sample_text(images, num_samples=2, generator=torch.Generator().manual_seed(5 + 7 * rank))
+assert torch.equal(a.tokens, b.tokens) and got.texts == want.texts, (got.texts, want.texts)
+lengths = [None, None]
+dist.all_gather_object(lengths, got.tokens.shape[1])
+assert lengths[0] != lengths[1], f"the processes' captions should differ in length: {lengths}"
 
 # a training loss through the wrapped forward: the gradient of every parameter equals the unsharded one
 plain.train()
