@@ -13,6 +13,7 @@ import contextlib
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import TrainConfig
@@ -65,11 +66,13 @@ _WHOLE: set[int] = set()  # backbones inside a whole_weights view now (an inner 
 
 
 @contextlib.contextmanager
-def whole_weights(wrapped: nn.Module, backbone: nn.Module):
+def whole_weights(wrapped: nn.Module, backbone: nn.Module, compute_dtype: torch.dtype | None = None):
     """Every process enters; inside, ``backbone``'s parameters are whole tensors: DeepSpeed ZeRO-3 gathers them
     (``GatheredParameters``), FSDP2's sharded (``DTensor``) parameters are replaced by their full tensors for
     the duration, anything else is already whole. For no-grad use (sampling, scoring, saving). Re-entrant: a view
-    entered inside another of the same backbone gathers nothing.
+    entered inside another of the same backbone gathers nothing. ``compute_dtype``: FSDP2's whole tensors in that
+    dtype, the one its mixed-precision forward computes in (so that log-probs from the view and from the training
+    forward agree, as GRPO's first ratio needs); ``None`` keeps the stored dtype (for saving).
 
     The collectives happen here, on entry, in the same order on every process; inside, each process may call its
     layers as often as its own samples need (captions end at different lengths). For that, FSDP2's forward hooks
@@ -81,14 +84,14 @@ def whole_weights(wrapped: nn.Module, backbone: nn.Module):
         return
     _WHOLE.add(id(backbone))
     try:
-        with _gather(wrapped, backbone):
+        with _gather(wrapped, backbone, compute_dtype):
             yield backbone
     finally:
         _WHOLE.discard(id(backbone))
 
 
 @contextlib.contextmanager
-def _gather(wrapped: nn.Module, backbone: nn.Module):
+def _gather(wrapped: nn.Module, backbone: nn.Module, compute_dtype: torch.dtype | None):
     if any(hasattr(p, "ds_id") for p in backbone.parameters()):
         import deepspeed
         from trl.models.utils import add_hooks, remove_hooks
@@ -111,7 +114,10 @@ def _gather(wrapped: nn.Module, backbone: nn.Module):
         for name, param in list(module._parameters.items()):
             if isinstance(param, DTensor):
                 if id(param) not in whole:
-                    whole[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=False)
+                    full = param.full_tensor().detach()
+                    if compute_dtype is not None and full.is_floating_point():
+                        full = full.to(compute_dtype)
+                    whole[id(param)] = nn.Parameter(full, requires_grad=False)
                 swapped.append((module, name, param))
                 module._parameters[name] = whole[id(param)]
     hooks = _without_fsdp_hooks(wrapped) if swapped else []

@@ -326,8 +326,10 @@ class Trainer:
         sharding, nothing to do."""
         with contextlib.ExitStack() as stack:
             if self.sharded:
+                policy = getattr(getattr(self.acc.state, "fsdp_plugin", None), "mixed_precision_policy", None)
+                dtype = getattr(policy, "param_dtype", None)  # FSDP2's compute dtype under mixed precision
                 for key in sorted(set(keys)):
-                    stack.enter_context(self.gathered(key))
+                    stack.enter_context(whole_weights(self.models[key]["wrapped"], self.unwrapped(key), dtype))
             yield
 
     # ------------------------------------------------------------------ the loop

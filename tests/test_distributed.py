@@ -205,6 +205,32 @@ def test_fsdp2_and_zero3_runs_through_accelerate_train_the_same_model(tiny_toy_p
     assert moved > 0.01 and apart < 1e-3 * moved, (moved, apart)
 
 
+@pytest.mark.slow
+def test_fsdp2_with_bf16_scores_rollouts_in_the_dtype_it_trains_in(tiny_toy_path, tmp_path):
+    """Under mixed precision FSDP2 computes with bf16 copies of its fp32 shards; the gathered view for sampling and
+    old log-probs does the same, so GRPO's first-step ratio is exactly 1 (with fp32 whole weights it was 8e-3 off,
+    and the run stopped)."""
+    out = tmp_path / "run"
+    args = [str(FSDP2), "suder", "run", "--algo", "grpo", "--mixed-precision", "bf16", "--model", tiny_toy_path]
+    args += ["--output-dir", str(out), "--steps", "1", "--group-size", "4", "--gen-batch-size", "1"]
+    args += [
+        "--und-batch-size",
+        "1",
+        "--eval-num",
+        "8",
+        "--grad-accum",
+        "2",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "0",
+    ]
+    proc = _accelerate_launch("examples/accelerate/fsdp2.yaml", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (metrics,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["gen/grpo/ratio_max_abs_dev"] == metrics["und/grpo/ratio_max_abs_dev"] == 0.0
+
+
 def test_fsdp2_is_accepted_and_fsdp1_refused_with_the_reason():
     """accelerate's FSDP1 needs a GPU even to start, so this check is tested on its own: FSDP version 1 (flat
     parameters the gathered view does not know) stops at start naming the fix; FSDP2 goes on, with rank-0-only
