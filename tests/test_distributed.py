@@ -171,7 +171,8 @@ def test_fsdp2_and_zero3_runs_through_accelerate_train_the_same_model(tiny_toy_p
     """``suder run`` as a user launches it with examples/accelerate/fsdp2.yaml and zero3.yaml (2 CPU processes, each
     sampling its own prompts and images, so their captions end at different lengths): one optimizer step and one lr
     step per training step with grad_accum 2, evaluation before and after, a sharded checkpoint, and a final model
-    that loads; the two engines agree on every step's losses and on the trained weights."""
+    that loads; the two engines agree on every step's losses and on the trained weights; and FSDP2 resumed from its
+    sharded checkpoint at step 2 takes step 3 exactly as before."""
     pytest.importorskip("deepspeed")
     import suder
 
@@ -203,6 +204,12 @@ def test_fsdp2_and_zero3_runs_through_accelerate_train_the_same_model(tiny_toy_p
     apart = sum((p - q).norm() ** 2 for p, q in zip(x.parameters(), y.parameters())) ** 0.5
     # Adam turns a float-noise gradient element into a full lr-sized step, so allow a little, not O(1)
     assert moved > 0.01 and apart < 1e-3 * moved, (moved, apart)
+    resume = [str(FSDP2), "suder", *_run_flags(tiny_toy_path, fsdp), "--resume"]
+    proc = _accelerate_launch("examples/accelerate/fsdp2.yaml", resume)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = [json.loads(x) for x in (fsdp / "metrics.jsonl").read_text().splitlines()]
+    assert resumed[:2] == logs["fsdp2"][:2] and len(resumed) == 3
+    assert [resumed[2][k] for k in ("gen/loss", "und/loss")] == [logs["fsdp2"][2][k] for k in ("gen/loss", "und/loss")]
 
 
 @pytest.mark.slow
