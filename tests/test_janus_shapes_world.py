@@ -24,6 +24,7 @@ TINY_BUILD = dict(
 
 
 RUN_DEFAULTS = jsw.recipe().run_defaults
+STEPS_TO_ASSIGN = 300
 
 
 def tiny_recipe():
@@ -76,6 +77,20 @@ def test_processor_has_one_token_per_word_and_the_real_prompt_layout():
 
 
 # ------------------------------------------------------------------------------------------ VQ model
+def test_patch_clusters_are_the_distinct_quarter_objects_or_their_k_means():
+    """At stride 8 a ShapesWorld patch is empty or one quarter (4 corners) of one of 6 x 3 objects: 73 patches."""
+    from suder.worlds import shapes
+
+    distinct = jsw.patch_clusters(256, 8)
+    assert distinct.shape == (1 + 4 * len(shapes.COLORS) * len(shapes.SHAPES), 3 * 8 * 8)
+    assert (distinct == -1).all(-1).sum() == 1  # the empty (black) patch is one of them
+    assert torch.equal(jsw.patch_clusters(256, 8), distinct)  # deterministic
+    few = jsw.patch_clusters(16, 8)  # fewer codes than patches: k-means centres, each one some patches' mean
+    assert few.shape == (16, 192)
+    assign = torch.cdist(distinct, few).argmin(-1)
+    assert assign.unique().numel() == 16
+
+
 def test_vq_training_lowers_the_loss_and_leaves_a_unit_codebook():
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
@@ -90,6 +105,22 @@ def test_vq_training_lowers_the_loss_and_leaves_a_unit_codebook():
     assert not any(p.requires_grad for p in vq.parameters()) and not vq.training
 
 
+def test_trained_encoder_gives_each_patch_its_cluster_code():
+    """The tokenizer's codes are the patch clusters: after training, transformers' ``encode`` of held-out
+    scenes gives each 8 x 8 patch the code of its cluster (the plain VQ-VAE objective had no such target)."""
+    from transformers.models.janus.modeling_janus import JanusVQVAE
+
+    from suder.worlds import shapes
+
+    cfg = jsw.shapes_config(64, vq={**TINY_BUILD["vq"], "num_embeddings": 80}).vq_config
+    torch.manual_seed(0)
+    vq = JanusVQVAE(cfg)
+    jsw.train_tokenizer(vq, steps=STEPS_TO_ASSIGN, batch_size=8, lr=5e-3)
+    x = jsw._pixels([shapes.render(s) for s in shapes.sample_scenes(32, seed=999)])
+    target = torch.cdist(jsw._patches(x, 8), jsw.patch_clusters(80, 8)).argmin(-1)
+    assert (vq.encode(x).image_tokens.view(-1) == target).float().mean() > 0.95
+
+
 def test_transformers_encode_picks_the_codes_training_used():
     """The stored codebook is normalised, so transformers' un-normalised nearest-code search equals training's
     search on the sphere (without normalising, the two disagree)."""
@@ -101,7 +132,8 @@ def test_transformers_encode_picks_the_codes_training_used():
     with torch.no_grad():
         vq.quantize.embedding.weight.mul_(torch.rand(cfg.num_embeddings, 1) * 3)  # uneven norms
     x = torch.rand(6, 3, 32, 32) * 2 - 1
-    _, codes, _, _ = jsw._quantize(vq, x)
+    codes = jsw._codes(vq, x)
+    assert not torch.equal(vq.encode(x).image_tokens.view(-1), codes)
     jsw.normalize_codebook(vq)
     assert torch.equal(vq.encode(x).image_tokens.view(-1), codes)
 
