@@ -1,10 +1,12 @@
 """Distributed engines: what ``accelerate launch`` asked for, whether this machine can do it, and views of the
 weights that every process enters (see ``docs/scaling.md``).
 
-DDP and DeepSpeed ZeRO-2 are supported and tested on 2 CPU processes (``tests/test_distributed.py``). Engines that
-shard the weights (FSDP, ZeRO-3) are refused at start with the reason: the fast samplers call decoder layers one
-by one, outside the hooks that gather each layer's shards. ``whole_weights`` (used for saving) already works for
-both: FSDP2 saves are byte-identical to unsharded ones.
+DDP, DeepSpeed ZeRO-2 and ZeRO-3, and FSDP2 are supported, each tested on 2 CPU processes through ``accelerate
+launch`` (``tests/test_distributed.py``; accelerate engages FSDP only with GPUs, so the FSDP2 tests change that one
+answer in a test-only shim). With sharded weights (ZeRO-3, FSDP2) the training forward goes through the engine's
+hooks, and everything else that reads the weights (sampling, rewards, old and reference log-probs, evaluation,
+saving) runs on ``whole_weights``: gathered once, with the engine's hooks off meanwhile, as TRL does for generation
+under ZeRO-3. FSDP version 1 (flat parameters) is refused at start.
 """
 
 from __future__ import annotations

@@ -4,10 +4,12 @@ Read it top to bottom: ``train`` resolves the config and builds the models, ``Tr
 loops over steps and evaluates the result. Strategies differ only in ``plan`` (which model trains which
 direction this step, and who scores it); algorithms differ only in ``rollout.ALGORITHMS``.
 
-Scaling is accelerate's: ``accelerate launch`` / ``torchrun`` give DDP, DeepSpeed ZeRO-2 or FSDP with no code
-of ours. Every call that touches trained weights goes through the prepared module's ``forward`` (``Dispatch``),
-so DDP/ZeRO/FSDP hooks see exactly one forward per backward; sampling, rewards and the no-grad log-probs go
-through it too (``Routed``), under ``torch.no_grad``.
+Scaling is accelerate's: ``accelerate launch`` / ``torchrun`` give DDP, DeepSpeed ZeRO-2/ZeRO-3 or FSDP2
+(``docs/scaling.md``). Every loss goes through the prepared module's ``forward`` (``Dispatch``), so the engine's
+hooks see exactly one forward per backward. The no-grad calls (sampling, rewards, old and reference log-probs) go
+through it too under DDP and ZeRO-2 (``Routed``); with sharded weights (ZeRO-3, FSDP2) they run on a whole-weights
+view that every process gathers once per rollout phase (``Trainer.whole``), and a process whose groups were all
+skipped trains on a zero-weight stand-in, so that every process runs the same sharded forwards.
 """
 
 from __future__ import annotations
