@@ -238,6 +238,35 @@ def test_fsdp2_with_bf16_scores_rollouts_in_the_dtype_it_trains_in(tiny_toy_path
     assert metrics["gen/grpo/ratio_max_abs_dev"] == metrics["und/grpo/ratio_max_abs_dev"] == 0.0
 
 
+@pytest.mark.slow
+def test_janus_with_lora_under_fsdp2_scores_its_reference_on_the_gathered_view(tmp_path):
+    """A tiny Janus-Pro with LoRA under accelerate's FSDP2 (every decoder layer of its language model, vision and
+    VQ towers sharded): GRPO's reference is the policy with its adapters off, computed on the gathered view; its
+    first ratio is exactly 1, the KL to the reference grows from 0 once the adapters trained, and ``final/``
+    holds the adapter."""
+    from janus_tiny import random_images, tiny_backbone
+
+    model, data = tmp_path / "janus", tmp_path / "images"
+    tiny_backbone().save_pretrained(str(model))
+    data.mkdir()
+    for i, image in enumerate(random_images(4, seed=1)):
+        image.save(data / f"{i}.png")
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue dog\ntwo purple cats\na dog in the rain\n")
+    out = tmp_path / "run"
+    args = [str(FSDP2), "suder", "run", "--backbone", "janus-pro", "--model", str(model), "--algo", "grpo"]
+    args += ["--backbone-options", "{lora: {r: 4}}", "--prompts", str(tmp_path / "prompts.txt"), "--images", str(data)]
+    args += ["--output-dir", str(out), "--steps", "2", "--group-size", "2", "--gen-batch-size", "1"]
+    args += ["--und-batch-size", "1", "--grad-accum", "2", "--sample-every", "0", "--save-every", "0"]
+    proc = _accelerate_launch("examples/accelerate/fsdp2.yaml", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split("FSDP2_UNITS ")[1].split()[0]) > 10
+    first, second = (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
+    for d in ("gen", "und"):
+        assert first[f"{d}/grpo/ratio_max_abs_dev"] == second[f"{d}/grpo/ratio_max_abs_dev"] == 0.0
+        assert first[f"{d}/grpo/kl"] == 0.0 < second[f"{d}/grpo/kl"]
+    assert (out / "final" / "adapter").is_dir()
+
+
 def test_fsdp2_is_accepted_and_fsdp1_refused_with_the_reason():
     """accelerate's FSDP1 needs a GPU even to start, so this check is tested on its own: FSDP version 1 (flat
     parameters the gathered view does not know) stops at start naming the fix; FSDP2 goes on, with rank-0-only
