@@ -255,3 +255,30 @@ def test_estimator_study_scores_every_estimator_and_normalisation(monkeypatch):
         match = [o for o in scored if {k: o.get(k) for k in ("remask_ratio", "prompt_drop") if k in o} == opts]
         assert len(match) == 2 and all(not opts or o["remask_seed"] == 5 for o in match)  # dsr, dsr-consensus
     assert {"text", "full"} <= set(seen_vocabs) and model.settings.caption_logp_vocab == "text"
+
+
+def test_cluster_tokenizer_codes_are_local_patch_contents(monkeypatch):
+    """With the default method the decoder is trained on each 8 x 8 patch's own code: the same patch pixels get
+    the same -1/+1 code wherever and in whatever scene they appear, different patches different codes."""
+    from suder.backbones.janus_shapes_world import _patches
+    from suder.backbones.show_o.magvit import MAGVITv2
+
+    torch.manual_seed(0)
+    vq = MAGVITv2(**TINY_VQ, z_channels=8)
+    seen = []
+    decoder_forward = vq.decoder.forward
+    monkeypatch.setattr(vq.decoder, "forward", lambda q: seen.append(q.detach()) or decoder_forward(q))
+    originals = []
+    encoder_forward = vq.encoder.forward
+    monkeypatch.setattr(vq.encoder, "forward", lambda x: originals.append(x) or encoder_forward(x))
+    shapes_world.train_tokenizer(vq, steps=3, batch_size=8)
+    codes = torch.cat([q.permute(0, 2, 3, 1).reshape(-1, q.shape[1]) for q in seen])
+    patches = torch.cat([_patches(x, 8) for x in originals])
+    assert set(codes.unique().tolist()) == {-1.0, 1.0}
+    by_patch = {}
+    for patch, code in zip(patches, codes):
+        by_patch.setdefault(tuple(patch.tolist()), set()).add(tuple(code.tolist()))
+    assert len(by_patch) > 5 and all(len(c) == 1 for c in by_patch.values())
+    assert len({next(iter(c)) for c in by_patch.values()}) == len(by_patch)
+    with pytest.raises(ValueError, match="method"):
+        shapes_world.train_tokenizer(vq, steps=1, method="kmeans")
