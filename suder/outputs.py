@@ -254,6 +254,7 @@ class RunWriter:
         finally:
             quiet.setLevel(level)
         self._guarded(f"checkpoint {step}", tmp, lambda: self._save_models(trainer, tmp / "model"))
+        acc.wait_for_everyone()  # every process has written its part (its RNG state) before the folder is renamed
         if self.main:
             state = {"step": step, "best": self.best, "bad_evals": self.bad_evals}
 
