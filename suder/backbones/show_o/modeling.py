@@ -122,7 +122,9 @@ class ShowlabCheckpoint:
                 "ignoring %d unexpected key(s) in %s, e.g. %s", len(unexpected), weights_file, unexpected[:3]
             )
         model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
-        model.to(device=device, dtype=torch_dtype)  # the buffers built outside the file, and the dtype
+        # the buffers built outside the file, and the dtype; torch's own ``to``: diffusers' override warns about
+        # "modules that should be kept in float32" whenever a dtype is given, even when there are none
+        nn.Module.to(model, device=device, dtype=torch_dtype)
         model.register_to_config(_name_or_path=str(name))
         return model.eval()
 
