@@ -28,7 +28,9 @@ a small ``JanusConfig`` (``shapes_config``); nothing is downloaded:
   SigLIP with 8 px patches (16 image tokens, as many as codes) and the two-layer aligner; the generation
   embeddings, aligner and head are Janus's. ``suder.pretrain.pretrain`` trains all of them but the VQ model
   through the protocol's two log-prob methods: next-code prediction of the image given the prompt (the
-  prompt dropped for 10% of rows, for guidance) and next-token prediction of the caption given the image.
+  prompt dropped for 10% of rows, for guidance) and next-token prediction of the caption given the image,
+  1500 steps of 32 + 16 pairs (the prompt-to-object binding appears late: judged at guidance 2, 0.5% of the
+  images are correct after 500 of the 1500 steps, 10.5% after 1000, 16.5% at the end; 600 steps gave 0.75%).
   The vision encoder trains with them (Janus-Pro's stage 1 freezes it, but here it starts from random
   weights); it is frozen again during self-improvement (``freeze_vision_encoder``, the adapter's default).
 
@@ -94,7 +96,7 @@ SHAPES_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                      depth=2)
 SHAPES_VQ = dict(embed_dim=8, num_embeddings=256, latent_channels=32, base_channels=32,
                  channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, num_hidden_layers=2)
-SHAPES_GUIDANCE = 2.0
+SHAPES_GUIDANCE = 1.0  # no guidance: on this base CFG 2 / 3 draw 16.5% / 5.5% correct images, 1 draws 44%
 SHAPES_SETTINGS = dict(guidance_scale=SHAPES_GUIDANCE, max_caption_tokens=24)
 CODE_TEMPERATURE = 0.1  # of the cosine similarities the encoder's code assignment is trained on
 
@@ -316,7 +318,7 @@ def recipe():
 
     return ShapesRecipe(
         build=build_shapes_base,
-        version="v2",
-        pretrain=dict(steps=600, batch_size=32, lr=1e-3, warmup_steps=50),
+        version="v3",
+        pretrain=dict(steps=1500, batch_size=32, caption_batch_size=16, lr=1e-3, warmup_steps=50),
         run_defaults=dict(lr=3e-5, guidance_scale=None),
     )
