@@ -64,6 +64,35 @@ def check_engine(acc: Any, engine: str, cfg: TrainConfig) -> None:
         acc.gradient_accumulation_steps = cfg.grad_accum
 
 
+def is_sharded(acc: Any) -> bool:
+    """The weights are sharded across processes (ZeRO-3, FSDP): every read of them needs every process."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return plugin is not None and int(plugin.zero_stage) == 3
+
+
+def compute_dtype(acc: Any) -> torch.dtype | None:
+    """FSDP2's compute dtype under mixed precision (its ``param_dtype``); ``None`` elsewhere."""
+    policy = getattr(getattr(acc.state, "fsdp_plugin", None), "mixed_precision_policy", None)
+    return getattr(policy, "param_dtype", None)
+
+
+def clip_grad_norm(acc: Any, params: list[nn.Parameter], max_norm: float) -> Any:
+    """``accelerator.clip_grad_norm_``, except under FSDP, where accelerate 1.15 looks the model up with
+    ``params == list(model.parameters())``, which raises for a second prepared model of the same shape (the
+    separate strategy); with FSDP2's single mesh its answer is torch's ``clip_grad_norm_`` anyway."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return acc.clip_grad_norm_(params, max_norm)
+    acc.unscale_gradients()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 _WHOLE: set[int] = set()  # backbones inside a whole_weights view now (an inner view of the same one does nothing)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from . import rewards as rewards_mod
 from .config import TrainConfig, resolve
 from .data import image_pool, prompt_pool
-from .distributed import check_engine, launched_engine, whole_weights
+from .distributed import check_engine, clip_grad_norm, compute_dtype, is_sharded, launched_engine, whole_weights
 from .errors import SuderError, TrainingError
 from .outputs import RunWriter, TrainResult, check_writable
 from .registry import get_reward_spec, load_backbone
@@ -302,12 +302,7 @@ class Trainer:
     @property
     def sharded(self) -> bool:
         """Weights are sharded across processes (ZeRO-3, FSDP): every read of them needs every process."""
-        from accelerate.utils import DistributedType
-
-        if self.acc.distributed_type == DistributedType.FSDP:
-            return True
-        plugin = getattr(self.acc.state, "deepspeed_plugin", None)
-        return plugin is not None and int(plugin.zero_stage) == 3
+        return is_sharded(self.acc)
 
     def eval_model(self, key: str) -> Any:
         """The model evaluation reads (main process), inside ``whole`` where the weights are sharded."""
@@ -328,8 +323,7 @@ class Trainer:
         sharding, nothing to do."""
         with contextlib.ExitStack() as stack:
             if self.sharded:
-                policy = getattr(getattr(self.acc.state, "fsdp_plugin", None), "mixed_precision_policy", None)
-                dtype = getattr(policy, "param_dtype", None)  # FSDP2's compute dtype under mixed precision
+                dtype = compute_dtype(self.acc)
                 for key in sorted(set(keys)):
                     stack.enter_context(whole_weights(self.models[key]["wrapped"], self.unwrapped(key), dtype))
             yield
@@ -533,7 +527,7 @@ class Trainer:
                     loss, parts = wrapped(step_loss)
                     self.acc.backward(loss * scale)
                 _accumulate(metrics, parts, len(micro) * iterations)
-            norm_value = self.clip_grad_norm(model["params"], c.max_grad_norm or float("inf"))
+            norm_value = clip_grad_norm(self.acc, model["params"], c.max_grad_norm or float("inf"))
             if norm_value is not None:
                 norm_value = float(norm_value)
                 if not math.isfinite(norm_value):  # the same on every process: gradients are all-reduced
@@ -550,18 +544,6 @@ class Trainer:
         sched.step()
         metrics.update(getattr(self, "_phase_times", {}))
         return metrics
-
-    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> Any:
-        """``accelerator.clip_grad_norm_``, except under FSDP, where accelerate 1.15 looks the model up with
-        ``params == list(model.parameters())``, which raises for a second prepared model of the same shape (the
-        separate strategy); with FSDP2's single mesh its answer is torch's ``clip_grad_norm_`` anyway."""
-        from accelerate.utils import DistributedType
-
-        if self.acc.distributed_type != DistributedType.FSDP:
-            return self.acc.clip_grad_norm_(params, max_norm)
-        self.acc.unscale_gradients()
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, when: str) -> dict[str, Any]:
