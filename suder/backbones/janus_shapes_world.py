@@ -34,8 +34,8 @@ a small ``JanusConfig`` (``shapes_config``); nothing is downloaded:
   The vision encoder trains with them (Janus-Pro's stage 1 freezes it, but here it starts from random
   weights); it is frozen again during self-improvement (``freeze_vision_encoder``, the adapter's default).
 
-Sampling settings saved with the base (``SHAPES_SETTINGS``): guidance ``SHAPES_GUIDANCE``, captions up to 24
-tokens.
+Sampling settings saved with the base (``SHAPES_SETTINGS``): guidance ``SHAPES_GUIDANCE`` (1: none; CFG 2
+and 3 draw fewer correct images on this base, its prompt-free model being weak), captions up to 24 tokens.
 """
 
 from __future__ import annotations
