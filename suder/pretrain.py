@@ -216,3 +216,39 @@ def ensure_base(
 def ensure_toy_base(steps: int = 500, seed: int = 0, callback: Callable[[dict], None] | None = None) -> Path:
     """The cached pre-trained toy base of the embedded default, built on first use (about 4 minutes)."""
     return ensure_base("toy", steps, seed, callback)
+
+
+# ------------------------------------------------------------------------------------------ image tokenizers
+def image_patches(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, 3, S, S) pixels -> (B h w, 3 stride^2) patches, one per code of a stride-``stride`` image tokenizer,
+    in the codes' row-major order."""
+    return torch.nn.functional.unfold(x, stride, stride=stride).transpose(1, 2).reshape(-1, 3 * stride * stride)
+
+
+def patch_clusters(num: int, stride: int, seed: int = 0, scenes: int = 512, iters: int = 10) -> torch.Tensor:
+    """(k, 3 stride^2) centres, k <= ``num``, of the pixel patches (in [-1, 1]) of ``scenes`` rendered ShapesWorld
+    scenes, one patch per code: the distinct patches themselves when there are at most ``num`` (at stride 8 there
+    are 73: empty, or a quarter of one of 18 objects), else weighted k-means from farthest-point seeds
+    (deterministic). The ShapesWorld image tokenizers (Show-o's MAGVIT-v2, Janus-Pro's VQ) make these their codes:
+    each backbone trains its encoder to pick a patch's cluster and its decoder to draw the clusters."""
+    import numpy as np
+
+    from .worlds import shapes
+
+    arrays = np.stack([shapes.render_array(s) for s in shapes.sample_scenes(scenes, seed=seed)]).astype(np.float32)
+    x = torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1
+    distinct, counts = torch.unique(image_patches(x, stride), dim=0, return_counts=True)
+    if len(distinct) <= num:
+        return distinct
+    picks = [int(counts.argmax())]
+    dist = ((distinct - distinct[picks[0]]) ** 2).sum(-1)
+    for _ in range(num - 1):
+        picks.append(int(dist.argmax()))
+        dist = torch.minimum(dist, ((distinct - distinct[picks[-1]]) ** 2).sum(-1))
+    centres, weights = distinct[picks].clone(), counts.float()[:, None]
+    for _ in range(iters):
+        assign = torch.cdist(distinct, centres).argmin(-1)
+        for k in assign.unique():
+            members = assign == k
+            centres[k] = (distinct[members] * weights[members]).sum(0) / weights[members].sum()
+    return centres

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from suder.backbones import janus_shapes_world as jsw
+from suder.pretrain import image_patches as pretrain_image_patches
+from suder.pretrain import patch_clusters as pretrain_patch_clusters
 
 pretrain_mod = importlib.import_module("suder.pretrain")
 TINY_BUILD = dict(
@@ -81,11 +83,11 @@ def test_patch_clusters_are_the_distinct_quarter_objects_or_their_k_means():
     """At stride 8 a ShapesWorld patch is empty or one quarter (4 corners) of one of 6 x 3 objects: 73 patches."""
     from suder.worlds import shapes
 
-    distinct = jsw.patch_clusters(256, 8)
+    distinct = pretrain_patch_clusters(256, 8)
     assert distinct.shape == (1 + 4 * len(shapes.COLORS) * len(shapes.SHAPES), 3 * 8 * 8)
     assert (distinct == -1).all(-1).sum() == 1  # the empty (black) patch is one of them
-    assert torch.equal(jsw.patch_clusters(256, 8), distinct)  # deterministic
-    few = jsw.patch_clusters(16, 8)  # fewer codes than patches: k-means centres, each one some patches' mean
+    assert torch.equal(pretrain_patch_clusters(256, 8), distinct)  # deterministic
+    few = pretrain_patch_clusters(16, 8)  # fewer codes than patches: k-means centres, each one some patches' mean
     assert few.shape == (16, 192)
     assign = torch.cdist(distinct, few).argmin(-1)
     assert assign.unique().numel() == 16
@@ -117,7 +119,7 @@ def test_trained_encoder_gives_each_patch_its_cluster_code():
     vq = JanusVQVAE(cfg)
     jsw.train_tokenizer(vq, steps=STEPS_TO_ASSIGN, batch_size=8, lr=5e-3)
     x = jsw._pixels([shapes.render(s) for s in shapes.sample_scenes(32, seed=999)])
-    target = torch.cdist(jsw._patches(x, 8), jsw.patch_clusters(80, 8)).argmin(-1)
+    target = torch.cdist(pretrain_image_patches(x, 8), pretrain_patch_clusters(80, 8)).argmin(-1)
     assert (vq.encode(x).image_tokens.view(-1) == target).float().mean() > 0.95
 
 

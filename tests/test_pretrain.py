@@ -260,8 +260,8 @@ def test_estimator_study_scores_every_estimator_and_normalisation(monkeypatch):
 def test_cluster_tokenizer_codes_are_local_patch_contents(monkeypatch):
     """With the default method the decoder is trained on each 8 x 8 patch's own code: the same patch pixels get
     the same -1/+1 code wherever and in whatever scene they appear, different patches different codes."""
-    from suder.backbones.janus_shapes_world import _patches
     from suder.backbones.show_o.magvit import MAGVITv2
+    from suder.pretrain import image_patches
 
     torch.manual_seed(0)
     vq = MAGVITv2(**TINY_VQ, z_channels=8)
@@ -273,7 +273,7 @@ def test_cluster_tokenizer_codes_are_local_patch_contents(monkeypatch):
     monkeypatch.setattr(vq.encoder, "forward", lambda x: originals.append(x) or encoder_forward(x))
     shapes_world.train_tokenizer(vq, steps=3, batch_size=8)
     codes = torch.cat([q.permute(0, 2, 3, 1).reshape(-1, q.shape[1]) for q in seen])
-    patches = torch.cat([_patches(x, 8) for x in originals])
+    patches = torch.cat([image_patches(x, 8) for x in originals])
     assert set(codes.unique().tolist()) == {-1.0, 1.0}
     by_patch = {}
     for patch, code in zip(patches, codes):

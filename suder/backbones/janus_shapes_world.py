@@ -16,10 +16,10 @@ a small ``JanusConfig`` (``shapes_config``); nothing is downloaded:
   objective (van den Oord et al. 2017, eq. 3): that one left the judge reading under a third of the
   reconstructions after minutes of CPU (colours above all; the variants tried are in docs/backbones/janus-pro.md).
   Instead the codes are **clusters of image patches**, as ImageGPT's tokens are k-means clusters of pixel
-  colours (Chen et al. 2020, sec. 3.1): ``patch_clusters`` takes the 8 x 8 patches (one per code) of 512 rendered
-  scenes; at ShapesWorld's stride they are 73 distinct patches (empty, or one quarter of one of 18 objects), each
-  its own cluster (weighted k-means when there are more patches than codes). Then, jointly: the encoder learns to
-  pick each patch's cluster (cross-entropy over its cosine similarities to the codes, temperature
+  colours (Chen et al. 2020, sec. 3.1): ``suder.pretrain.patch_clusters`` takes the 8 x 8 patches (one per code)
+  of 512 rendered scenes; at ShapesWorld's stride they are 73 distinct patches (empty, or one quarter of one of
+  18 objects), each its own cluster (weighted k-means when there are more patches than codes). Then, jointly:
+  the encoder learns to pick each patch's cluster (cross-entropy over its cosine similarities to the codes, temperature
   ``CODE_TEMPERATURE``) and the decoder to draw the scene from the clusters' code vectors (MSE + L1); no
   straight-through estimator, commitment, perceptual or adversarial terms. 1200 steps of 8 scenes, Adam lr 2e-3
   with a short warm-up and cosine decay. Codes no patch maps to stay unused. The stored codebook is normalised,
@@ -192,39 +192,11 @@ def _codes(vq: Any, x: torch.Tensor) -> torch.Tensor:
     return (_latents(vq, x) @ F.normalize(vq.quantize.embedding.weight, dim=-1).t()).argmax(-1)
 
 
-def _patches(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """(B, 3, S, S) pixels -> (B h w, 3 stride^2) patches, one per code, in the codes' row-major order."""
-    return F.unfold(x, stride, stride=stride).transpose(1, 2).reshape(-1, 3 * stride * stride)
-
-
-def patch_clusters(num: int, stride: int, seed: int = 0, scenes: int = 512, iters: int = 10) -> torch.Tensor:
-    """(k, 3 stride^2) centres, k <= ``num``, of the pixel patches of ``scenes`` rendered scenes, one patch per
-    code: the distinct patches themselves when there are at most ``num`` (ShapesWorld at stride 8 has 73: empty,
-    or a quarter of one of 18 objects), else weighted k-means from farthest-point seeds (deterministic)."""
-    from ..worlds import shapes
-
-    x = _pixels([shapes.render(s) for s in shapes.sample_scenes(scenes, seed=seed)])
-    distinct, counts = torch.unique(_patches(x, stride), dim=0, return_counts=True)
-    if len(distinct) <= num:
-        return distinct
-    picks = [int(counts.argmax())]
-    dist = ((distinct - distinct[picks[0]]) ** 2).sum(-1)
-    for _ in range(num - 1):
-        picks.append(int(dist.argmax()))
-        dist = torch.minimum(dist, ((distinct - distinct[picks[-1]]) ** 2).sum(-1))
-    centres, weights = distinct[picks].clone(), counts.float()[:, None]
-    for _ in range(iters):
-        assign = torch.cdist(distinct, centres).argmin(-1)
-        for k in assign.unique():
-            members = assign == k
-            centres[k] = (distinct[members] * weights[members]).sum(0) / weights[members].sum()
-    return centres
-
-
 def train_tokenizer(vq: Any, *, steps: int = 1200, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
                     callback: Callable[[dict], None] | None = None) -> list[float]:
     """Train ``vq`` (a ``JanusVQVAE``) on rendered ShapesWorld scenes (the recipe in the module docstring);
     returns the losses. Deterministic for a seed. Ends with the codebook rows normalised."""
+    from ..pretrain import image_patches, patch_clusters
     from ..worlds import shapes
 
     torch.manual_seed(seed)
@@ -240,7 +212,7 @@ def train_tokenizer(vq: Any, *, steps: int = 1200, batch_size: int = 8, lr: floa
     losses = []
     for step in range(steps):
         x = _pixels([shapes.render(s) for s in shapes.sample_scenes(batch_size, seed=rng.randrange(2**31))])
-        target = torch.cdist(_patches(x, stride), centres).argmin(-1)  # (B h w,) each patch's cluster = its code
+        target = torch.cdist(image_patches(x, stride), centres).argmin(-1)  # (B h w,) each patch's cluster = its code
         codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
         assign = F.cross_entropy(_latents(vq, x) @ codebook.t() / CODE_TEMPERATURE, target)
         q = codebook[target].view(len(x), side, side, -1).permute(0, 3, 1, 2)

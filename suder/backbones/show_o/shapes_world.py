@@ -12,7 +12,7 @@ checkpoints (``Showo``, ``MAGVITv2``) with small sizes, and a text tokenizer of 
   release has five, stride 16, but at 32 px that leaves a 2 x 2 grid on which GroupNorm erases scenes of four
   identical objects), 8 LFQ bits (256 codes). A 32 px image becomes 4 x 4 codes, 2 x 2 per quadrant. Trained by
   ``train_tokenizer`` (1200 steps of 8 images, Adam lr 2e-3, short warm-up, cosine), **not** with MAGVIT-v2's
-  objective but as Janus-Pro's ShapesWorld VQ is (``suder.backbones.janus_shapes_world.patch_clusters``): the
+  objective but as Janus-Pro's ShapesWorld VQ is (``suder.pretrain.patch_clusters``): the
   codes are **clusters of image patches** (ImageGPT's tokens are k-means clusters of colours; Chen et al. 2020,
   sec. 3.1). At stride 8, ShapesWorld has 73 distinct 8 x 8 patches (empty, or a quarter of one of 18 objects),
   so patch i gets code i; the encoder learns to pick each patch's code (cross-entropy over LFQ's code
@@ -129,8 +129,8 @@ def train_tokenizer(
     seed. ``method``: ``"clusters"`` (the recipe: codes are clusters of image patches, see the module docstring)
     or ``"ste"`` (MAGVIT-v2's straight-through sign quantisation; ``commit_weight`` / ``entropy_weight`` turn on its
     auxiliary losses, 0.25 / 0.1 in Open-MAGVIT2)."""
+    from ...pretrain import image_patches, patch_clusters
     from ...worlds import shapes
-    from ..janus_shapes_world import _patches, patch_clusters
 
     if method not in ("clusters", "ste"):
         raise ValueError(f"method must be 'clusters' or 'ste', got {method!r}")
@@ -151,7 +151,7 @@ def train_tokenizer(
         x = _pixels([shapes.render(s) for s in scenes])
         z = vq.encoder(x)
         if centres is not None:  # each patch's cluster is its code: pick it (LFQ's code distribution), draw it
-            target = torch.cdist(_patches(x, stride), centres).argmin(-1)  # (B h w,), the codes' raster order
+            target = torch.cdist(image_patches(x, stride), centres).argmin(-1)  # (B h w,), the codes' raster order
             flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
             aux = F.cross_entropy(2 * flat @ codebook.t(), target)
             quantized = codebook[target].view(len(x), z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
