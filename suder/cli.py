@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -506,6 +507,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if _end_process_group():
+        # One of several processes (torchrun / accelerate launch), its work done, outputs closed and the group
+        # ended: leave without the interpreter's teardown, where threads of torch.distributed still running can
+        # abort the process ("terminate called without an active exception") and fail a finished job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -540,12 +553,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _end_process_group() -> None:
-    """Under torchrun / accelerate launch, end the process group before exit: a gloo group left to interpreter
-    shutdown can abort a process ("terminate called without an active exception")."""
+def _end_process_group() -> bool:
+    """Under torchrun / accelerate launch, end the process group before exit (a gloo group left to interpreter
+    shutdown can abort a process); True if it spanned several processes (a one-process group, as accelerate
+    may set up, is only ended)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        several = torch.distributed.get_world_size() > 1
         torch.distributed.destroy_process_group()
+        return several
+    return False
 
 
 if __name__ == "__main__":

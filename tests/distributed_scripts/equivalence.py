@@ -10,6 +10,7 @@ has equal rewards (skipped): on 2 processes it is all that rank 1 has in its fir
         tests/distributed_scripts/equivalence.py MODEL OUT ALGO STRATEGY                          # 2 processes, FSDP2
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,6 @@ G, B_PER_MICRO, STEPS = 4, 1, 2
 torch.manual_seed(0)
 probe = TrainConfig(model=model, output_dir=out + ".run", steps=STEPS)
 # the world is the same for every process count: N * a * b groups per direction and step
-import os  # noqa: E402
 
 N = int(os.environ.get("WORLD_SIZE", "1"))
 ACCUM = 2 if N > 1 else 1
@@ -124,3 +124,5 @@ print("DONE", rank)
 tr.acc.wait_for_everyone()
 if torch.distributed.is_initialized():  # a gloo group left to interpreter shutdown can abort the process
     torch.distributed.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as suder's CLI does: no interpreter teardown, where torch.distributed's threads can still abort

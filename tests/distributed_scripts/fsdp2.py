@@ -6,6 +6,7 @@ unsharded model's gradient; and ``save_pretrained`` from the view writes the uns
     torchrun --nproc_per_node 2 tests/distributed_scripts/fsdp2.py MODEL OUT
 """
 
+import os
 import sys
 
 import torch
@@ -66,3 +67,5 @@ if rank == 0:
 dist.barrier()
 print("FSDP2_OK", rank)
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as suder's CLI does: no interpreter teardown, where torch.distributed's threads can still abort
