@@ -105,15 +105,17 @@ def reward_agreement(
     for direction, scores in (("gen", gen_scores), ("und", und_scores)):
         if not scores:
             continue
+        if direction == "gen":
+            inputs = shapes.sample_prompts(num, seed=seed)
+        else:
+            inputs = [shapes.render(s) for s in shapes.sample_scenes(num, seed=seed)]
         drawn, judged = [], []
         for i in range(0, num, batch):
             if direction == "gen":
-                samples = model.sample_image(shapes.sample_prompts(num, seed=seed)[i : i + batch],
-                                             num_samples=group_size, generator=gen)
+                samples = model.sample_image(inputs[i : i + batch], num_samples=group_size, generator=gen)
                 judged.append(judge_generation(samples))
             else:
-                pictures = [shapes.render(s) for s in shapes.sample_scenes(num, seed=seed)[i : i + batch]]
-                samples = model.sample_text(pictures, num_samples=group_size, generator=gen)
+                samples = model.sample_text(inputs[i : i + batch], num_samples=group_size, generator=gen)
                 judged.append(judge_understanding(samples))
             drawn.append(samples)
         judge = torch.cat(judged)
