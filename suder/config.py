@@ -157,10 +157,23 @@ class TrainConfig:
             raise ConfigError("grpo_iterations applies to algo grpo only; SimPO takes one step per rollout.")
         if not self.shapes_world and self.backbone != "toy" and self.strategy != "und" and self.prompts is None:
             raise ConfigError(
-                f"The {self.backbone} backbone needs --prompts FILE (one prompt per line) to train 'gen'."
+                f"The {self.backbone} backbone needs --prompts FILE (one prompt per line) to train 'gen'.{self._base_hint}"
             )
         if not self.shapes_world and self.backbone != "toy" and self.strategy != "gen" and self.images is None:
-            raise ConfigError(f"The {self.backbone} backbone needs --images DIR (a folder of images) to train 'und'.")
+            raise ConfigError(
+                f"The {self.backbone} backbone needs --images DIR (a folder of images) to train 'und'.{self._base_hint}"
+            )
+
+    @property
+    def _base_hint(self) -> str:
+        from .pretrain import shapes_recipe
+
+        if self.model is None or shapes_recipe(self.backbone) is None:
+            return ""
+        return (
+            f" (--model {self.model} is not a ShapesWorld base written by `suder pretrain`; leave --model out to run "
+            "the embedded ShapesWorld default)"
+        )
 
     def _check_choice(self, key: str, options: tuple[str, ...]) -> None:
         value = getattr(self, key)
@@ -172,13 +185,17 @@ class TrainConfig:
     @property
     def shapes_world(self) -> bool:
         """Trained and judged on ShapesWorld: no --prompts and no --images, on the toy or on a backbone with a
-        ShapesWorld recipe (``suder.pretrain``), whose base is the model when --model is not given."""
+        ShapesWorld recipe (``suder.pretrain``), whose base is the model when --model is not given. A --model of
+        another backbone is a ShapesWorld base only when ``suder pretrain`` (or a run from such a base) marked it;
+        a released checkpoint needs data."""
         if self.prompts is not None or self.images is not None:
             return False
         if self.backbone == "toy":
             return True
-        from .pretrain import shapes_recipe
+        from .pretrain import is_shapes_base, shapes_recipe
 
+        if self.model is not None and not is_shapes_base(self.model):
+            return False
         return shapes_recipe(self.backbone) is not None
 
     @property

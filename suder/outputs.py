@@ -220,6 +220,11 @@ class RunWriter:
             with trainer.gathered(key) as backbone:
                 if self.main:
                     backbone.save_pretrained(str(target))
+                    if trainer.cfg.shapes_world and trainer.cfg.backbone != "toy":  # still a ShapesWorld model
+                        from .pretrain import write_marker
+
+                        info = {"backbone": trainer.cfg.backbone, "trained_from": trainer.base_path}
+                        write_marker(target, info | {"run": str(self.out)})
 
     def _guarded(self, what: str, tmp: Path, write) -> None:
         """Run ``write``; on a full disk remove the partial ``tmp`` and raise a ``TrainingError``."""

@@ -110,6 +110,7 @@ def pretrain(
 
     start, cpu_start = time.perf_counter(), time.process_time()
     recipe = shapes_recipe(model) if isinstance(model, str) else None
+    model_name = model
     given = dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, cond_dropout=cond_dropout)
     hp = {**PRETRAIN_DEFAULTS, **(recipe.pretrain if recipe else {})}
     hp.update({k: v for k, v in given.items() if v is not None})
@@ -166,10 +167,30 @@ def pretrain(
             total = offset[0] + steps
             callback({"step": offset[0] + step + 1, "total_steps": total, "loss": losses[-1], "phase": "model"})
     model.eval()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if out:
         model.save_pretrained(out)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        name = model_name if isinstance(model_name, str) else getattr(model, "name", None)
+        info = {"backbone": name, "steps": steps, "seed": seed, "seconds": seconds, "cpu_seconds": cpu}
+        info |= {"final_loss": losses[-1] if losses else None, "version": recipe.version if recipe else None}
+        write_marker(out, info)
     return PretrainResult(model, out, seconds, losses, cpu)
+
+
+MARKER = "pretrain.json"
+
+
+def write_marker(folder: str | Path, info: dict[str, Any]) -> None:
+    """Mark a saved model as a ShapesWorld base (``pretrain.json``): ``suder run --model FOLDER`` without data
+    trains and judges it on ShapesWorld, where a released checkpoint asks for --prompts and --images."""
+    import json
+
+    (Path(folder) / MARKER).write_text(json.dumps(info))
+
+
+def is_shapes_base(folder: str | Path) -> bool:
+    """A model folder written by ``suder pretrain`` (or a run trained from one), i.e. one carrying the marker."""
+    return (Path(folder) / MARKER).is_file()
 
 
 def cache_dir() -> Path:
@@ -185,8 +206,6 @@ def ensure_base(
 ) -> Path:
     """The cached pre-trained ShapesWorld base of a backbone (its recipe's steps unless given), built on first
     use; ``callback`` sees the steps of the build (image tokenizer first, then the model)."""
-    import json
-
     from .errors import BackboneError
 
     recipe = shapes_recipe(backbone)
@@ -198,14 +217,14 @@ def ensure_base(
     steps = steps or recipe.pretrain.get("steps", PRETRAIN_DEFAULTS["steps"])
     version = BASE_VERSION if backbone == "toy" else recipe.version
     target = cache_dir() / f"{backbone}-base-{version}-steps{steps}-seed{seed}"
-    if (target / "pretrain.json").is_file() or (target / "model.safetensors").is_file():
+    if is_shapes_base(target) or (target / "model.safetensors").is_file():
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     result = pretrain(backbone, out=str(tmp), steps=steps, seed=seed, callback=callback)
     info = {"steps": steps, "seed": seed, "seconds": result.seconds, "final_loss": result.losses[-1]}
     info |= {"cpu_seconds": result.cpu_seconds, "backbone": backbone, "version": version}
-    (tmp / "pretrain.json").write_text(json.dumps(info))
+    write_marker(tmp, info)
     try:
         os.replace(tmp, target)
     except OSError:  # another process built it first

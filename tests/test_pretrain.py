@@ -161,6 +161,17 @@ def test_config_uses_the_recipe_defaults_only_on_shapes_world(no_janus_recipe):
         TrainConfig(backbone="janus-pro")
 
 
+def test_a_released_checkpoint_without_data_asks_for_it(tmp_path):
+    """--model of a backbone with a ShapesWorld recipe is trained on ShapesWorld only when `suder pretrain` (or a
+    run from its base) marked the folder; a released checkpoint with no data asks for it, naming why."""
+    with pytest.raises(ConfigError, match="needs --prompts.*not a ShapesWorld base written by `suder pretrain`"):
+        TrainConfig(backbone="show-o", model="showlab/show-o")
+    with pytest.raises(ConfigError, match="needs --images"):
+        TrainConfig(backbone="show-o", model=str(tmp_path), strategy="und")
+    pretrain_mod.write_marker(tmp_path, {"backbone": "show-o"})
+    assert TrainConfig(backbone="show-o", model=str(tmp_path)).shapes_world
+
+
 # ------------------------------------------------------------------------------------------ the whole path
 @pytest.fixture(scope="module")
 def tiny_show_o_base(tmp_path_factory):
@@ -194,6 +205,9 @@ def test_dsr_on_the_base_runs_and_reports_the_judge_table(tiny_show_o_base, tmp_
     )
     assert set(result.before) >= {"t2i", "caption_greedy"} and set(result.after) >= {"t2i", "caption_greedy"}
     assert result.metrics and "gen/reward_mean" in result.metrics[0] and "und/reward_mean" in result.metrics[0]
+    # the trained model is still a ShapesWorld model: a run from it needs no data
+    assert pretrain_mod.is_shapes_base(result.final_model) and pretrain_mod.is_shapes_base(tiny_show_o_base)
+    assert TrainConfig(backbone="show-o", model=result.final_model).shapes_world
 
 
 def test_suder_run_show_o_builds_its_base_and_caches_it(monkeypatch, tmp_path, capsys):
