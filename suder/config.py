@@ -157,7 +157,8 @@ class TrainConfig:
             raise ConfigError("grpo_iterations applies to algo grpo only; SimPO takes one step per rollout.")
         if not self.shapes_world and self.backbone != "toy" and self.strategy != "und" and self.prompts is None:
             raise ConfigError(
-                f"The {self.backbone} backbone needs --prompts FILE (one prompt per line) to train 'gen'.{self._base_hint}"
+                f"The {self.backbone} backbone needs --prompts FILE (one prompt per line) to train 'gen'."
+                + self._base_hint
             )
         if not self.shapes_world and self.backbone != "toy" and self.strategy != "gen" and self.images is None:
             raise ConfigError(
