@@ -34,6 +34,8 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "epochs": 5.0,
     "steps": None,
     "lr_schedule": "cosine",
+    "simpo_gen_pairs": "best-worst",
+    "simpo_und_pairs": "best-worst",
 }
 TOY_DEFAULTS: dict[str, Any] = {
     "lr": 3e-5,
@@ -44,6 +46,8 @@ TOY_DEFAULTS: dict[str, Any] = {
     "epochs": None,
     "steps": 300,
     "lr_schedule": "constant",
+    "simpo_gen_pairs": "best-worst",
+    "simpo_und_pairs": "best-worst",
 }
 
 
@@ -78,6 +82,8 @@ class TrainConfig:
     simpo_beta: float = 2.0
     simpo_gamma: float = 0.5
     simpo_kl_beta: float = 0.0
+    simpo_gen_pairs: str | None = None  # "best-worst" (eq. 4) or "all": every ordered pair (losses.ordered_pairs)
+    simpo_und_pairs: str | None = None
     # GRPO (eqs. 5-7)
     grpo_eps_low: float = 0.2
     grpo_eps_high: float = 0.28
@@ -132,6 +138,8 @@ class TrainConfig:
         self._check_choice("reward_scorer", ("policy", "frozen"))
         self._check_choice("consensus_source", ("reference", "policy"))
         self._check_choice("cfg_policy", ("cond", "guided"))
+        self._check_choice("simpo_gen_pairs", ("best-worst", "all"))
+        self._check_choice("simpo_und_pairs", ("best-worst", "all"))
         self._check_choice("mixed_precision", ("no", "bf16", "fp16"))
         self.report_to = parse_report_to(self.report_to)
         check_installed(self.report_to)

@@ -34,6 +34,8 @@ Where the code departs from the paper, or fixes what the paper leaves open:
 - No behaviour-cloning (NLL) term on the chosen output: TRL's ``CPOConfig`` adds ``cpo_alpha * NLL`` by
   default (CPO-SimPO); eq. 4 has no such term.
 - :func:`kl_penalty` (an optional k3 KL guard for SimPO) is not in the paper.
+- :func:`ordered_pairs` (every ordered pair of a group's distinct samples instead of best vs worst, each group
+  weight 1; ``simpo_gen_pairs`` / ``simpo_und_pairs: all``) is not in the paper.
 - GRPO maths is done in at least float32 (bf16 log-probs are upcast) so that a ratio of exactly 1 stays 1.
 - ``advantages``, ``old_logps`` and ``ref_logps`` are detached: in eq. 7 they are constants, and a
   gradient leaking through them would silently change the objective.
@@ -49,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["best_worst", "group_advantages", "grpo_loss", "k3_kl", "kl_penalty", "simpo_loss"]
+__all__ = ["best_worst", "group_advantages", "grpo_loss", "k3_kl", "kl_penalty", "ordered_pairs", "simpo_loss"]
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -117,6 +119,48 @@ def best_worst(rewards: Tensor, group_size: int, *, eps: float = 1e-6) -> tuple[
     return best, worst, valid
 
 
+def ordered_pairs(
+    rewards: Tensor, group_size: int, tokens: Tensor, *, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every ordered pair of distinct samples of a group whose rewards differ: the ``simpo_*_pairs: all`` variant
+    of SUDER eq. 4's best-vs-worst pair (a listwise preference loss over the group's ranking).
+
+    Best vs worst is the group's easiest pair: the two the policy already separates most, so its SimPO term is
+    often near saturation. All pairs also contrast the close calls (two near-identical captions, one right, one
+    wrong), where the logistic loss puts its gradient. Each group keeps weight 1: its pairs share it equally.
+
+    Args:
+        rewards: (B*G,) input-major groups.
+        group_size: G.
+        tokens: (B*G, L) ids identifying a sample; repeated samples of a group count once (first occurrence).
+        eps: rewards closer than this are a tie, not a pair.
+
+    Returns:
+        chosen (P,), rejected (P,) long: GLOBAL row indices (higher and lower reward); weights (P,) float, 1 over
+        the pair count of the pair's group; groups (P,) long: the pair's group.
+    """
+    grouped = _grouped(rewards.detach().float().cpu(), group_size)
+    tokens = tokens.cpu()
+    chosen, rejected, weights, groups = [], [], [], []
+    for b in range(grouped.shape[0]):
+        seen: dict[tuple, int] = {}
+        for j in range(group_size):
+            seen.setdefault(tuple(tokens[b * group_size + j].tolist()), j)
+        idx = torch.tensor(sorted(seen.values()), dtype=torch.long)
+        r = grouped[b, idx]
+        wins = (r[:, None] - r[None, :]) > eps  # wins[i, k]: sample i beats sample k
+        ci, ri = wins.nonzero(as_tuple=True)
+        if len(ci):
+            chosen.append(b * group_size + idx[ci])
+            rejected.append(b * group_size + idx[ri])
+            weights.append(torch.full((len(ci),), 1.0 / len(ci)))
+            groups.append(torch.full((len(ci),), b, dtype=torch.long))
+    if not chosen:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, torch.zeros(0), empty
+    return torch.cat(chosen), torch.cat(rejected), torch.cat(weights), torch.cat(groups)
+
+
 # ------------------------------------------------------------------------------------------ SimPO
 def simpo_loss(
     chosen_logps: Tensor,
@@ -125,6 +169,7 @@ def simpo_loss(
     beta: float = 2.0,
     gamma: float = 0.5,
     normalizer: float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Online SimPO loss, SUDER eq. 4 (Meng et al. 2024, eq. 6).
 
@@ -141,6 +186,7 @@ def simpo_loss(
         normalizer: divisor of the summed loss; default P. Pass the pair count of the whole accumulated
             batch so that micro-batch losses add up to the full-batch loss. P == 0 gives a zero loss that
             still requires grad when the inputs do.
+        weights: (P,) optional weight of each pair's term (:func:`ordered_pairs` gives each group weight 1).
 
     Returns:
         loss (scalar), metrics: ``simpo/margin`` (mean beta*(c-r)), ``simpo/accuracy`` (fraction c > r),
@@ -153,7 +199,8 @@ def simpo_loss(
     norm = float(max(P, 1) if normalizer is None else normalizer)
     assert norm > 0, f"normalizer must be > 0, got {normalizer}"
     margin = beta * (chosen_logps - rejected_logps)
-    loss = -F.logsigmoid(margin - gamma).sum() / norm
+    terms = -F.logsigmoid(margin - gamma)
+    loss = (terms if weights is None else terms * weights.to(terms.dtype)).sum() / norm
     with torch.no_grad():
         metrics = {
             "simpo/margin": _mean(margin),

@@ -50,6 +50,7 @@ class Batch:
     advantages: torch.Tensor | None = None
     old_logps: list[torch.Tensor] | None = None  # one per inner iteration (they differ only when re-masking)
     ref_logps: torch.Tensor | None = None
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # SimPO all pairs: chosen, rejected, weight
     seeds: list[int] = field(default_factory=lambda: [0])  # re-masking seed per inner iteration
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -154,7 +155,8 @@ def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: Toke
 
 # ------------------------------------------------------------------------------------------ algorithms
 class SimPO:
-    """Online SimPO (SUDER eq. 4): best vs worst sample of each group by reward."""
+    """Online SimPO (SUDER eq. 4): best vs worst sample of each group by reward; with ``simpo_{direction}_pairs:
+    all``, every ordered pair of the group's distinct samples (``losses.ordered_pairs``), each group weight 1."""
 
     name = "simpo"
     iterations_field = None
@@ -168,19 +170,47 @@ class SimPO:
         metrics[f"{rollout.direction}/groups_identical"] = float((valid & same).sum().item())
         if not keep.any():
             return None, metrics
-        rows = torch.cat([best[keep], worst[keep]])
-        samples = rollout.samples.select(rows)
-        batch = Batch(rollout.direction, samples, count=int(keep.sum()), tokens=_count_tokens(samples), seeds=seeds)
+        if getattr(cfg, f"simpo_{rollout.direction}_pairs") == "all":
+            batch = self._all_pairs(rollout, tokens, seeds)
+            metrics[f"{rollout.direction}/pairs_per_group"] = float(len(batch.pairs[0])) / batch.count
+        else:
+            rows = torch.cat([best[keep], worst[keep]])
+            samples = rollout.samples.select(rows)
+            batch = Batch(rollout.direction, samples, count=int(keep.sum()), tokens=_count_tokens(samples), seeds=seeds)
         if cfg.simpo_kl_beta > 0:
-            batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg, seeds[0])
+            batch.ref_logps = _no_grad_logps(reference, rollout.direction, batch.samples, cfg, seeds[0])
         return batch, metrics
+
+    @staticmethod
+    def _all_pairs(rollout: Rollout, tokens: torch.Tensor, seeds: list[int]) -> Batch:
+        """The samples in any pair, each scored once, and the pairs as positions among them."""
+        chosen, rejected, weights, groups = losses.ordered_pairs(rollout.rewards, rollout.group_size, tokens.cpu())
+        rows = torch.unique(torch.cat([chosen, rejected]))  # sorted
+        where = torch.full((len(rollout.rewards),), -1, dtype=torch.long)
+        where[rows] = torch.arange(len(rows))
+        samples = rollout.samples.select(rows)
+        batch = Batch(
+            rollout.direction, samples, count=len(torch.unique(groups)), tokens=_count_tokens(samples), seeds=seeds
+        )
+        batch.pairs = (where[chosen], where[rejected], weights)
+        return batch
 
     def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], iteration: int):
         lp = policy_logps(policy, batch.direction, batch.samples, cfg, batch.seeds[0])
         mean = lp.mean()
         P = batch.count
+        if batch.pairs is None:
+            chosen, rejected, weights = mean[:P], mean[P:], None
+        else:
+            c_idx, r_idx, weights = (t.to(mean.device) for t in batch.pairs)
+            chosen, rejected = mean[c_idx], mean[r_idx]
         loss, metrics = losses.simpo_loss(
-            mean[:P], mean[P:], beta=cfg.simpo_beta, gamma=cfg.simpo_gamma, normalizer=normalizer["count"]
+            chosen,
+            rejected,
+            beta=cfg.simpo_beta,
+            gamma=cfg.simpo_gamma,
+            normalizer=normalizer["count"],
+            weights=weights,
         )
         metrics["logp_estimate"] = float(lp.estimate)
         if batch.ref_logps is not None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from suder.losses import best_worst, group_advantages, grpo_loss, k3_kl, kl_penalty, simpo_loss
+from suder.losses import best_worst, group_advantages, grpo_loss, k3_kl, kl_penalty, ordered_pairs, simpo_loss
 
 
 def _t(x, grad: bool = False) -> torch.Tensor:
@@ -138,6 +138,61 @@ def test_best_worst_ties_and_global_indices():
     assert worst.tolist() == [3, 4, 8]
     assert valid.tolist() == [True, True, False]
     assert (rewards[best] >= rewards.view(3, 4).max(-1).values).all()
+
+
+def test_ordered_pairs_skip_ties_and_repeats_and_give_each_group_weight_one():
+    """G = 4, three groups; tokens identify samples.
+
+    group 0 rows 0-3 rewards [0.5, 0.9, 0.9, 0.1], rows 1 and 2 the same sample: distinct rows 0, 1, 3 ->
+        pairs (1, 0), (1, 3), (0, 3), weight 1/3 each (row 2 is not paired again).
+    group 1 rows 4-7 rewards [0.3, 0.3, 0.7, 0.3], all distinct: 4, 5 and 7 tie, so only 6 beats them ->
+        pairs (6, 4), (6, 5), (6, 7), weight 1/3 each.
+    group 2 rows 8-11: all rewards equal -> no pair.
+    """
+    rewards = _t([0.5, 0.9, 0.9, 0.1, 0.3, 0.3, 0.7, 0.3, 2.0, 2.0, 2.0, 2.0])
+    tokens = torch.arange(12)[:, None].repeat(1, 3)
+    tokens[2] = tokens[1]
+    chosen, rejected, weights, groups = ordered_pairs(rewards, 4, tokens)
+    pairs = sorted(zip(chosen.tolist(), rejected.tolist()))
+    assert pairs == [(0, 3), (1, 0), (1, 3), (6, 4), (6, 5), (6, 7)]
+    assert weights.tolist() == pytest.approx([1 / 3] * 6) and groups.tolist() == [0, 0, 0, 1, 1, 1]
+    assert (rewards[chosen] > rewards[rejected]).all()
+    empty = ordered_pairs(_t([1.0, 1.0]), 2, torch.zeros(2, 1))
+    assert all(len(t) == 0 for t in empty)
+
+
+def test_weighted_simpo_is_the_mean_over_each_groups_pairs():
+    """Weights 1/2, 1/2 (one group, two pairs) and 1 (another group), normalizer 2 groups:
+    loss = (0.5 * l(1.5) + 0.5 * l(-1.5) + 1 * l(1.5)) / 2 with l(z) = log(1 + e^-z)."""
+    loss, m = simpo_loss(
+        _t([-1.0, -1.5, -1.0]), _t([-2.0, -1.0, -2.0]), beta=2.0, gamma=0.5, normalizer=2, weights=_t([0.5, 0.5, 1])
+    )
+    lo, hi = math.log(1 + math.exp(-1.5)), math.log(1 + math.exp(1.5))
+    assert loss.item() == pytest.approx((0.5 * lo + 0.5 * hi + lo) / 2, abs=1e-12)
+    assert m["simpo/pairs"] == 3.0
+
+
+def test_all_pairs_put_the_gradient_on_the_close_call():
+    """A group of three: a wrong caption the policy already rates far below (log-prob -3), and two close ones
+    (right -1.0, wrong -1.1; rewards rank right > wrong > far). Best vs worst pairs right with far, a nearly
+    saturated SimPO term; all pairs also contrast right with the close wrong one, and push the close wrong one
+    down, which best vs worst never touches.
+
+    With s(z) = sigmoid(z), beta 2, gamma 0.5: best vs worst, z = 2 * 2.0 - 0.5 = 3.5: dL/d right = -2 s(-3.5)
+    = -0.0586, close wrong 0. All pairs (weight 1/3 each): (right, close) z = -0.3, (right, far) z = 3.5, (close,
+    far) z = 3.3: dL/d right = -2/3 (s(0.3) + s(-3.5)) = -0.4025; dL/d close = 2/3 (s(0.3) - s(-3.3)) = +0.3592."""
+    s = torch.sigmoid
+    logps = _t([-1.0, -1.1, -3.0], grad=True)  # right, close wrong, far wrong
+    rewards = _t([2.0, 1.0, 0.0])
+    best, worst, _ = best_worst(rewards, 3)
+    simpo_loss(logps[best], logps[worst])[0].backward()
+    assert logps.grad[0].item() == pytest.approx(-2 * s(_t(-3.5)).item()) and logps.grad[1].item() == 0.0
+    logps.grad = None
+    chosen, rejected, weights, _ = ordered_pairs(rewards, 3, torch.arange(3)[:, None])
+    simpo_loss(logps[chosen], logps[rejected], normalizer=1, weights=weights)[0].backward()
+    assert logps.grad[0].item() == pytest.approx(-2 / 3 * (s(_t(0.3)) + s(_t(-3.5))).item())
+    assert logps.grad[1].item() == pytest.approx(2 / 3 * (s(_t(0.3)) - s(_t(-3.3))).item())
+    assert logps.grad[0].item() == pytest.approx(-0.4025, abs=1e-4) and logps.grad[1].item() > 0.35
 
 
 # ------------------------------------------------------------------------------------------ GRPO

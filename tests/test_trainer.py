@@ -94,14 +94,17 @@ def test_resume_gives_the_same_losses(tiny_toy_path, tmp_path):
     assert logged == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("algo", ["simpo", "grpo"])
+@pytest.mark.parametrize("algo", ["simpo", "grpo", "simpo-all-pairs"])
 def test_grad_accumulation_equals_one_big_batch(tiny_toy_path, algo):
     """Two micro-batches with the whole batch's normalizer give the same update as one batch."""
     from suder.trainer import Trainer
 
+    pairs = "all" if algo == "simpo-all-pairs" else "best-worst"
+    algo = algo.split("-")[0]
     cfg = TrainConfig(
         model=tiny_toy_path,
         algo=algo,
+        simpo_gen_pairs=pairs,
         group_size=4,
         gen_batch_size=4,
         und_batch_size=4,
@@ -161,6 +164,29 @@ def test_consensus_is_image_term_plus_lambda_caption_term(tiny_toy):
     caption = tiny_toy.logp_text_given_image(t, t.images).sum()
     got = rewards.dsr_consensus(ctx, t, lam=0.5)
     assert torch.allclose(got, image + 0.5 * caption, atol=1e-4)
+
+
+def test_all_pairs_option_reaches_the_update(tiny_toy_path, tmp_path):
+    """`suder run --simpo-und-pairs all`: written to config.yaml, the understanding batches hold every ordered pair
+    of a group (metric und/pairs_per_group > 1 where best vs worst has exactly 1), generation stays best vs worst,
+    and the update differs from a best-vs-worst run of the same rollouts."""
+    from suder import cli
+
+    runs = {}
+    for pairs in ("best-worst", "all"):
+        out = tmp_path / pairs
+        args = ["run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "2", "--group-size", "4"]
+        args += ["--gen-batch-size", "2", "--und-batch-size", "4", "--eval-num", "4", "--save-every", "0"]
+        args += ["--text-temperature", "2.0", "--simpo-und-pairs", pairs]
+        assert cli.main(args) == 0
+        assert f"simpo_und_pairs: {pairs}" in (out / "config.yaml").read_text()
+        runs[pairs] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = runs["all"][0]
+    assert first["und/pairs_per_group"] > 1 and "gen/pairs_per_group" not in first
+    assert first["und/simpo/pairs"] > runs["best-worst"][0]["und/simpo/pairs"]
+    # the same rollouts at step 1 (nothing trained yet), a different understanding loss
+    assert first["und/reward_mean"] == runs["best-worst"][0]["und/reward_mean"]
+    assert first["und/loss"] != runs["best-worst"][0]["und/loss"]
 
 
 def test_zero_variance_groups_are_skipped_and_counted(tiny_toy):
