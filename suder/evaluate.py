@@ -124,3 +124,72 @@ def reward_agreement(
             out[direction][name] = ranking_agreement(rewards, judge, group_size)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def relation_audit(model: Any, num: int = 400, seed: int = EVAL_SEED, batch: int = 100) -> dict[str, Any]:
+    """Does either direction know which way a relation points? On ShapesWorld's two-object scenes whose objects
+    share a row or a column (one relation word is right, its opposite wrong), with the same held-out scenes as
+    ``evaluate``:
+
+    - ``greedy``: greedy-caption accuracy per scene geometry (``two/row``, ``two/col``, ``two/diag``, and the other
+      kinds), the breakdown of ``caption_greedy``;
+    - ``image_term`` / ``caption_term``: for each such scene and each subject, the right relation caption against
+      the reversed one ("a A to the left of a B" vs "a A to the right of a B"), scored by the generation side,
+      ``log p(image | caption)`` summed (the image term of the caption reward), and by the captioner,
+      ``log p(caption | image)`` summed: ``right`` is the fraction of pairs where the right caption scores higher,
+      ``gap`` the mean difference in nats.
+
+    Dual self-rewards can only teach what one side knows: where both ``right`` fractions are near 0.5, nothing in
+    the model tells "left of" from "right of", and a relation convention, right or flipped, is equally consistent
+    for both directions.
+    """
+    from .worlds import shapes
+
+    was_training = model.training
+    model.eval()
+    scenes = shapes.sample_scenes(num, seed=seed)
+    pictures = [shapes.render(s) for s in scenes]
+    gen = torch.Generator().manual_seed(seed)
+    captions: list[str] = []
+    for i in range(0, num, batch):
+        captions += model.sample_text(pictures[i : i + batch], generator=gen, temperature=0.0).texts
+
+    def kind(scene: Any) -> str:
+        k = shapes.scene_kind(scene)
+        if k != "two":
+            return k
+        (qa, _), (qb, _) = scene.items()
+        return "two/" + ("row" if qa // 2 == qb // 2 else "col" if qa % 2 == qb % 2 else "diag")
+
+    kinds = [kind(s) for s in scenes]
+    hits = [shapes.satisfies(s, c) for s, c in zip(scenes, captions)]
+    greedy = {k: sum(h for h, kk in zip(hits, kinds) if kk == k) / kinds.count(k) for k in sorted(set(kinds))}
+    right, wrong, images = [], [], []
+    opposite = {"to the left of": "to the right of", "above": "below"}
+    opposite |= {v: k for k, v in opposite.items()}
+    for scene, picture, k in zip(scenes, pictures, kinds):
+        if k not in ("two/row", "two/col"):
+            continue
+        (qa, a), (qb, b) = scene.items()
+        for (x, qx), (y, qy) in (((a, qa), (b, qb)), ((b, qb), (a, qa))):
+            rel = next(r for r in shapes.RELATIONS if shapes._relation_holds(r, qx, qy))
+            right.append(f"{shapes._phrase(x)} {rel} {shapes._phrase(y)}")
+            wrong.append(f"{shapes._phrase(x)} {opposite[rel]} {shapes._phrase(y)}")
+            images.append(picture)
+    out: dict[str, Any] = {"greedy": greedy, "pairs": len(right)}
+    if right:
+        for name, score in (
+            ("image_term", lambda caps, imgs: model.logp_image_given_text(imgs, caps, policy="cond").sum()),
+            ("caption_term", lambda caps, imgs: model.logp_text_given_image(caps, imgs).sum()),
+        ):
+            gaps = torch.cat(
+                [
+                    score(right[i : i + batch], images[i : i + batch]).float().cpu()
+                    - score(wrong[i : i + batch], images[i : i + batch]).float().cpu()
+                    for i in range(0, len(right), batch)
+                ]
+            )
+            out[name] = {"right": (gaps > 0).float().mean().item(), "gap": gaps.mean().item()}
+    model.train(was_training)
+    return out

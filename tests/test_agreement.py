@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from suder.evaluate import ranking_agreement, reward_agreement
+from suder.evaluate import ranking_agreement, relation_audit, reward_agreement
 
 
 def test_ranking_agreement_by_hand():
@@ -56,3 +56,62 @@ def test_reward_agreement_scores_the_samples_it_judges(tiny_toy, monkeypatch):
         good, bad = out[direction]["judge"], out[direction]["anti"]
         assert good["groups"] == 12 and 0 < good["mixed"] == good["decisive"] == bad["mixed"], (direction, good)
         assert good["agree"] == good["auc"] == 1.0 and bad["agree"] == bad["auc"] == 0.0
+
+
+class _Scores:
+    def __init__(self, values):
+        self.values = values
+
+    def sum(self):
+        return self.values
+
+
+class _DirectionModel:
+    """A stand-in model whose generation side knows relations exactly (log p(image | caption) = 0 if the judge
+    accepts the caption for the image, else -3) and whose captioner knows none (every caption scores -1); it
+    captions every scene with its true caption, except that two different objects in one row get the relation
+    reversed."""
+
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def sample_text(self, pictures, generator=None, temperature=1.0):
+        from types import SimpleNamespace
+
+        from suder.worlds import shapes
+
+        texts = []
+        for p in pictures:
+            scene = shapes.parse_image(p)
+            items = scene.items()
+            if shapes.scene_kind(scene) == "two" and items[0][0] // 2 == items[1][0] // 2:
+                (_, a), (_, b) = items  # a is left of b
+                texts.append(f"{shapes._phrase(a)} to the right of {shapes._phrase(b)}")
+            else:
+                texts.append(shapes.true_caption(scene))
+        return SimpleNamespace(texts=texts)
+
+    def logp_image_given_text(self, images, captions, policy="cond"):
+        from suder.worlds import shapes
+
+        ok = [shapes.satisfies(shapes.parse_image(im), c) for im, c in zip(images, captions)]
+        return _Scores(torch.tensor([0.0 if o else -3.0 for o in ok]))
+
+    def logp_text_given_image(self, captions, images):
+        return _Scores(torch.full((len(captions),), -1.0))
+
+
+def test_relation_audit_says_which_side_knows_the_direction():
+    """The generation side ranks the right relation above the reversed one every time (3 nats), the captioner never
+    (a tie); greedy captions fail exactly the two-object scenes that share a row."""
+    out = relation_audit(_DirectionModel(), num=60, seed=5, batch=7)
+    assert out["image_term"] == pytest.approx({"right": 1.0, "gap": 3.0})
+    assert out["caption_term"] == pytest.approx({"right": 0.0, "gap": 0.0})
+    assert out["greedy"]["two/row"] == 0.0 and out["greedy"]["two/col"] == out["greedy"]["one"] == 1.0
+    rows_and_cols = sum(k in ("two/row", "two/col") for k in out["greedy"])
+    assert rows_and_cols == 2 and out["pairs"] > 0 and out["pairs"] % 2 == 0
