@@ -34,6 +34,7 @@ PAPER_DEFAULTS: dict[str, Any] = {
     "epochs": 5.0,
     "steps": None,
     "lr_schedule": "cosine",
+    "reward_scorer": "policy",
     "simpo_gen_pairs": "best-worst",
     "simpo_und_pairs": "best-worst",
 }
@@ -46,6 +47,7 @@ TOY_DEFAULTS: dict[str, Any] = {
     "epochs": None,
     "steps": 300,
     "lr_schedule": "constant",
+    "reward_scorer": "policy",
     "simpo_gen_pairs": "best-worst",
     "simpo_und_pairs": "best-worst",
 }
@@ -94,7 +96,7 @@ class TrainConfig:
     gen_reward: str = "dsr"
     und_reward: str = "dsr-consensus"
     reward_reduction: str = "mean"
-    reward_scorer: str = "policy"
+    reward_scorer: str | None = None  # "policy" (the model being trained scores) or "frozen" (its initial copy)
     consensus_lambda: float = 1.0
     consensus_source: str = "reference"
     gen_loss_weight: float = 1.0

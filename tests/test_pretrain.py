@@ -153,8 +153,11 @@ def test_config_uses_the_recipe_defaults_only_on_shapes_world(no_janus_recipe):
     cfg = TrainConfig(backbone="show-o")
     assert cfg.shapes_world and cfg.lr == shapes_world.recipe().run_defaults["lr"]
     assert cfg.steps == TOY_DEFAULTS["steps"] and cfg.guidance_scale is None  # the base's own guidance
+    assert cfg.reward_scorer == "frozen" and cfg.simpo_und_pairs == "all" and cfg.simpo_gen_pairs == "best-worst"
     real = TrainConfig(backbone="show-o", model="showlab/show-o", prompts="p.txt", images="imgs")
     assert not real.shapes_world and real.lr == PAPER_DEFAULTS["lr"]
+    assert real.reward_scorer == "policy" and real.simpo_und_pairs == "best-worst"  # the paper's, on real data
+    assert TrainConfig(backbone="show-o", reward_scorer="policy").reward_scorer == "policy"  # a flag still wins
     with pytest.raises(ConfigError, match="needs --images"):
         TrainConfig(backbone="show-o", prompts="p.txt")
     with pytest.raises(ConfigError, match="needs --prompts"):
@@ -219,6 +222,8 @@ def test_suder_run_show_o_builds_its_base_and_caches_it(monkeypatch, tmp_path, c
     assert cli.main(args) == 0
     out = capsys.readouterr()
     assert "before" in out.out and "after" in out.out
+    config = (tmp_path / "r" / "config.yaml").read_text()  # what ran: the recipe's run defaults
+    assert "reward_scorer: frozen" in config and "simpo_und_pairs: all" in config
     base = pretrain_mod.cache_dir() / "show-o-base-tiny-test-steps3-seed0"
     assert json.loads((base / "pretrain.json").read_text())["backbone"] == "show-o"
     assert (base / "magvitv2" / "pytorch_model.safetensors").is_file()
