@@ -58,7 +58,11 @@ def ranking_agreement(rewards: torch.Tensor, judge: torch.Tensor, group_size: in
       fraction where the best is the one the judge accepts (what SimPO's best-vs-worst pair sees; the training
       monitor ``{direction}/judge_agree``);
     - ``auc``: over every (accepted, rejected) pair of samples in the same group, the fraction the reward orders
-      correctly (ties count half); ``mixed`` groups hold both kinds.
+      correctly (ties count half); ``mixed`` groups hold both kinds;
+    - ``best`` / ``worst``: the fraction of all groups whose reward-best / reward-worst sample the judge accepts,
+      against ``sampled``, the fraction of all samples it accepts. ``best`` is what best-of-G selection by this
+      reward would score: a reward that lifts it far above ``sampled`` holds the signal, so if training does not
+      raise ``sampled`` the optimiser, not the reward, is what stops it.
     """
     r, j = rewards.float().view(-1, group_size), judge.float().view(-1, group_size)
     best, worst = r.argmax(-1), r.argmin(-1)
@@ -74,6 +78,9 @@ def ranking_agreement(rewards: torch.Tensor, judge: torch.Tensor, group_size: in
         "auc": wins.mean().item() if wins.numel() else float("nan"),
         "mixed": int(pairs.any(-1).any(-1).sum()),
         "groups": r.shape[0],
+        "sampled": j.mean().item(),
+        "best": jb.mean().item(),
+        "worst": jw.mean().item(),
     }
 
 

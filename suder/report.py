@@ -208,7 +208,11 @@ def judge_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     """Judge accuracy (%) before and after, with the change."""
     head = "".join(f"<th>{html.escape(name)}</th>" for _, _, name in JUDGE_COLUMNS)
     rows = []
-    for label, res in (("before", before), ("after", after)):
+    rows_in = [("before", before), ("after", after)]
+    own = (before or {}).get("base_guidance")
+    if own:  # the run trained at another scale than the base's own (trainer.Trainer.evaluate)
+        rows_in.insert(1, (f"before, guidance {own['guidance_scale']:g}", own))
+    for label, res in rows_in:
         cells = []
         for group, key, _ in JUDGE_COLUMNS:
             v = (res or {}).get(group, {}).get(key)

@@ -173,6 +173,7 @@ class Trainer:
             policy = load_backbone(
                 cfg.backbone, **({"model": self.base_path} if self.base_path else {}), **cfg.backbone_options
             )
+        self.base_guidance = read_guidance(policy)  # the base's own scale, before the run's replaces it
         store_guidance(policy, cfg.guidance_scale)
         self.judge = cfg.shapes_world
         self.rewards = {d: self._reward(d) for d in cfg.directions}
@@ -558,7 +559,19 @@ class Trainer:
                 gen = evaluate(self.eval_model("gen"), num=c.eval_num, what=("t2i",))
                 und = evaluate(self.eval_model("und"), num=c.eval_num, what=("caption",))
                 return gen | und
-            return evaluate(self.eval_model("policy"), num=c.eval_num)
+            out = evaluate(self.eval_model("policy"), num=c.eval_num)
+            base, run = self.base_guidance, c.guidance_scale
+            if when == "before" and base is not None and run is not None and float(run) != float(base):
+                # the base at its own scale too: a gain over the base at the run's scale alone could be mostly
+                # the model learning to use a scale that hurt it
+                model = self.eval_model("policy")
+                store_guidance(model, base)
+                try:
+                    own = evaluate(model, num=c.eval_num, what=("t2i",))
+                    out["base_guidance"] = {"guidance_scale": float(base)} | own
+                finally:
+                    store_guidance(model, run)
+            return out
 
 
 COUNT_METRICS = {
@@ -582,6 +595,16 @@ def _accumulate(into: dict[str, Any], values: dict[str, Any], n: int) -> None:
                 into[k] = into.get(k, 0.0) + (v if last in COUNT_METRICS else v / n)
         elif k not in into:
             into[k] = v
+
+
+def read_guidance(model: Any) -> float | None:
+    """The model's default guidance scale, read where ``store_guidance`` writes it; ``None`` if it keeps none."""
+    scale = getattr(model, "guidance_scale", None)
+    for holder in (getattr(model, "config", None), getattr(model, "settings", None)):
+        if holder is not None and not callable(holder) and hasattr(holder, "guidance_scale"):
+            scale = holder.guidance_scale
+            break
+    return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
 
 
 def store_guidance(model: Any, scale: float | None) -> None:

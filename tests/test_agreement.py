@@ -24,6 +24,10 @@ def test_ranking_agreement_by_hand():
     # g1 (1.0, 2.0, 0.0 vs 3.0): 0 of 3; g3 (2.0 vs 2.0, 0, 0): 0.5 + 1 + 1 = 2.5 of 3
     assert out["auc"] == pytest.approx((3.5 + 0 + 2.5) / 10)
     assert out["mixed"] == 3 and out["groups"] == 4
+    # best-of-4 by the reward: g0 0.9 (accepted), g1 3.0 (rejected), g2 first 1.0 (accepted), g3 first 2.0
+    # (accepted); worst: g0 0.1 (rejected), g1 0.0 (accepted), g2 first 1.0 (accepted), g3 first 0.0 (rejected)
+    assert out["best"] == pytest.approx(3 / 4) and out["worst"] == pytest.approx(2 / 4)
+    assert out["sampled"] == pytest.approx(10 / 16)
 
 
 def test_no_decisive_group_gives_nan():
@@ -56,6 +60,8 @@ def test_reward_agreement_scores_the_samples_it_judges(tiny_toy, monkeypatch):
         good, bad = out[direction]["judge"], out[direction]["anti"]
         assert good["groups"] == 12 and 0 < good["mixed"] == good["decisive"] == bad["mixed"], (direction, good)
         assert good["agree"] == good["auc"] == 1.0 and bad["agree"] == bad["auc"] == 0.0
+        # every mixed group's reward-best is accepted under the judge as reward, rejected under its negation
+        assert good["best"] - bad["best"] == pytest.approx(good["mixed"] / 12) and good["sampled"] == bad["sampled"]
 
 
 class _Scores:

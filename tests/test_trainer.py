@@ -321,3 +321,38 @@ def test_training_guidance_scale_is_stored_with_the_model(tiny_toy_path, tmp_pat
     res = _train(tiny_toy_path, tmp_path, steps=1, strategy="gen", guidance_scale=2.0, sample_every=0)
     assert suder.load_backbone("toy", model=res.final_model).config.guidance_scale == 2.0
     assert json.loads((tmp_path / "run.json").read_text())["guidance_scale"] == 2.0
+
+
+def test_a_run_at_another_scale_also_judges_the_base_at_its_own(tiny_toy_path, tmp_path, capsys, monkeypatch):
+    """--guidance-scale other than the base's: before.json, run.json and the printed table also hold the base's
+    T2I at its own scale, the very numbers a run at that scale starts from."""
+    import suder.evaluate
+    from suder import cli
+    from suder.trainer import read_guidance
+
+    judged, real = [], suder.evaluate.evaluate
+
+    def spy(model, *a, **kw):  # the scale each judged evaluation samples at
+        judged.append((read_guidance(model), kw.get("what", ("t2i", "caption"))))
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(suder.evaluate, "evaluate", spy)
+    monkeypatch.setenv("COLUMNS", "200")
+    own_scale = suder.load_backbone("toy", model=tiny_toy_path).config.guidance_scale
+    args = ["run", "--model", tiny_toy_path, "--steps", "1", "--group-size", "2", "--gen-batch-size", "2"]
+    args += ["--und-batch-size", "2", "--eval-num", "8", "--sample-every", "0"]
+    assert cli.main(args + ["--guidance-scale", "3", "--output-dir", str(tmp_path / "g3")]) == 0
+    shown = capsys.readouterr().out
+    own = json.loads((tmp_path / "g3" / "before.json").read_text())["base_guidance"]
+    assert own["guidance_scale"] == own_scale != 3 and set(own) == {"guidance_scale", "t2i"}
+    assert json.loads((tmp_path / "g3" / "run.json").read_text())["before"]["base_guidance"] == own
+    assert f"before, guidance {own_scale:g}" in shown
+    assert cli.main(["report", str(tmp_path / "g3"), "--out", str(tmp_path / "page.html")]) == 0
+    assert f"<td>before, guidance {own_scale:g}</td>" in (tmp_path / "page.html").read_text()  # the report's row
+    # before at 3, the base at its own scale (T2I only), then after at 3 again: the run's scale is restored
+    assert judged == [(3.0, ("t2i", "caption")), (own_scale, ("t2i",)), (3.0, ("t2i", "caption"))]
+    judged.clear()
+    assert cli.main(args + ["--guidance-scale", str(own_scale), "--output-dir", str(tmp_path / "g1")]) == 0
+    same = json.loads((tmp_path / "g1" / "before.json").read_text())
+    assert "base_guidance" not in same and own["t2i"] == same["t2i"]
+    assert "before, guidance" not in capsys.readouterr().out and len(judged) == 2
