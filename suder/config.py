@@ -84,6 +84,7 @@ class TrainConfig:
     simpo_beta: float = 2.0
     simpo_gamma: float = 0.5
     simpo_kl_beta: float = 0.0
+    simpo_nll_weight: float = 0.0  # lambda of a likelihood term on the chosen samples (CPO's NLL term)
     simpo_gen_pairs: str | None = None  # "best-worst" (eq. 4) or "all": every ordered pair (losses.ordered_pairs)
     simpo_und_pairs: str | None = None
     # GRPO (eqs. 5-7)

@@ -170,6 +170,7 @@ def simpo_loss(
     gamma: float = 0.5,
     normalizer: float | None = None,
     weights: Tensor | None = None,
+    nll_weight: float = 0.0,
 ) -> tuple[Tensor, dict]:
     """Online SimPO loss, SUDER eq. 4 (Meng et al. 2024, eq. 6).
 
@@ -187,6 +188,8 @@ def simpo_loss(
             batch so that micro-batch losses add up to the full-batch loss. P == 0 gives a zero loss that
             still requires grad when the inputs do.
         weights: (P,) optional weight of each pair's term (:func:`ordered_pairs` gives each group weight 1).
+        nll_weight: ``lambda`` of an added likelihood term on the chosen outputs, ``lambda * sum_p -c_p``
+            (weighted and normalised like the SimPO terms; CPO's NLL term, Xu et al. 2024). 0: plain SimPO.
 
     Returns:
         loss (scalar), metrics: ``simpo/margin`` (mean beta*(c-r)), ``simpo/accuracy`` (fraction c > r),
@@ -200,6 +203,8 @@ def simpo_loss(
     assert norm > 0, f"normalizer must be > 0, got {normalizer}"
     margin = beta * (chosen_logps - rejected_logps)
     terms = -F.logsigmoid(margin - gamma)
+    if nll_weight:
+        terms = terms - nll_weight * chosen_logps
     loss = (terms if weights is None else terms * weights.to(terms.dtype)).sum() / norm
     with torch.no_grad():
         metrics = {
@@ -209,6 +214,8 @@ def simpo_loss(
             "simpo/rejected_logp": _mean(rejected_logps),
             "simpo/pairs": float(P),
         }
+        if nll_weight:
+            metrics["simpo/nll"] = _mean(-chosen_logps)
     return loss, metrics
 
 

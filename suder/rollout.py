@@ -211,6 +211,7 @@ class SimPO:
             gamma=cfg.simpo_gamma,
             normalizer=normalizer["count"],
             weights=weights,
+            nll_weight=cfg.simpo_nll_weight,
         )
         metrics["logp_estimate"] = float(lp.estimate)
         if batch.ref_logps is not None:

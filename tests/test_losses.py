@@ -172,6 +172,21 @@ def test_weighted_simpo_is_the_mean_over_each_groups_pairs():
     assert m["simpo/pairs"] == 3.0
 
 
+def test_simpo_nll_term_adds_the_chosen_outputs_likelihood():
+    """nll_weight 0.5, chosen -1 / -2, rejected -2 / -1, normalizer 2, second pair weighted 3:
+    loss = (1 * (l(1.5) + 0.5 * 1) + 3 * (l(-2.5) + 0.5 * 2)) / 2, l(z) = log(1 + e^-z); dL/dc_1 = (-2 s(-1.5)
+    - 0.5) / 2: the term pulls the chosen output up even where the margin is already met."""
+    c, r = _t([-1.0, -2.0], grad=True), _t([-2.0, -1.0])
+    loss, m = simpo_loss(c, r, beta=2.0, gamma=0.5, normalizer=2, weights=_t([1.0, 3.0]), nll_weight=0.5)
+    l = lambda z: math.log(1 + math.exp(-z))  # noqa: E731
+    assert loss.item() == pytest.approx((l(1.5) + 0.5 + 3 * (l(-2.5) + 1.0)) / 2, abs=1e-12)
+    assert m["simpo/nll"] == pytest.approx(1.5)
+    loss.backward()
+    assert c.grad[0].item() == pytest.approx((-2 * torch.sigmoid(_t(-1.5)).item() - 0.5) / 2, abs=1e-12)
+    plain, pm = simpo_loss(c.detach(), r, beta=2.0, gamma=0.5, normalizer=2, weights=_t([1.0, 3.0]))
+    assert plain.item() == pytest.approx(loss.item() - (0.5 + 3.0) / 2, abs=1e-12) and "simpo/nll" not in pm
+
+
 def test_all_pairs_put_the_gradient_on_the_close_call():
     """A group of three: a wrong caption the policy already rates far below (log-prob -3), and two close ones
     (right -1.0, wrong -1.1; rewards rank right > wrong > far). Best vs worst pairs right with far, a nearly

@@ -323,6 +323,26 @@ def test_training_guidance_scale_is_stored_with_the_model(tiny_toy_path, tmp_pat
     assert json.loads((tmp_path / "run.json").read_text())["guidance_scale"] == 2.0
 
 
+def test_simpo_nll_weight_reaches_the_loss_from_the_cli(tiny_toy_path, tmp_path):
+    """`suder run --simpo-nll-weight 1`: in config.yaml, the `*/simpo/nll` metric is logged, and the first step's
+    losses exceed plain SimPO's on the same rollouts by exactly the chosen samples' mean NLL."""
+    from suder import cli
+
+    runs = {}
+    for weight in ("0", "1"):
+        out = tmp_path / weight
+        args = ["run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "1", "--group-size", "4"]
+        args += ["--gen-batch-size", "2", "--und-batch-size", "2", "--eval-num", "4", "--sample-every", "0"]
+        assert cli.main(args + ["--simpo-nll-weight", weight]) == 0
+        assert f"simpo_nll_weight: {float(weight)}" in (out / "config.yaml").read_text()
+        runs[weight] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    plain, nll = runs["0"], runs["1"]
+    for d in ("gen", "und"):
+        assert f"{d}/simpo/nll" in nll and f"{d}/simpo/nll" not in plain
+        assert nll[f"{d}/reward_mean"] == plain[f"{d}/reward_mean"]  # the same rollouts
+        assert nll[f"{d}/loss"] == pytest.approx(plain[f"{d}/loss"] + nll[f"{d}/simpo/nll"], rel=1e-5)
+
+
 def test_a_run_at_another_scale_also_judges_the_base_at_its_own(tiny_toy_path, tmp_path, capsys, monkeypatch):
     """--guidance-scale other than the base's: before.json, run.json and the printed table also hold the base's
     T2I at its own scale, the very numbers a run at that scale starts from."""
