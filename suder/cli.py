@@ -394,11 +394,9 @@ def cmd_run(args, extra: list[str]) -> None:
 
         result = train(config_file=args.config, flags=flags, callback=on_step)
     if result.before or result.after:
-        rows = [("before", result.before), ("after", result.after)]
-        own = (result.before or {}).get("base_guidance")
-        if own:  # the run trained at another scale than the base's: the base at its own scale, T2I only
-            rows.insert(1, (f"before, guidance {own['guidance_scale']:g}", own))
-        _console(stderr=False).print(results_table(rows))
+        from .report import judge_rows
+
+        _console(stderr=False).print(results_table(judge_rows(result.before, result.after)))
     console.print(f"Run folder: {result.output_dir}  final model: {result.final_model}")
 
 

@@ -204,15 +204,21 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def judge_rows(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The judged rows of a run: before, the base at its own guidance scale where the run trained at another
+    (``before["base_guidance"]``, T2I only; ``Trainer.evaluate``), after."""
+    rows = [("before", before), ("after", after)]
+    own = (before or {}).get("base_guidance")
+    if own:
+        rows.insert(1, (f"before, guidance {own['guidance_scale']:g}", own))
+    return rows
+
+
 def judge_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     """Judge accuracy (%) before and after, with the change."""
     head = "".join(f"<th>{html.escape(name)}</th>" for _, _, name in JUDGE_COLUMNS)
     rows = []
-    rows_in = [("before", before), ("after", after)]
-    own = (before or {}).get("base_guidance")
-    if own:  # the run trained at another scale than the base's own (trainer.Trainer.evaluate)
-        rows_in.insert(1, (f"before, guidance {own['guidance_scale']:g}", own))
-    for label, res in rows_in:
+    for label, res in judge_rows(before, after):
         cells = []
         for group, key, _ in JUDGE_COLUMNS:
             v = (res or {}).get(group, {}).get(key)
