@@ -319,7 +319,7 @@ def results_table(rows: list[tuple[str, dict]], title: str = "ShapesWorld judge 
     ]
     names = ["T2I single", "pair", "count", "relation", "T2I all", "caption T=1", "caption greedy"]
     table = Table(title=title)
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     for n in names:
         table.add_column(n, justify="right")
     for label, res in rows:

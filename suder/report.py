@@ -210,7 +210,7 @@ def judge_rows(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str,
     rows = [("before", before), ("after", after)]
     own = (before or {}).get("base_guidance")
     if own:
-        rows.insert(1, (f"before, guidance {own['guidance_scale']:g}", own))
+        rows.insert(1, (f"base g={own['guidance_scale']:g}", own))
     return rows
 
 

@@ -366,13 +366,13 @@ def test_a_run_at_another_scale_also_judges_the_base_at_its_own(tiny_toy_path, t
     own = json.loads((tmp_path / "g3" / "before.json").read_text())["base_guidance"]
     assert own["guidance_scale"] == own_scale != 3 and set(own) == {"guidance_scale", "t2i"}
     assert json.loads((tmp_path / "g3" / "run.json").read_text())["before"]["base_guidance"] == own
-    assert f"before, guidance {own_scale:g}" in shown
+    assert f"base g={own_scale:g}" in shown
     assert cli.main(["report", str(tmp_path / "g3"), "--out", str(tmp_path / "page.html")]) == 0
-    assert f"<td>before, guidance {own_scale:g}</td>" in (tmp_path / "page.html").read_text()  # the report's row
+    assert f"<td>base g={own_scale:g}</td>" in (tmp_path / "page.html").read_text()  # the report's row
     # before at 3, the base at its own scale (T2I only), then after at 3 again: the run's scale is restored
     assert judged == [(3.0, ("t2i", "caption")), (own_scale, ("t2i",)), (3.0, ("t2i", "caption"))]
     judged.clear()
     assert cli.main(args + ["--guidance-scale", str(own_scale), "--output-dir", str(tmp_path / "g1")]) == 0
     same = json.loads((tmp_path / "g1" / "before.json").read_text())
     assert "base_guidance" not in same and own["t2i"] == same["t2i"]
-    assert "before, guidance" not in capsys.readouterr().out and len(judged) == 2
+    assert "base g=" not in capsys.readouterr().out and len(judged) == 2
