@@ -559,12 +559,12 @@ class Trainer:
                 gen = evaluate(self.eval_model("gen"), num=c.eval_num, what=("t2i",))
                 und = evaluate(self.eval_model("und"), num=c.eval_num, what=("caption",))
                 return gen | und
-            out = evaluate(self.eval_model("policy"), num=c.eval_num)
+            model = self.eval_model("policy")
+            out = evaluate(model, num=c.eval_num)
             base, run = self.base_guidance, c.guidance_scale
             if when == "before" and base is not None and run is not None and float(run) != float(base):
                 # the base at its own scale too: a gain over the base at the run's scale alone could be mostly
                 # the model learning to use a scale that hurt it
-                model = self.eval_model("policy")
                 store_guidance(model, base)
                 try:
                     own = evaluate(model, num=c.eval_num, what=("t2i",))
@@ -597,28 +597,27 @@ def _accumulate(into: dict[str, Any], values: dict[str, Any], n: int) -> None:
             into[k] = v
 
 
-def read_guidance(model: Any) -> float | None:
-    """The model's default guidance scale, read where ``store_guidance`` writes it; ``None`` if it keeps none."""
-    scale = getattr(model, "guidance_scale", None)
+def _guidance_holder(model: Any) -> Any:
+    """Where a backbone keeps its default guidance scale: ``config``, ``settings``, else the model itself."""
     for holder in (getattr(model, "config", None), getattr(model, "settings", None)):
         if holder is not None and not callable(holder) and hasattr(holder, "guidance_scale"):
-            scale = holder.guidance_scale
-            break
+            return holder
+    return model
+
+
+def read_guidance(model: Any) -> float | None:
+    """The model's default guidance scale (``store_guidance`` writes it there); ``None`` if it keeps none."""
+    scale = getattr(_guidance_holder(model), "guidance_scale", None)
     return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
 
 
 def store_guidance(model: Any, scale: float | None) -> None:
     """Make the training guidance scale the model's default, so checkpoints carry the scale the model was
-    optimised for and ``suder generate`` uses it (gains do not carry across scales). Backbones keep it on
-    ``config``, ``settings`` or themselves."""
+    optimised for and ``suder generate`` uses it (gains do not carry across scales)."""
     if scale is None:
         return
-    for holder in (getattr(model, "config", None), getattr(model, "settings", None)):
-        if holder is not None and not callable(holder) and hasattr(holder, "guidance_scale"):
-            holder.guidance_scale = float(scale)
-            return
     try:
-        model.guidance_scale = float(scale)
+        _guidance_holder(model).guidance_scale = float(scale)
     except AttributeError:
         pass
 
