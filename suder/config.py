@@ -98,6 +98,8 @@ class TrainConfig:
     und_reward: str = "dsr-consensus"
     reward_reduction: str = "mean"
     reward_scorer: str | None = None  # "policy" (the model being trained scores) or "frozen" (its initial copy)
+    gen_reward_scorer: str | None = None  # per direction; None: reward_scorer
+    und_reward_scorer: str | None = None
     consensus_lambda: float = 1.0
     consensus_source: str = "reference"
     gen_loss_weight: float = 1.0
@@ -139,6 +141,10 @@ class TrainConfig:
         self._check_choice("lr_schedule", ("cosine", "constant"))
         self._check_choice("reward_reduction", ("mean", "sum"))
         self._check_choice("reward_scorer", ("policy", "frozen"))
+        for key in ("gen_reward_scorer", "und_reward_scorer"):
+            if getattr(self, key) is None:
+                setattr(self, key, self.reward_scorer)
+            self._check_choice(key, ("policy", "frozen"))
         self._check_choice("consensus_source", ("reference", "policy"))
         self._check_choice("cfg_policy", ("cond", "guided"))
         self._check_choice("simpo_gen_pairs", ("best-worst", "all"))

@@ -112,8 +112,13 @@ def plan(cfg: TrainConfig, step: int) -> list[tuple[str, str, str]]:
         if (step // cfg.switch_every) % 2 == 0:
             return [("gen", "gen", "und")]
         return [("und", "und", "gen")]
-    scorer = "frozen" if cfg.reward_scorer == "frozen" else "policy"
-    return [("policy", d, scorer) for d in cfg.directions]
+    return [("policy", d, scorer_of(cfg, d)) for d in cfg.directions]
+
+
+def scorer_of(cfg: TrainConfig, direction: str) -> str:
+    """Which model scores ``direction``'s rewards: ``frozen`` (the initial model) or ``policy``."""
+    scorer = cfg.gen_reward_scorer if direction == "gen" else cfg.und_reward_scorer
+    return "frozen" if (scorer or cfg.reward_scorer) == "frozen" else "policy"
 
 
 def preflight(cfg: TrainConfig) -> Path | None:
@@ -219,7 +224,9 @@ class Trainer:
     def _needs_reference(self) -> bool:
         c = self.cfg
         und_ref = "und" in c.directions and rewards_mod.needs_reference(c.und_reward, c.to_dict())
-        return (c.algo == "grpo" and c.grpo_beta > 0) or c.simpo_kl_beta > 0 or und_ref or c.reward_scorer == "frozen"
+        return (c.algo == "grpo" and c.grpo_beta > 0) or c.simpo_kl_beta > 0 or und_ref or any(
+            scorer_of(c, d) == "frozen" for d in c.directions
+        )
 
     def _build_models(self, policy: nn.Module) -> dict[str, Any]:
         from trl.trainer.utils import disable_dropout_in_model

@@ -376,3 +376,33 @@ def test_a_run_at_another_scale_also_judges_the_base_at_its_own(tiny_toy_path, t
     same = json.loads((tmp_path / "g1" / "before.json").read_text())
     assert "base_guidance" not in same and own["t2i"] == same["t2i"]
     assert "base g=" not in capsys.readouterr().out and len(judged) == 2
+
+
+def test_reward_scorer_per_direction_from_the_cli(tiny_toy_path, tmp_path):
+    """`--und-reward-scorer frozen`: in config.yaml, and at step 2 (the policy has moved) the caption rewards are the
+    ones a fully frozen scorer gives and the image rewards the ones the policy gives, on the very same rollouts."""
+    from suder import cli
+
+    args = ["run", "--model", tiny_toy_path, "--steps", "2", "--group-size", "4", "--gen-batch-size", "2"]
+    args += ["--und-batch-size", "2", "--eval-num", "4", "--sample-every", "0", "--lr", "1e-3"]
+    runs = {}
+    for name, flags in {
+        "policy": [],
+        "frozen": ["--reward-scorer", "frozen"],
+        "split": ["--und-reward-scorer", "frozen"],
+    }.items():
+        out = tmp_path / name
+        assert cli.main(args + flags + ["--output-dir", str(out)]) == 0
+        runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name + "_config"] = (out / "config.yaml").read_text()
+    assert "gen_reward_scorer: policy" in runs["split_config"] and "und_reward_scorer: frozen" in runs["split_config"]
+    assert "gen_reward_scorer: frozen" in runs["frozen_config"]  # inherited from reward_scorer
+    first = {name: runs[name][0] for name in ("policy", "frozen", "split")}
+    assert first["policy"]["und/reward_mean"] == first["frozen"]["und/reward_mean"]  # one model still
+    second = {name: runs[name][1] for name in ("policy", "frozen", "split")}
+    for d in ("gen", "und"):
+        assert second["policy"][f"{d}/reward_mean"] != second["frozen"][f"{d}/reward_mean"]  # the scorers differ now
+    assert second["split"]["gen/reward_mean"] == pytest.approx(second["policy"]["gen/reward_mean"], rel=1e-6)
+    assert second["split"]["und/reward_mean"] == pytest.approx(second["frozen"]["und/reward_mean"], rel=1e-6)
+    with pytest.raises(ConfigError, match="und_reward_scorer"):
+        TrainConfig(und_reward_scorer="best")
