@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--backbone", default="toy")
     pt.add_argument("--out", required=True)
     pt.add_argument("--steps", type=int, default=None, help="default: the backbone's recipe (toy: 500)")
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--seed", type=int, default=None, help="default: the backbone's recipe (0 unless it names one)")
 
     g = sub.add_parser("generate", help="sample images for a benchmark's prompts, in the folder its scorer reads")
     g.add_argument("--backbone", required=True)

@@ -12,7 +12,8 @@ registered factory an attribute ``shapes_recipe``: a callable returning a ``Shap
   trained (``callback`` receives ``{"step", "total_steps", "loss"}`` of that phase); ``options`` are the
   ``backbone_options`` of ``pretrain`` (tests pass tiny sizes);
 - ``version``: part of the cache folder's name; bump it when the recipe changes;
-- ``pretrain``: defaults of ``pretrain``'s keywords (``steps``, ``batch_size``, ``lr``, ``warmup_steps``, ...);
+- ``pretrain``: defaults of ``pretrain``'s keywords (``steps``, ``seed``, ``batch_size``, ``lr``, ``warmup_steps``,
+  ...);
 - ``image_logp_options(rng)``: optional keyword arguments of ``logp_image_given_text`` per step (Show-o: a random
   mask ratio, its mask-token-prediction objective);
 - ``run_defaults``: ``TrainConfig`` defaults of ``suder run`` on this base, over the toy's (``config.TOY_DEFAULTS``).
@@ -43,7 +44,9 @@ from typing import Any
 import torch
 
 BASE_VERSION = "v1"
-PRETRAIN_DEFAULTS: dict[str, Any] = dict(steps=500, batch_size=48, lr=1e-3, warmup_steps=100, cond_dropout=0.1)
+PRETRAIN_DEFAULTS: dict[str, Any] = dict(
+    steps=500, seed=0, batch_size=48, lr=1e-3, warmup_steps=100, cond_dropout=0.1
+)
 
 
 @dataclass
@@ -90,7 +93,7 @@ def pretrain(
     *,
     out: str | None = None,
     steps: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     batch_size: int | None = None,
     caption_batch_size: int | None = None,
     lr: float | None = None,
@@ -111,10 +114,12 @@ def pretrain(
     start, cpu_start = time.perf_counter(), time.process_time()
     recipe = shapes_recipe(model) if isinstance(model, str) else None
     model_name = model
-    given = dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, cond_dropout=cond_dropout)
+    given = dict(steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps)
+    given["cond_dropout"] = cond_dropout
     hp = {**PRETRAIN_DEFAULTS, **(recipe.pretrain if recipe else {})}
     hp.update({k: v for k, v in given.items() if v is not None})
-    steps, batch_size, lr, warmup_steps = hp["steps"], hp["batch_size"], hp["lr"], hp["warmup_steps"]
+    steps, seed, batch_size, lr = hp["steps"], hp["seed"], hp["batch_size"], hp["lr"]
+    warmup_steps = hp["warmup_steps"]
     caption_batch_size = caption_batch_size or hp.get("caption_batch_size") or batch_size
     offset = [0]  # steps reported by the recipe's build (image tokenizer training), before ours
 
@@ -202,10 +207,13 @@ def cache_dir() -> Path:
 
 
 def ensure_base(
-    backbone: str = "toy", steps: int | None = None, seed: int = 0, callback: Callable[[dict], None] | None = None
+    backbone: str = "toy",
+    steps: int | None = None,
+    seed: int | None = None,
+    callback: Callable[[dict], None] | None = None,
 ) -> Path:
-    """The cached pre-trained ShapesWorld base of a backbone (its recipe's steps unless given), built on first
-    use; ``callback`` sees the steps of the build (image tokenizer first, then the model)."""
+    """The cached pre-trained ShapesWorld base of a backbone (its recipe's steps and seed unless given), built on
+    first use; ``callback`` sees the steps of the build (image tokenizer first, then the model)."""
     from .errors import BackboneError
 
     recipe = shapes_recipe(backbone)
@@ -215,6 +223,7 @@ def ensure_base(
             "and --images DIR."
         )
     steps = steps or recipe.pretrain.get("steps", PRETRAIN_DEFAULTS["steps"])
+    seed = recipe.pretrain.get("seed", PRETRAIN_DEFAULTS["seed"]) if seed is None else seed
     version = BASE_VERSION if backbone == "toy" else recipe.version
     target = cache_dir() / f"{backbone}-base-{version}-steps{steps}-seed{seed}"
     if is_shapes_base(target) or (target / "model.safetensors").is_file():

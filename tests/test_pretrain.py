@@ -149,6 +149,28 @@ def test_toy_base_keeps_its_cache_path_and_defaults(monkeypatch, tmp_path):
     assert json.loads((path / "pretrain.json").read_text())["steps"] == 500
 
 
+def test_a_recipe_names_the_seed_of_its_base(monkeypatch, tmp_path):
+    """A recipe's ``pretrain`` seed picks the cached base (folder name, pretrain.json and the seed it is built
+    with); an explicit seed still wins."""
+    calls = []
+
+    def fake(model, *, out, steps, seed, callback):
+        calls.append((model, steps, seed))
+        import os
+
+        os.makedirs(out)
+        return pretrain_mod.PretrainResult(None, out, 1.0, [0.5], 0.5)
+
+    recipe = pretrain_mod.ShapesRecipe(version="seeded", pretrain=dict(steps=7, seed=3))
+    monkeypatch.setattr(shapes_world, "recipe", lambda: recipe)
+    monkeypatch.setattr(pretrain_mod, "pretrain", fake)
+    path = pretrain_mod.ensure_base("show-o")
+    assert path.name == "show-o-base-seeded-steps7-seed3" and calls == [("show-o", 7, 3)]
+    assert json.loads((path / "pretrain.json").read_text())["seed"] == 3
+    assert pretrain_mod.ensure_base("show-o", seed=0).name == "show-o-base-seeded-steps7-seed0"
+    assert calls[-1] == ("show-o", 7, 0)
+
+
 def test_config_uses_the_recipe_defaults_only_on_shapes_world(no_janus_recipe):
     cfg = TrainConfig(backbone="show-o")
     assert cfg.shapes_world and cfg.lr == shapes_world.recipe().run_defaults["lr"]
