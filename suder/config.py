@@ -133,15 +133,17 @@ class TrainConfig:
             from .pretrain import shapes_recipe
 
             defaults = {**TOY_DEFAULTS, **shapes_recipe(self.backbone).run_defaults}
+        per_direction = ("gen_reward_scorer", "und_reward_scorer")
+        given_scorer = self.reward_scorer is not None  # then it decides both directions a default leaves open
         for key, value in defaults.items():
-            if getattr(self, key) is None:
+            if getattr(self, key) is None and not (given_scorer and key in per_direction):
                 setattr(self, key, value)
         self._check_choice("algo", ALGOS)
         self._check_choice("strategy", STRATEGIES)
         self._check_choice("lr_schedule", ("cosine", "constant"))
         self._check_choice("reward_reduction", ("mean", "sum"))
         self._check_choice("reward_scorer", ("policy", "frozen"))
-        for key in ("gen_reward_scorer", "und_reward_scorer"):
+        for key in per_direction:
             if getattr(self, key) is None:
                 setattr(self, key, self.reward_scorer)
             self._check_choice(key, ("policy", "frozen"))

@@ -26,6 +26,7 @@ TINY_BUILD = dict(
 
 
 RUN_DEFAULTS = jsw.recipe().run_defaults
+BASE_SEED = jsw.recipe().pretrain["seed"]
 STEPS_TO_ASSIGN = 300
 
 
@@ -33,7 +34,7 @@ def tiny_recipe():
     return pretrain_mod.ShapesRecipe(
         build=functools.partial(jsw.build_shapes_base, **TINY_BUILD),
         version="tiny-test",
-        pretrain=dict(steps=2, batch_size=4, lr=1e-3, warmup_steps=1),
+        pretrain=dict(steps=2, seed=BASE_SEED, batch_size=4, lr=1e-3, warmup_steps=1),
         run_defaults=RUN_DEFAULTS,
     )
 
@@ -198,8 +199,14 @@ def test_suder_run_janus_pro_builds_its_base_and_caches_it(monkeypatch, tmp_path
     assert cli.main(args) == 0
     out = capsys.readouterr()
     assert "before" in out.out and "after" in out.out
-    base = pretrain_mod.cache_dir() / "janus-pro-base-tiny-test-steps2-seed0"
+    base = pretrain_mod.cache_dir() / f"janus-pro-base-tiny-test-steps2-seed{BASE_SEED}"
     assert json.loads((base / "pretrain.json").read_text())["backbone"] == "janus-pro"
+    config = (tmp_path / "r" / "config.yaml").read_text()  # what ran: the recipe's run defaults
+    assert "guidance_scale: 2.0" in config and "cfg_policy: guided" in config
+    assert "gen_reward_scorer: policy" in config and "und_reward_scorer: frozen" in config
+    # the final model samples at the run's scale; the base keeps its own
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["guidance_scale"] == 2.0
+    assert json.loads((tmp_path / "r" / "before.json").read_text())["base_guidance"]["guidance_scale"] == 1.0
     assert (base / "config.json").is_file() and (base / "suder_janus.json").is_file()
 
 
@@ -219,3 +226,19 @@ def test_cli_eval_caption_generate_on_the_base(tiny_janus_base, tmp_path, capsys
     args = ["generate", "--backbone", "janus-pro", "--model", path, "--prompts", str(tmp_path / "p.txt")]
     assert cli.main(args + ["--num-samples", "1", "--out", str(tmp_path / "gen")]) == 0
     assert (tmp_path / "gen" / "00000" / "samples" / "0000.png").is_file()
+
+
+def test_run_defaults_yield_to_what_the_user_passes():
+    """The ShapesWorld run defaults (guidance 2, captions scored by the frozen base) apply only where the user
+    passed nothing: `--reward-scorer policy` means both directions, as it does on every other backbone."""
+    from suder.config import TrainConfig
+
+    cfg = TrainConfig(backbone="janus-pro")
+    assert (cfg.guidance_scale, cfg.cfg_policy, cfg.gen_reward_scorer, cfg.und_reward_scorer) == (
+        2.0, "guided", "policy", "frozen")
+    assert TrainConfig(backbone="janus-pro", reward_scorer="policy").und_reward_scorer == "policy"
+    assert TrainConfig(backbone="janus-pro", reward_scorer="frozen").gen_reward_scorer == "frozen"
+    assert TrainConfig(backbone="janus-pro", und_reward_scorer="policy").und_reward_scorer == "policy"
+    assert TrainConfig(backbone="janus-pro", guidance_scale=1.0).guidance_scale == 1.0
+    real = TrainConfig(backbone="janus-pro", model="deepseek-community/Janus-Pro-1B", prompts="p.txt", images="i")
+    assert real.und_reward_scorer == "policy" and real.guidance_scale is None  # released checkpoints: the paper's
