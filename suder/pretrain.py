@@ -114,12 +114,12 @@ def pretrain(
     start, cpu_start = time.perf_counter(), time.process_time()
     recipe = shapes_recipe(model) if isinstance(model, str) else None
     model_name = model
-    given = dict(steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps)
-    given["cond_dropout"] = cond_dropout
+    given = dict(
+        steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, cond_dropout=cond_dropout
+    )
     hp = {**PRETRAIN_DEFAULTS, **(recipe.pretrain if recipe else {})}
     hp.update({k: v for k, v in given.items() if v is not None})
-    steps, seed, batch_size, lr = hp["steps"], hp["seed"], hp["batch_size"], hp["lr"]
-    warmup_steps = hp["warmup_steps"]
+    steps, seed, batch_size, lr, warmup_steps = (hp[k] for k in ("steps", "seed", "batch_size", "lr", "warmup_steps"))
     caption_batch_size = caption_batch_size or hp.get("caption_batch_size") or batch_size
     offset = [0]  # steps reported by the recipe's build (image tokenizer training), before ours
 

@@ -117,8 +117,7 @@ def plan(cfg: TrainConfig, step: int) -> list[tuple[str, str, str]]:
 
 def scorer_of(cfg: TrainConfig, direction: str) -> str:
     """Which model scores ``direction``'s rewards: ``frozen`` (the initial model) or ``policy``."""
-    scorer = cfg.gen_reward_scorer if direction == "gen" else cfg.und_reward_scorer
-    return "frozen" if (scorer or cfg.reward_scorer) == "frozen" else "policy"
+    return cfg.gen_reward_scorer if direction == "gen" else cfg.und_reward_scorer  # resolved by TrainConfig
 
 
 def preflight(cfg: TrainConfig) -> Path | None:
@@ -224,9 +223,8 @@ class Trainer:
     def _needs_reference(self) -> bool:
         c = self.cfg
         und_ref = "und" in c.directions and rewards_mod.needs_reference(c.und_reward, c.to_dict())
-        return (c.algo == "grpo" and c.grpo_beta > 0) or c.simpo_kl_beta > 0 or und_ref or any(
-            scorer_of(c, d) == "frozen" for d in c.directions
-        )
+        frozen_scorer = any(scorer_of(c, d) == "frozen" for d in c.directions)
+        return (c.algo == "grpo" and c.grpo_beta > 0) or c.simpo_kl_beta > 0 or und_ref or frozen_scorer
 
     def _build_models(self, policy: nn.Module) -> dict[str, Any]:
         from trl.trainer.utils import disable_dropout_in_model
