@@ -110,6 +110,7 @@ class TrainConfig:
     image_logp_options: dict[str, Any] = field(default_factory=dict)
     image_temperature: float = 1.0
     text_temperature: float = 1.0
+    text_greedy_in_group: bool = False  # one of each image's G captions is its greedy caption
     # separate strategy: steps per phase before the two models swap roles
     switch_every: int = 50
     # engineering

@@ -180,6 +180,36 @@ class TextSamples:
         )
 
 
+def join_groups(first: TextSamples, second: TextSamples) -> TextSamples:
+    """Each input's captions from ``first`` followed by its captions from ``second`` (same inputs, same order):
+    one ``TextSamples`` with ``first.num_samples + second.num_samples`` rows per input, right-padded to the
+    wider of the two (padding: token 0, masked out). ``temperature`` is ``second``'s."""
+    g1, g2 = first.num_samples, second.num_samples
+    n = len(first) // g1
+    assert len(second) == n * g2, f"{len(first)} rows in {g1}s but {len(second)} in {g2}s: not the same inputs"
+    width = max(first.tokens.shape[1], second.tokens.shape[1])
+
+    def pad(t: torch.Tensor, value: Any) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    def grouped(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a.view(n, g1, -1), b.view(n, g2, -1)], 1).view(n * (g1 + g2), -1)
+
+    order = [(k, i * g + j) for i in range(n) for k, g in ((0, g1), (1, g2)) for j in range(g)]
+    parts = (first, second)
+    # both halves hold the same input per group: the conditioning images are ``first``'s, each repeated
+    images = select_images(first.images, [i * g1 for i in range(n) for _ in range(g1 + g2)])
+    return TextSamples(
+        texts=[parts[k].texts[r] for k, r in order],
+        tokens=grouped(pad(first.tokens, 0), pad(second.tokens, 0)),
+        logps=grouped(pad(first.logps, 0.0), pad(second.logps, 0.0)),
+        mask=grouped(pad(first.mask, False), pad(second.mask, False)),
+        images=images,
+        num_samples=g1 + g2,
+        temperature=second.temperature,
+    )
+
+
 def select_images(images: Any, rows: list[int]) -> Any:
     """Rows of a list of images or of an ``ImageSamples``."""
     if images is None:

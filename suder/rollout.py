@@ -25,7 +25,7 @@ import torch
 
 from . import losses
 from .errors import TrainingError
-from .protocol import ImageSamples, TextSamples, TokenLogProbs
+from .protocol import ImageSamples, TextSamples, TokenLogProbs, join_groups
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Rollout:
     rewards: torch.Tensor
     group_size: int
     judge: torch.Tensor | None = None  # (B*G,) 1/0 from an exact judge, monitors only
+    greedy_first: bool = False  # row 0 of each group is the greedy caption (``text_greedy_in_group``)
 
 
 @dataclass
@@ -66,6 +67,13 @@ def sample_group(model: Any, direction: str, inputs: list[Any], cfg: Any, genera
             guidance_scale=cfg.guidance_scale,
             temperature=cfg.image_temperature,
         )
+    if cfg.text_greedy_in_group and cfg.group_size > 1:
+        # the captioner's mode, which greedy captioning (evaluation, users) returns, is ranked with the samples
+        sampled = model.sample_text(
+            inputs, num_samples=cfg.group_size - 1, generator=generator, temperature=cfg.text_temperature
+        )
+        greedy = model.sample_text(inputs, num_samples=1, generator=generator, temperature=0.0)
+        return join_groups(greedy, sampled)
     return model.sample_text(inputs, num_samples=cfg.group_size, generator=generator, temperature=cfg.text_temperature)
 
 
@@ -127,6 +135,12 @@ def rollout_metrics(r: Rollout, best: torch.Tensor, worst: torch.Tensor, valid: 
     }
     if isinstance(r.samples, TextSamples):
         out[f"{d}/caption_words"] = sum(len(t.split()) for t in r.samples.texts) / max(len(r.samples), 1)
+    if r.greedy_first:  # how often the reward ranks the captioner's own greedy caption first / last in its group
+        first = torch.arange(0, len(r.rewards), G, device=best.device)
+        out[f"{d}/greedy_chosen"] = (valid & (best == first)).float().mean().item()
+        out[f"{d}/greedy_rejected"] = (valid & (worst == first)).float().mean().item()
+        if r.judge is not None:
+            out[f"{d}/greedy_judge_acc"] = r.judge[first.cpu()].float().mean().item()
     if r.judge is not None:
         out[f"{d}/judge_acc"] = r.judge.mean().item()
         jb, jw = r.judge[best], r.judge[worst]
@@ -147,6 +161,8 @@ def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: Toke
         return {}
     if samples.logps.shape != scored.values.shape:  # a backbone that re-tokenizes its captions
         return {}
+    if direction == "und" and cfg.text_greedy_in_group and (cfg.text_temperature or 1.0) != 1.0:
+        return {}  # the greedy rows' .logps are at temperature 1, the others' at text_temperature
     gap = (samples.logps.to(scored.values.device).float() - scored.values.float()).abs()[scored.mask]
     if not gap.numel():
         return {}

@@ -479,7 +479,8 @@ class Trainer:
         if self.judge:
             judge = (rewards_mod.judge_generation if direction == "gen" else rewards_mod.judge_understanding)(samples)
         policy.train()
-        rollout = Rollout(direction, samples, rewards, c.group_size, judge)
+        greedy_first = direction == "und" and c.text_greedy_in_group
+        rollout = Rollout(direction, samples, rewards, c.group_size, judge, greedy_first=greedy_first)
         self._last_rollouts.append(rollout)
         self._phase_times[f"time/{direction}_sample"] = (
             self._phase_times.get(f"time/{direction}_sample", 0) + t_reward - t

@@ -378,6 +378,55 @@ def test_a_run_at_another_scale_also_judges_the_base_at_its_own(tiny_toy_path, t
     assert "base g=" not in capsys.readouterr().out and len(judged) == 2
 
 
+def test_greedy_caption_joins_every_group(tiny_toy):
+    """text_greedy_in_group: row 0 of each group is the image's greedy caption, rows 1..G-1 are exactly what a
+    plain call for G-1 samples draws with the same generator, and the joined rows (right-padded to one width)
+    score teacher-forced as their own .logps."""
+    from suder.rollout import policy_logps
+
+    pics = [shapes.render(s) for s in shapes.sample_scenes(6, seed=11)]
+    cfg = TrainConfig(steps=1, group_size=4, text_greedy_in_group=True)
+    joined = sample_group(tiny_toy, "und", pics, cfg, torch.Generator().manual_seed(3))
+    sampled = tiny_toy.sample_text(pics, num_samples=3, generator=torch.Generator().manual_seed(3))
+    greedy = tiny_toy.sample_text(pics, temperature=0.0)
+    assert joined.num_samples == 4 and len(joined) == 24
+    for i, picture in enumerate(pics):
+        assert joined.texts[4 * i] == greedy.texts[i]
+        assert joined.texts[4 * i + 1 : 4 * i + 4] == sampled.texts[3 * i : 3 * i + 3]
+        assert all(im is picture for im in joined.images[4 * i : 4 * i + 4])
+        for row, (source, r) in enumerate([(greedy, i)] + [(sampled, 3 * i + j) for j in range(3)]):
+            width = int(source.mask[r].sum())
+            assert torch.equal(joined.tokens[4 * i + row, :width], source.tokens[r, :width])
+            assert int(joined.mask[4 * i + row].sum()) == width
+    assert len(set(joined.texts)) > len(set(greedy.texts))  # the samples are not all greedy
+    scored = policy_logps(tiny_toy, "und", joined, cfg)
+    assert torch.equal(scored.mask, joined.mask)
+    assert torch.allclose(scored.values, joined.logps, atol=1e-5)
+
+
+def test_greedy_in_group_from_the_cli(tiny_toy_path, tmp_path):
+    """`--text-greedy-in-group true` reaches config.yaml and the trainer: the greedy-caption monitors are logged
+    (fractions of groups where the reward ranks the greedy caption best / worst, and its judge accuracy), and a run
+    without the flag logs none of them."""
+    from suder import cli
+
+    args = ["run", "--model", tiny_toy_path, "--strategy", "und", "--steps", "2", "--group-size", "4"]
+    args += ["--und-batch-size", "4", "--eval-num", "4", "--sample-every", "0"]
+    logs = {}
+    for name, flags in {"on": ["--text-greedy-in-group", "true"], "off": []}.items():
+        out = tmp_path / name
+        assert cli.main(args + flags + ["--output-dir", str(out)]) == 0
+        logs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        logs[name + "_config"] = (out / "config.yaml").read_text()
+    assert "text_greedy_in_group: true" in logs["on_config"]
+    assert "text_greedy_in_group: false" in logs["off_config"]
+    for row in logs["on"]:
+        for key in ("und/greedy_chosen", "und/greedy_rejected", "und/greedy_judge_acc"):
+            assert 0.0 <= row[key] <= 1.0
+        assert row["und/greedy_chosen"] + row["und/greedy_rejected"] <= 1.0
+    assert not any(k.startswith("und/greedy") for row in logs["off"] for k in row)
+
+
 def test_reward_scorer_per_direction_from_the_cli(tiny_toy_path, tmp_path):
     """`--und-reward-scorer frozen`: in config.yaml, and at step 2 (the policy has moved) the caption rewards are the
     ones a fully frozen scorer gives and the image rewards the ones the policy gives, on the very same rollouts."""
