@@ -24,6 +24,7 @@ from .tracking import check_installed, parse_report_to
 
 ALGOS = ("simpo", "grpo")
 STRATEGIES = ("unified", "gen", "und", "separate")
+SIMPO_PAIRS = ("best-worst", "all", "best-likeliest")
 
 PAPER_DEFAULTS: dict[str, Any] = {
     "lr": 3e-6,
@@ -85,7 +86,9 @@ class TrainConfig:
     simpo_gamma: float = 0.5
     simpo_kl_beta: float = 0.0
     simpo_nll_weight: float = 0.0  # lambda of a likelihood term on the chosen samples (CPO's NLL term)
-    simpo_gen_pairs: str | None = None  # "best-worst" (eq. 4) or "all": every ordered pair (losses.ordered_pairs)
+    # "best-worst" (eq. 4), "all": every ordered pair (losses.ordered_pairs), or "best-likeliest": the best against
+    # the likeliest sample it beats (losses.best_likeliest)
+    simpo_gen_pairs: str | None = None
     simpo_und_pairs: str | None = None
     # GRPO (eqs. 5-7)
     grpo_eps_low: float = 0.2
@@ -150,8 +153,8 @@ class TrainConfig:
             self._check_choice(key, ("policy", "frozen"))
         self._check_choice("consensus_source", ("reference", "policy"))
         self._check_choice("cfg_policy", ("cond", "guided"))
-        self._check_choice("simpo_gen_pairs", ("best-worst", "all"))
-        self._check_choice("simpo_und_pairs", ("best-worst", "all"))
+        self._check_choice("simpo_gen_pairs", SIMPO_PAIRS)
+        self._check_choice("simpo_und_pairs", SIMPO_PAIRS)
         self._check_choice("mixed_precision", ("no", "bf16", "fp16"))
         self.report_to = parse_report_to(self.report_to)
         check_installed(self.report_to)

@@ -51,7 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["best_worst", "group_advantages", "grpo_loss", "k3_kl", "kl_penalty", "ordered_pairs", "simpo_loss"]
+__all__ = [
+    "best_likeliest",
+    "best_worst",
+    "group_advantages",
+    "grpo_loss",
+    "k3_kl",
+    "kl_penalty",
+    "ordered_pairs",
+    "simpo_loss",
+]
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -117,6 +126,41 @@ def best_worst(rewards: Tensor, group_size: int, *, eps: float = 1e-6) -> tuple[
     worst = grouped.argmin(-1) + offset
     valid = (grouped.max(-1).values - grouped.min(-1).values) > eps
     return best, worst, valid
+
+
+def best_likeliest(
+    rewards: Tensor, group_size: int, likelihood: Tensor, *, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Highest-reward sample of each group against the likeliest of the samples it beats: the
+    ``simpo_*_pairs: best-likeliest`` variant of SUDER eq. 4's best-vs-worst pair (not in the paper).
+
+    The worst sample is usually one the policy rarely draws, so its SimPO term is near saturation and pushing
+    it down changes little of what the policy outputs. The likeliest lower-reward sample is the policy's own
+    mode whenever the reward disagrees with it (e.g. a captioner's habitual wrong caption, which greedy
+    decoding returns): a hard negative, where the logistic loss puts its gradient.
+
+    Args:
+        rewards: (B*G,) input-major groups.
+        group_size: G.
+        likelihood: (B*G,) how likely the policy finds each sample (the trainer passes the sampler's mean
+            per-token log-prob, ``.logps`` over real tokens); only its order within a group matters.
+        eps: a sample within ``eps`` of the best reward is a tie, never the rejected one.
+
+    Returns:
+        best_idx (B,), rejected_idx (B,) long: GLOBAL row indices (ties to the lowest index); valid (B,) bool:
+        the group has a sample below the best (``max - min > eps``, as :func:`best_worst`).
+    """
+    grouped = _grouped(rewards, group_size)
+    assert likelihood.shape == rewards.shape, (
+        f"likelihood must be (B*G,) like rewards, got {tuple(likelihood.shape)} and {tuple(rewards.shape)}"
+    )
+    offset = torch.arange(grouped.shape[0], device=rewards.device) * group_size
+    top = grouped.max(-1, keepdim=True).values
+    below = grouped < top - eps
+    lik = likelihood.to(grouped.device).float().view(-1, group_size).masked_fill(~below, float("-inf"))
+    best = grouped.argmax(-1) + offset
+    rejected = lik.argmax(-1) + offset
+    return best, rejected, below.any(-1)
 
 
 def ordered_pairs(

@@ -152,6 +152,22 @@ def rollout_metrics(r: Rollout, best: torch.Tensor, worst: torch.Tensor, valid: 
     return out
 
 
+def sampled_mean_logp(samples: ImageSamples | TextSamples) -> torch.Tensor:
+    """(rows,) each sample's mean per-token ``.logps`` over its real tokens: how likely its sampler found it."""
+    if isinstance(samples, TextSamples):
+        mask = samples.mask.float()
+        return (samples.logps.float() * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+    return samples.logps.float().mean(-1)
+
+
+def _share_equal(rewards: torch.Tensor, rejected: torch.Tensor, valid: torch.Tensor) -> float:
+    """Fraction of valid groups whose rejected sample has the group's lowest reward."""
+    G = len(rewards) // len(valid)
+    lowest = rewards.view(-1, G).min(-1).values
+    hit = (rewards[rejected.to(rewards.device)] <= lowest + 1e-6)[valid.to(rewards.device)]
+    return hit.float().mean().item() if hit.numel() else float("nan")
+
+
 def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: TokenLogProbs, cfg: Any) -> dict:
     """Monitors ``{direction}/logp_drift_max`` and ``_mean``: |sampled ``.logps`` - teacher-forced log-probs|
     over the real tokens. The same tokens under the same policy: float rounding in float32, more in bf16
@@ -179,14 +195,19 @@ class SimPO:
 
     def prepare(self, policy, rollout: Rollout, cfg, reference, seeds: list[int]) -> tuple[Batch | None, dict]:
         best, worst, valid = losses.best_worst(rollout.rewards, rollout.group_size)
+        metrics = rollout_metrics(rollout, best, worst, valid)
+        pairs = getattr(cfg, f"simpo_{rollout.direction}_pairs")
+        if pairs == "best-likeliest":
+            likelihood = sampled_mean_logp(rollout.samples)
+            best, worst, valid = losses.best_likeliest(rollout.rewards, rollout.group_size, likelihood)
+            metrics[f"{rollout.direction}/rejected_is_worst"] = _share_equal(rollout.rewards, worst, valid)
         tokens = target_tokens(rollout.samples)
         same = (tokens[best] == tokens[worst]).all(-1).to(valid.device)
         keep = valid & ~same
-        metrics = rollout_metrics(rollout, best, worst, valid)
         metrics[f"{rollout.direction}/groups_identical"] = float((valid & same).sum().item())
         if not keep.any():
             return None, metrics
-        if getattr(cfg, f"simpo_{rollout.direction}_pairs") == "all":
+        if pairs == "all":
             batch = self._all_pairs(rollout, tokens, seeds)
             metrics[f"{rollout.direction}/pairs_per_group"] = float(len(batch.pairs[0])) / batch.count
         else:

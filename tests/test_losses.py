@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from suder.losses import best_worst, group_advantages, grpo_loss, k3_kl, kl_penalty, ordered_pairs, simpo_loss
+from suder.losses import (
+    best_likeliest,
+    best_worst,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    kl_penalty,
+    ordered_pairs,
+    simpo_loss,
+)
 
 
 def _t(x, grad: bool = False) -> torch.Tensor:
@@ -159,6 +168,25 @@ def test_ordered_pairs_skip_ties_and_repeats_and_give_each_group_weight_one():
     assert (rewards[chosen] > rewards[rejected]).all()
     empty = ordered_pairs(_t([1.0, 1.0]), 2, torch.zeros(2, 1))
     assert all(len(t) == 0 for t in empty)
+
+
+def test_best_likeliest_rejects_the_likeliest_sample_below_the_best():
+    """G = 4, three groups; likelihood is the policy's mean per-token log-prob.
+
+    group 0 rewards [0.5, 0.9, 0.9, 0.1], likelihood [-1, -3, -0.2, -2]: best row 1 (first of the tied best);
+        row 2 is likeliest but ties the best, so the rejected is row 0 (-1 > -2), not the worst row 3.
+    group 1 rewards [0.3, 0.2, 0.7, 0.1], likelihood [-5, -4, -1, -6]: best row 6; rejected row 5.
+    group 2: all rewards equal -> not valid.
+    """
+    rewards = _t([0.5, 0.9, 0.9, 0.1, 0.3, 0.2, 0.7, 0.1, 2.0, 2.0, 2.0, 2.0])
+    likelihood = _t([-1.0, -3.0, -0.2, -2.0, -5.0, -4.0, -1.0, -6.0, -1.0, -2.0, -3.0, -4.0])
+    best, rejected, valid = best_likeliest(rewards, 4, likelihood)
+    assert best[:2].tolist() == [1, 6] and rejected[:2].tolist() == [0, 5] and valid.tolist() == [True, True, False]
+    assert (rewards[best[:2]] > rewards[rejected[:2]]).all()
+    # with the likelihood ranking the worst sample first, it is best vs worst (eq. 4)
+    bw_best, bw_worst, bw_valid = best_worst(rewards, 4)
+    _, rejected, _ = best_likeliest(rewards, 4, -rewards)
+    assert rejected[:2].tolist() == bw_worst[:2].tolist() and bw_valid.tolist() == valid.tolist()
 
 
 def test_weighted_simpo_is_the_mean_over_each_groups_pairs():

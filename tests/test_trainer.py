@@ -189,6 +189,48 @@ def test_all_pairs_option_reaches_the_update(tiny_toy_path, tmp_path):
     assert first["und/loss"] != runs["best-worst"][0]["und/loss"]
 
 
+def test_best_likeliest_pairs_the_best_with_the_policys_likeliest_loser(tiny_toy):
+    """simpo_und_pairs best-likeliest: each group's pair is its best caption by reward against the caption the policy
+    finds likeliest (teacher-forced mean log-prob, computed here independently of the sampler) among those with a
+    lower reward; the monitor says how often that is the worst one."""
+    pics = [shapes.render(s) for s in shapes.sample_scenes(3, seed=5)]
+    t = tiny_toy.sample_text(pics, num_samples=4, generator=torch.Generator().manual_seed(2), temperature=2.0)
+    r = torch.tensor([0.0, 1.0, 2.0, 3.0] * 3)  # the last caption of each group is best, the first worst
+    forced = tiny_toy.logp_text_given_image(t, t.images).mean()
+    cfg = TrainConfig(group_size=4, simpo_und_pairs="best-likeliest")
+    batch, metrics = ALGORITHMS["simpo"].prepare(tiny_toy, Rollout("und", t, r, 4), cfg, None, [0])
+    want = [4 * b + int(forced[4 * b : 4 * b + 3].argmax()) for b in range(3)]
+    keep = [b for b in range(3) if t.texts[4 * b + 3] != t.texts[want[b]]]  # identical pairs are skipped
+    assert batch.count == len(keep) > 0
+    assert batch.samples.texts == [t.texts[4 * b + 3] for b in keep] + [t.texts[want[b]] for b in keep]
+    assert metrics["und/rejected_is_worst"] == pytest.approx(sum(w % 4 == 0 for w in want) / 3)
+    assert "und/rejected_is_worst" not in ALGORITHMS["simpo"].prepare(
+        tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4), None, [0]
+    )[1]
+
+
+def test_best_likeliest_from_the_cli(tiny_toy_path, tmp_path):
+    """`suder run --simpo-und-pairs best-likeliest` reaches config.yaml and the update: one pair per group as with
+    best vs worst, its monitor is logged, and on the same first rollouts some rejected caption is not the worst,
+    so the loss differs from best vs worst's."""
+    from suder import cli
+
+    runs = {}
+    for pairs in ("best-worst", "best-likeliest"):
+        out = tmp_path / pairs
+        args = ["run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "2", "--group-size", "4"]
+        args += ["--gen-batch-size", "2", "--und-batch-size", "4", "--eval-num", "4", "--save-every", "0"]
+        args += ["--text-temperature", "2.0", "--simpo-und-pairs", pairs]
+        assert cli.main(args) == 0
+        assert f"simpo_und_pairs: {pairs}" in (out / "config.yaml").read_text()
+        runs[pairs] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, plain = runs["best-likeliest"][0], runs["best-worst"][0]
+    assert 0.0 <= first["und/rejected_is_worst"] <= 1.0 and "gen/rejected_is_worst" not in first
+    assert first["und/reward_mean"] == plain["und/reward_mean"]
+    assert first["und/simpo/pairs"] <= first["und/groups"]
+    assert first["und/rejected_is_worst"] < 1.0 and first["und/loss"] != plain["und/loss"]
+
+
 def test_zero_variance_groups_are_skipped_and_counted(tiny_toy):
     s = tiny_toy.sample_image(
         ["a red square", "a blue circle"], num_samples=4, generator=torch.Generator().manual_seed(0)
