@@ -166,21 +166,24 @@ def test_consensus_is_image_term_plus_lambda_caption_term(tiny_toy):
     assert torch.allclose(got, image + 0.5 * caption, atol=1e-4)
 
 
+def _und_pairs_run(tiny_toy_path, out_root, pairs):
+    """`suder run --simpo-und-pairs PAIRS` on the tiny toy: checks config.yaml, returns the metrics rows."""
+    from suder import cli
+
+    out = out_root / pairs
+    args = ["run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "2", "--group-size", "4"]
+    args += ["--gen-batch-size", "2", "--und-batch-size", "4", "--eval-num", "4", "--save-every", "0"]
+    args += ["--text-temperature", "2.0", "--simpo-und-pairs", pairs]
+    assert cli.main(args) == 0
+    assert f"simpo_und_pairs: {pairs}" in (out / "config.yaml").read_text()
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_all_pairs_option_reaches_the_update(tiny_toy_path, tmp_path):
     """`suder run --simpo-und-pairs all`: written to config.yaml, the understanding batches hold every ordered pair
     of a group (metric und/pairs_per_group > 1 where best vs worst has exactly 1), generation stays best vs worst,
     and the update differs from a best-vs-worst run of the same rollouts."""
-    from suder import cli
-
-    runs = {}
-    for pairs in ("best-worst", "all"):
-        out = tmp_path / pairs
-        args = ["run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "2", "--group-size", "4"]
-        args += ["--gen-batch-size", "2", "--und-batch-size", "4", "--eval-num", "4", "--save-every", "0"]
-        args += ["--text-temperature", "2.0", "--simpo-und-pairs", pairs]
-        assert cli.main(args) == 0
-        assert f"simpo_und_pairs: {pairs}" in (out / "config.yaml").read_text()
-        runs[pairs] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    runs = {pairs: _und_pairs_run(tiny_toy_path, tmp_path, pairs) for pairs in ("best-worst", "all")}
     first = runs["all"][0]
     assert first["und/pairs_per_group"] > 1 and "gen/pairs_per_group" not in first
     assert first["und/simpo/pairs"] > runs["best-worst"][0]["und/simpo/pairs"]
@@ -213,17 +216,7 @@ def test_best_likeliest_from_the_cli(tiny_toy_path, tmp_path):
     """`suder run --simpo-und-pairs best-likeliest` reaches config.yaml and the update: one pair per group as with
     best vs worst, its monitor is logged, and on the same first rollouts some rejected caption is not the worst,
     so the loss differs from best vs worst's."""
-    from suder import cli
-
-    runs = {}
-    for pairs in ("best-worst", "best-likeliest"):
-        out = tmp_path / pairs
-        args = ["run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "2", "--group-size", "4"]
-        args += ["--gen-batch-size", "2", "--und-batch-size", "4", "--eval-num", "4", "--save-every", "0"]
-        args += ["--text-temperature", "2.0", "--simpo-und-pairs", pairs]
-        assert cli.main(args) == 0
-        assert f"simpo_und_pairs: {pairs}" in (out / "config.yaml").read_text()
-        runs[pairs] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    runs = {pairs: _und_pairs_run(tiny_toy_path, tmp_path, pairs) for pairs in ("best-worst", "best-likeliest")}
     first, plain = runs["best-likeliest"][0], runs["best-worst"][0]
     assert 0.0 <= first["und/rejected_is_worst"] <= 1.0 and "gen/rejected_is_worst" not in first
     assert first["und/reward_mean"] == plain["und/reward_mean"]
