@@ -198,15 +198,20 @@ def test_best_likeliest_pairs_the_best_with_the_policys_likeliest_loser(tiny_toy
     lower reward; the monitor says how often that is the worst one."""
     pics = [shapes.render(s) for s in shapes.sample_scenes(3, seed=5)]
     t = tiny_toy.sample_text(pics, num_samples=4, generator=torch.Generator().manual_seed(2), temperature=2.0)
-    r = torch.tensor([0.0, 1.0, 2.0, 3.0] * 3)  # the last caption of each group is best, the first worst
     forced = tiny_toy.logp_text_given_image(t, t.images).mean()
+    # the last caption of each group is best; among the others the likelier one has the higher reward, so the
+    # likeliest loser is never the worst (unless two tie)
+    r = forced.detach().clone().view(3, 4)
+    r[:, 3] = 10.0
+    r = r.flatten()
     cfg = TrainConfig(group_size=4, simpo_und_pairs="best-likeliest")
     batch, metrics = ALGORITHMS["simpo"].prepare(tiny_toy, Rollout("und", t, r, 4), cfg, None, [0])
     want = [4 * b + int(forced[4 * b : 4 * b + 3].argmax()) for b in range(3)]
     keep = [b for b in range(3) if t.texts[4 * b + 3] != t.texts[want[b]]]  # identical pairs are skipped
+    assert all(r[w] > r.view(3, 4)[w // 4].min() for w in want)
     assert batch.count == len(keep) > 0
     assert batch.samples.texts == [t.texts[4 * b + 3] for b in keep] + [t.texts[want[b]] for b in keep]
-    assert metrics["und/rejected_is_worst"] == pytest.approx(sum(w % 4 == 0 for w in want) / 3)
+    assert metrics["und/rejected_is_worst"] == 0.0
     assert "und/rejected_is_worst" not in ALGORITHMS["simpo"].prepare(
         tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4), None, [0]
     )[1]
