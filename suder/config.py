@@ -63,6 +63,8 @@ class TrainConfig:
     model: str | None = None
     backbone_options: dict[str, Any] = field(default_factory=dict)
     algo: str = "simpo"
+    gen_algo: str | None = None  # per direction; None: algo
+    und_algo: str | None = None
     strategy: str = "unified"
     # data (unpaired); on the toy backbone, None means ShapesWorld prompts / scenes
     prompts: str | None = None
@@ -143,6 +145,10 @@ class TrainConfig:
             if getattr(self, key) is None and not (given_scorer and key in per_direction):
                 setattr(self, key, value)
         self._check_choice("algo", ALGOS)
+        for key in ("gen_algo", "und_algo"):
+            if getattr(self, key) is None:
+                setattr(self, key, self.algo)
+            self._check_choice(key, ALGOS)
         self._check_choice("strategy", STRATEGIES)
         self._check_choice("lr_schedule", ("cosine", "constant"))
         self._check_choice("reward_reduction", ("mean", "sum"))
@@ -176,8 +182,10 @@ class TrainConfig:
             raise ConfigError(f"steps must be >= 1 (training steps to run), got {self.steps}.")
         if not 0 <= self.grpo_eps_low < 1 or self.grpo_eps_high < 0:
             raise ConfigError("grpo_eps_low must be in [0, 1) and grpo_eps_high >= 0.")
-        if self.algo == "simpo" and self.grpo_iterations != 1:
-            raise ConfigError("grpo_iterations applies to algo grpo only; SimPO takes one step per rollout.")
+        if self.grpo_iterations != 1 and any(self.algo_for(d) == "simpo" for d in self.directions):
+            raise ConfigError(
+                "grpo_iterations applies when every trained direction uses grpo; SimPO takes one step per rollout."
+            )
         if not self.shapes_world and self.backbone != "toy" and self.strategy != "und" and self.prompts is None:
             raise ConfigError(
                 f"The {self.backbone} backbone needs --prompts FILE (one prompt per line) to train 'gen'."
@@ -221,6 +229,10 @@ class TrainConfig:
         if self.model is not None and not is_shapes_base(self.model):
             return False
         return shapes_recipe(self.backbone) is not None
+
+    def algo_for(self, direction: str) -> str:
+        """The algorithm that trains ``direction``: ``gen_algo`` / ``und_algo``, which default to ``algo``."""
+        return getattr(self, f"{direction}_algo") or self.algo
 
     @property
     def directions(self) -> tuple[str, ...]:

@@ -375,6 +375,8 @@ class RunWriter:
                     "steps": history[-1]["step"] if history else 0,
                     "stopped_early": stopped,
                     "algo": cfg.algo,
+                    "gen_algo": cfg.algo_for("gen"),
+                    "und_algo": cfg.algo_for("und"),
                     "strategy": cfg.strategy,
                     "cfg_policy": cfg.cfg_policy,
                     "guidance_scale": cfg.guidance_scale,

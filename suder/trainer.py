@@ -224,7 +224,8 @@ class Trainer:
         c = self.cfg
         und_ref = "und" in c.directions and rewards_mod.needs_reference(c.und_reward, c.to_dict())
         frozen_scorer = any(scorer_of(c, d) == "frozen" for d in c.directions)
-        return (c.algo == "grpo" and c.grpo_beta > 0) or c.simpo_kl_beta > 0 or und_ref or frozen_scorer
+        grpo_kl = c.grpo_beta > 0 and any(c.algo_for(d) == "grpo" for d in c.directions)
+        return grpo_kl or c.simpo_kl_beta > 0 or und_ref or frozen_scorer
 
     def _build_models(self, policy: nn.Module) -> dict[str, Any]:
         from trl.trainer.utils import disable_dropout_in_model
@@ -384,22 +385,21 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         c = self.cfg
-        algo = ALGORITHMS[c.algo]
         work = plan(c, step)
         t0 = time.perf_counter()
         self._last_rollouts = []
         self._phase_times: dict[str, float] = {}
         # sharded weights: gathered once for the whole rollout phase, scorers included (see ``whole``)
         with self.whole({k for w in work for k in (w[0], w[2]) if k in self.trained_keys()}):
-            micro, metrics = self.collect(algo, work, step)
+            micro, metrics = self.collect(work, step)
         t1 = time.perf_counter()
         norm = self.normalizers(micro)
         for key in sorted({k for k, _, _ in work}):
-            metrics.update(self.update(key, algo, micro, norm))
+            metrics.update(self.update(key, micro, norm))
         metrics.update({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
         return self.reduce_metrics(metrics)
 
-    def collect(self, algo: Any, work: list[tuple[str, str, str]], step: int) -> tuple[list[dict], dict[str, Any]]:
+    def collect(self, work: list[tuple[str, str, str]], step: int) -> tuple[list[dict], dict[str, Any]]:
         """This step's ``grad_accum`` micro-batches: rollouts, rewards and prepared batches, with their metrics."""
         c = self.cfg
         micro: list[dict[tuple[str, str], Any]] = []
@@ -411,7 +411,7 @@ class Trainer:
                 with self.acc.autocast():
                     rollout = self.rollout(key, direction, scorer_key, step, m)
                     seeds = [derive_seed(c.seed, step, m, it, 7) for it in range(c.grpo_iterations)]
-                    batch, rm = self.prepare_batch(algo, key, rollout, seeds)
+                    batch, rm = self.prepare_batch(ALGORITHMS[c.algo_for(direction)], key, rollout, seeds)
                 _accumulate(metrics, rm, c.grad_accum)
                 batches[(key, direction)] = batch
             micro.append(batches)
@@ -490,7 +490,7 @@ class Trainer:
         )
         return rollout
 
-    def update(self, key: str, algo: Any, micro: list[dict], norm: dict) -> dict[str, Any]:
+    def update(self, key: str, micro: list[dict], norm: dict) -> dict[str, Any]:
         """``grpo_iterations`` optimizer steps over the collected micro-batches (1 for SimPO), then one scheduler
         step. Each process's loss is its share of the global sum (normalised by the global count, times the number
         of processes, since DDP/ZeRO/FSDP average gradients); ``acc.accumulate`` syncs (and lets DeepSpeed step)
@@ -506,7 +506,7 @@ class Trainer:
                 sched.step()
             return metrics | {f"{kd[1]}/update_skipped": 1.0 for kd in mine}
         scale = self.acc.num_processes * self.acc.gradient_accumulation_steps
-        iterations = c.grpo_iterations if c.algo == "grpo" else 1
+        iterations = c.grpo_iterations  # 1 unless every trained direction uses GRPO (config checks)
         for it in range(iterations):
             for batches in micro:
                 part = {kd: b for kd, b in batches.items() if kd[0] == key}
@@ -523,7 +523,7 @@ class Trainer:
                         if b.count == 0:  # a stand-in (sharded weights): the same forward, weight zero
                             total = total + policy_logps(backbone, d, b.samples, c).values.sum() * 0.0
                             continue
-                        loss, lm = algo.loss(backbone, b, c, norm[(key, d)], it)
+                        loss, lm = ALGORITHMS[c.algo_for(d)].loss(backbone, b, c, norm[(key, d)], it)
                         total = total + weights[d] * loss
                         # each micro-batch's loss is its share of the whole batch's: summed, not averaged
                         share = loss.item() * len(micro)

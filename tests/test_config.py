@@ -51,12 +51,23 @@ def test_unknown_keys_suggest(tmp_path):
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"cfg_policy": "guide"}, "cfg_policy must be one of cond, guided"),
         ({"backbone": "janus-pro", "images": "x"}, "needs --prompts FILE"),
-        ({"algo": "simpo", "grpo_iterations": 2}, "grpo_iterations applies to algo grpo only"),
+        ({"algo": "simpo", "grpo_iterations": 2}, "grpo_iterations applies when every trained direction uses grpo"),
+        ({"algo": "grpo", "gen_algo": "simpo", "grpo_iterations": 2}, "every trained direction uses grpo"),
+        ({"und_algo": "ppo"}, "und_algo must be one of simpo, grpo; got 'ppo'"),
     ],
 )
 def test_validation_messages(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_per_direction_algo_defaults_to_algo():
+    both = TrainConfig(algo="grpo")
+    assert (both.gen_algo, both.und_algo) == ("grpo", "grpo")
+    split = TrainConfig(und_algo="grpo")
+    assert (split.algo_for("gen"), split.algo_for("und")) == ("simpo", "grpo")
+    # one direction trained: the other's algorithm does not block GRPO's inner iterations
+    assert TrainConfig(strategy="und", und_algo="grpo", grpo_iterations=2).grpo_iterations == 2
 
 
 def test_parse_value_types():

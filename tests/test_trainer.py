@@ -467,6 +467,34 @@ def test_greedy_in_group_from_the_cli(tiny_toy_path, tmp_path):
     assert not any(k.startswith("und/greedy") for row in logs["off"] for k in row)
 
 
+def test_algo_per_direction_from_the_cli(tiny_toy_path, tmp_path):
+    """`--und-algo grpo`: in config.yaml; captions are trained by GRPO (its loss metrics, and a reference for its KL)
+    and images by SimPO, whose first-step loss is the one a SimPO-only run gives on the very same rollouts."""
+    from suder import cli
+
+    args = ["run", "--model", tiny_toy_path, "--steps", "1", "--group-size", "4", "--gen-batch-size", "2"]
+    args += ["--und-batch-size", "2", "--eval-num", "4", "--sample-every", "0", "--save-every", "0"]
+    runs = {}
+    for name, flags in {"simpo": [], "split": ["--und-algo", "grpo"]}.items():
+        out = tmp_path / name
+        assert cli.main(args + flags + ["--output-dir", str(out)]) == 0
+        runs[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        runs[name + "_config"] = (out / "config.yaml").read_text()
+    assert "gen_algo: simpo" in runs["split_config"] and "und_algo: grpo" in runs["split_config"]
+    split, simpo = runs["split"], runs["simpo"]
+    assert "und/grpo/clip_frac" in split and "und/simpo/pairs" not in split
+    assert "gen/simpo/pairs" in split and "gen/grpo/clip_frac" not in split
+    assert split["und/grpo/kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the policy at step 1
+    assert split["gen/loss"] == pytest.approx(simpo["gen/loss"], rel=1e-6)
+    assert split["und/reward_mean"] == simpo["und/reward_mean"] and split["und/loss"] != simpo["und/loss"]
+    run = json.loads((tmp_path / "split" / "run.json").read_text())
+    assert (run["algo"], run["gen_algo"], run["und_algo"]) == ("simpo", "simpo", "grpo")
+    from suder.report import render
+
+    assert "simpo (gen) / grpo (und)" in render(tmp_path / "split")
+    assert "simpo (gen)" not in render(tmp_path / "simpo")
+
+
 def test_reward_scorer_per_direction_from_the_cli(tiny_toy_path, tmp_path):
     """`--und-reward-scorer frozen`: in config.yaml, and at step 2 (the policy has moved) the caption rewards are the
     ones a fully frozen scorer gives and the image rewards the ones the policy gives, on the very same rollouts."""
