@@ -162,6 +162,8 @@ class TrainConfig:
         self._check_choice("simpo_gen_pairs", SIMPO_PAIRS)
         self._check_choice("simpo_und_pairs", SIMPO_PAIRS)
         self._check_choice("mixed_precision", ("no", "bf16", "fp16"))
+        for key in ("backbone_options", "image_logp_options"):
+            self._check_mapping(key)
         self.report_to = parse_report_to(self.report_to)
         check_installed(self.report_to)
         for key in ("group_size", "gen_batch_size", "und_batch_size", "grad_accum", "grpo_iterations", "switch_every"):
@@ -206,6 +208,20 @@ class TrainConfig:
             f" (--model {self.model} is not a ShapesWorld base written by `suder pretrain`; leave --model out to run "
             "the embedded ShapesWorld default)"
         )
+
+    def _check_mapping(self, key: str) -> None:
+        """A mapping of option names; YAML reads ``{lora:true}`` (no space after the colon) as the single key
+        'lora:true' with no value, which a backbone would silently ignore."""
+        value = getattr(self, key)
+        flag = f"--{key.replace('_', '-')}"
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping such as \"{{lora: true}}\", got {value!r} ({flag}).")
+        for name, option in value.items():
+            if option is None and ":" in str(name):
+                fixed = str(name).replace(":", ": ", 1)
+                raise ConfigError(
+                    f"{key}: '{name}' reads as one key with no value; put a space after the colon: \"{{{fixed}}}\"."
+                )
 
     def _check_choice(self, key: str, options: tuple[str, ...]) -> None:
         value = getattr(self, key)

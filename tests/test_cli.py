@@ -268,6 +268,12 @@ BAD_INPUTS = [
     ("run-output-dir-under-a-file", "run --output-dir {file}/run", "plain.txt' is a file"),
     ("run-not-utf8", "run --model {m} --prompts {latin1} --output-dir {t}/out", "latin1.txt' is not UTF-8 text"),
     ("run-no-images", "run --model {m} --images {t}/nope --output-dir {t}/out", "nope' does not exist"),
+    (
+        "run-options-no-space",
+        "run --model {m} --backbone-options {{lora:true}} --output-dir {t}/out",
+        "'lora:true' reads as one key with no value; put a space after the colon: \"{lora: true}\"",
+    ),
+    ("run-options-not-a-mapping", "run --model {m} --backbone-options lora --output-dir {t}/out", "must be a mapping"),
 ]
 
 
