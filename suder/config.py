@@ -141,6 +141,7 @@ class TrainConfig:
             defaults = {**TOY_DEFAULTS, **shapes_recipe(self.backbone).run_defaults}
         per_direction = ("gen_reward_scorer", "und_reward_scorer")
         given_scorer = self.reward_scorer is not None  # then it decides both directions a default leaves open
+        scorers_set = [k for k in ("reward_scorer", *per_direction) if getattr(self, k) is not None]
         for key, value in defaults.items():
             if getattr(self, key) is None and not (given_scorer and key in per_direction):
                 setattr(self, key, value)
@@ -152,11 +153,19 @@ class TrainConfig:
         self._check_choice("strategy", STRATEGIES)
         self._check_choice("lr_schedule", ("cosine", "constant"))
         self._check_choice("reward_reduction", ("mean", "sum"))
-        self._check_choice("reward_scorer", ("policy", "frozen"))
-        for key in per_direction:
-            if getattr(self, key) is None:
-                setattr(self, key, self.reward_scorer)
-            self._check_choice(key, ("policy", "frozen"))
+        if self.strategy == "separate":  # each model's rewards come from the other model: no scorer to choose
+            if scorers_set:
+                raise ConfigError(
+                    f"{scorers_set[0]} does not apply to strategy separate, where each model's rewards are scored "
+                    "by the other model; leave it out."
+                )
+            self.reward_scorer = self.gen_reward_scorer = self.und_reward_scorer = None
+        else:
+            self._check_choice("reward_scorer", ("policy", "frozen"))
+            for key in per_direction:
+                if getattr(self, key) is None:
+                    setattr(self, key, self.reward_scorer)
+                self._check_choice(key, ("policy", "frozen"))
         self._check_choice("consensus_source", ("reference", "policy"))
         self._check_choice("cfg_policy", ("cond", "guided"))
         self._check_choice("simpo_gen_pairs", SIMPO_PAIRS)

@@ -70,6 +70,17 @@ def test_per_direction_algo_defaults_to_algo():
     assert TrainConfig(strategy="und", und_algo="grpo", grpo_iterations=2).grpo_iterations == 2
 
 
+def test_separate_strategy_has_no_reward_scorer():
+    """Under `separate` the other model scores each direction: a scorer set by hand is an error, not ignored, and a
+    backbone default's scorer (Janus-Pro's ShapesWorld run scores captions with the frozen base) is dropped."""
+    for key in ("reward_scorer", "gen_reward_scorer", "und_reward_scorer"):
+        with pytest.raises(ConfigError, match=f"{key} does not apply to strategy separate"):
+            TrainConfig(strategy="separate", **{key: "frozen"})
+    janus = TrainConfig(backbone="janus-pro", strategy="separate")
+    assert (janus.reward_scorer, janus.gen_reward_scorer, janus.und_reward_scorer) == (None, None, None)
+    assert TrainConfig(backbone="janus-pro").und_reward_scorer == "frozen"  # the unified default keeps it
+
+
 def test_parse_value_types():
     assert parse_value("lr", "1e-5") == 1e-5 and parse_value("group_size", "4") == 4
     assert parse_value("resume", "true") is True and parse_value("model", "123") == "123"
