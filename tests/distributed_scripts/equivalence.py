@@ -96,7 +96,7 @@ for step in range(STEPS):
             return _orig(*a, **k)
 
         inner.step = capture
-        metrics = tr.reduce_metrics(tr.update(key, algo_obj, micro, norm))
+        metrics = tr.reduce_metrics(tr.update(key, micro, norm))
         inner.step = original
         entry[key] = {
             "loss": {k: v for k, v in metrics.items() if k.endswith("/loss")},
