@@ -92,6 +92,9 @@ class TrainConfig:
     # the likeliest sample it beats (losses.best_likeliest)
     simpo_gen_pairs: str | None = None
     simpo_und_pairs: str | None = None
+    # a pair's reward gap must exceed this (in the direction's reward units): closer samples are ties, never a pair
+    simpo_gen_min_gap: float = 0.0
+    simpo_und_min_gap: float = 0.0
     # GRPO (eqs. 5-7)
     grpo_eps_low: float = 0.2
     grpo_eps_high: float = 0.28
@@ -191,6 +194,9 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}.")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1 (training steps to run), got {self.steps}.")
+        for key in ("simpo_gen_min_gap", "simpo_und_min_gap"):
+            if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
+                raise ConfigError(f"{key} must be a number >= 0 (a reward gap), got {getattr(self, key)}.")
         if not 0 <= self.grpo_eps_low < 1 or self.grpo_eps_high < 0:
             raise ConfigError("grpo_eps_low must be in [0, 1) and grpo_eps_high >= 0.")
         if self.grpo_iterations != 1 and any(self.algo_for(d) == "simpo" for d in self.directions):

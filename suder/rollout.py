@@ -197,9 +197,14 @@ class SimPO:
         best, worst, valid = losses.best_worst(rollout.rewards, rollout.group_size)
         metrics = rollout_metrics(rollout, best, worst, valid)
         pairs = getattr(cfg, f"simpo_{rollout.direction}_pairs")
+        gap = getattr(cfg, f"simpo_{rollout.direction}_min_gap")
+        eps = max(gap, 1e-6)  # rewards closer than this are ties
+        if gap > 0:
+            best, worst, valid = losses.best_worst(rollout.rewards, rollout.group_size, eps=eps)
+            metrics[f"{rollout.direction}/groups_within_gap"] = float((~valid).sum().item())
         if pairs == "best-likeliest":
             likelihood = sampled_mean_logp(rollout.samples)
-            best, worst, valid = losses.best_likeliest(rollout.rewards, rollout.group_size, likelihood)
+            best, worst, valid = losses.best_likeliest(rollout.rewards, rollout.group_size, likelihood, eps=eps)
             metrics[f"{rollout.direction}/rejected_is_worst"] = _share_equal(rollout.rewards, worst, valid)
         tokens = target_tokens(rollout.samples)
         same = (tokens[best] == tokens[worst]).all(-1).to(valid.device)
@@ -208,7 +213,7 @@ class SimPO:
         if not keep.any():
             return None, metrics
         if pairs == "all":
-            batch = self._all_pairs(rollout, tokens, seeds)
+            batch = self._all_pairs(rollout, tokens, seeds, eps)
             metrics[f"{rollout.direction}/pairs_per_group"] = float(len(batch.pairs[0])) / batch.count
         else:
             rows = torch.cat([best[keep], worst[keep]])
@@ -219,9 +224,11 @@ class SimPO:
         return batch, metrics
 
     @staticmethod
-    def _all_pairs(rollout: Rollout, tokens: torch.Tensor, seeds: list[int]) -> Batch:
+    def _all_pairs(rollout: Rollout, tokens: torch.Tensor, seeds: list[int], eps: float) -> Batch:
         """The samples in any pair, each scored once, and the pairs as positions among them."""
-        chosen, rejected, weights, groups = losses.ordered_pairs(rollout.rewards, rollout.group_size, tokens.cpu())
+        chosen, rejected, weights, groups = losses.ordered_pairs(
+            rollout.rewards, rollout.group_size, tokens.cpu(), eps=eps
+        )
         rows = torch.unique(torch.cat([chosen, rejected]))  # sorted
         where = torch.full((len(rollout.rewards),), -1, dtype=torch.long)
         where[rows] = torch.arange(len(rows))

@@ -135,7 +135,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_toy_path, algo):
                 "tokens": sum(b[("policy", "gen")].tokens for b in micro),
             }
         }
-        tr.update("policy", algo_obj, micro, norm)
+        tr.update("policy", micro, norm)  # the algorithm is cfg.algo_for("gen")
         results.append([p.detach().clone() for p in policy.parameters()])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-6)
@@ -166,14 +166,14 @@ def test_consensus_is_image_term_plus_lambda_caption_term(tiny_toy):
     assert torch.allclose(got, image + 0.5 * caption, atol=1e-4)
 
 
-def _und_pairs_run(tiny_toy_path, out_root, pairs):
-    """`suder run --simpo-und-pairs PAIRS` on the tiny toy: checks config.yaml, returns the metrics rows."""
+def _und_pairs_run(tiny_toy_path, out_root, pairs, *flags):
+    """`suder run --simpo-und-pairs PAIRS [flags]` on the tiny toy: checks config.yaml, returns the metrics rows."""
     from suder import cli
 
-    out = out_root / pairs
+    out = out_root / "-".join((pairs, *flags))
     args = ["run", "--model", tiny_toy_path, "--output-dir", str(out), "--steps", "2", "--group-size", "4"]
     args += ["--gen-batch-size", "2", "--und-batch-size", "4", "--eval-num", "4", "--save-every", "0"]
-    args += ["--text-temperature", "2.0", "--simpo-und-pairs", pairs]
+    args += ["--text-temperature", "2.0", "--simpo-und-pairs", pairs, *flags]
     assert cli.main(args) == 0
     assert f"simpo_und_pairs: {pairs}" in (out / "config.yaml").read_text()
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -215,6 +215,70 @@ def test_best_likeliest_pairs_the_best_with_the_policys_likeliest_loser(tiny_toy
     assert "und/rejected_is_worst" not in ALGORITHMS["simpo"].prepare(
         tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4), None, [0]
     )[1]
+
+
+def test_min_gap_keeps_close_rewards_out_of_pairs(tiny_toy):
+    """simpo_und_min_gap: a sample within the gap of the best is a tie, never the rejected one; a group whose rewards
+    all lie within it gives no pair (counted); the generation direction keeps its own gap (0)."""
+    pics = [shapes.render(s) for s in shapes.sample_scenes(3, seed=5)]
+    t = tiny_toy.sample_text(pics, num_samples=4, generator=torch.Generator().manual_seed(2), temperature=2.0)
+    forced = tiny_toy.logp_text_given_image(t, t.images).mean().view(3, 4)
+    likeliest = forced[:, :3].argmax(-1)  # among the three losers of each group
+    r = torch.zeros(3, 4)
+    r[:, 3] = 1.0  # the best
+    r[torch.arange(3), likeliest] = 0.8  # the likeliest loser: 0.2 below the best
+    r[2] = torch.tensor([0.9, 0.95, 0.7, 1.0])  # group 2: all within 0.5 of its best
+    r = r.flatten()
+    prepare = ALGORITHMS["simpo"].prepare
+
+    def pairs(**kw):
+        batch, metrics = prepare(tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4, **kw), None, [0])
+        n = batch.count
+        return list(zip(batch.samples.texts[:n], batch.samples.texts[n:])), metrics
+
+    def rows(b, j):
+        return t.texts[4 * b + 3], t.texts[4 * b + j]
+
+    second = forced[:, :3].masked_fill(torch.nn.functional.one_hot(likeliest, 3).bool(), -1e9).argmax(-1)
+    got, _ = pairs(simpo_und_pairs="best-likeliest")
+    want = [rows(b, int(likeliest[b])) for b in range(3)]
+    assert got == [p for p in want if p[0] != p[1]]
+    got, metrics = pairs(simpo_und_pairs="best-likeliest", simpo_und_min_gap=0.5)
+    want = [rows(b, int(second[b])) for b in range(2)]  # the likeliest loser is a tie now; group 2 has no pair
+    assert got == [p for p in want if p[0] != p[1]] and metrics["und/groups_within_gap"] == 1.0
+    got, metrics = pairs(simpo_und_min_gap=0.5)  # best vs worst: only group 2 drops out
+    assert len(got) == len(pairs()[0]) - 1 and metrics["und/groups_within_gap"] == 1.0
+    def all_pairs(gap):  # every ordered pair of a group's distinct captions whose rewards differ by more than gap
+        n = 0
+        for b in range(3):
+            first = {}
+            for j in range(4):
+                first.setdefault(t.texts[4 * b + j], float(r[4 * b + j]))
+            n += sum(x - y > gap for x in first.values() for y in first.values())
+        return n
+
+    batch, _ = prepare(tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4, simpo_und_pairs="all"), None, [0])
+    assert len(batch.pairs[0]) == all_pairs(1e-6)
+    batch, _ = prepare(
+        tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4, simpo_und_pairs="all", simpo_und_min_gap=0.5),
+        None, [0],
+    )
+    assert len(batch.pairs[0]) == all_pairs(0.5) < all_pairs(1e-6)
+    _, metrics = pairs(simpo_gen_min_gap=0.5)  # the other direction's gap does not apply
+    assert "und/groups_within_gap" not in metrics
+    with pytest.raises(ConfigError, match="simpo_und_min_gap must be a number >= 0"):
+        TrainConfig(simpo_und_min_gap=-1.0)
+
+
+def test_min_gap_from_the_cli(tiny_toy_path, tmp_path):
+    """`--simpo-und-min-gap` reaches config.yaml and the update: a gap wider than any reward spread leaves every
+    caption group without a pair (counted) while images still train."""
+    rows = _und_pairs_run(tiny_toy_path, tmp_path, "best-likeliest", "--simpo-und-min-gap", "1e9")
+    config = (tmp_path / "best-likeliest---simpo-und-min-gap-1e9" / "config.yaml").read_text()
+    assert "simpo_und_min_gap: 1000000000.0" in config and "simpo_gen_min_gap: 0.0" in config
+    for row in rows:
+        assert row["und/groups_within_gap"] == row["und/groups"] and "und/simpo/pairs" not in row
+        assert row["gen/simpo/pairs"] > 0
 
 
 def test_best_likeliest_from_the_cli(tiny_toy_path, tmp_path):
