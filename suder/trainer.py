@@ -562,21 +562,22 @@ class Trainer:
             if not self.acc.is_main_process:
                 return {}
             if c.strategy == "separate":
-                gen = evaluate(self.eval_model("gen"), num=c.eval_num, what=("t2i",))
-                und = evaluate(self.eval_model("und"), num=c.eval_num, what=("caption",))
-                return gen | und
-            model = self.eval_model("policy")
-            out = evaluate(model, num=c.eval_num)
+                gen_model = self.eval_model("gen")
+                out = evaluate(gen_model, num=c.eval_num, what=("t2i",))
+                out |= evaluate(self.eval_model("und"), num=c.eval_num, what=("caption",))
+            else:
+                gen_model = self.eval_model("policy")
+                out = evaluate(gen_model, num=c.eval_num)
             base, run = self.base_guidance, c.guidance_scale
             if when == "before" and base is not None and run is not None and float(run) != float(base):
                 # the base at its own scale too: a gain over the base at the run's scale alone could be mostly
                 # the model learning to use a scale that hurt it
-                store_guidance(model, base)
+                store_guidance(gen_model, base)
                 try:
-                    own = evaluate(model, num=c.eval_num, what=("t2i",))
+                    own = evaluate(gen_model, num=c.eval_num, what=("t2i",))
                     out["base_guidance"] = {"guidance_scale": float(base)} | own
                 finally:
-                    store_guidance(model, run)
+                    store_guidance(gen_model, run)
             return out
 
 

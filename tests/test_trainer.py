@@ -482,6 +482,30 @@ def test_a_run_at_another_scale_also_judges_the_base_at_its_own(tiny_toy_path, t
     assert "base g=" not in capsys.readouterr().out and len(judged) == 2
 
 
+def test_a_separate_run_at_another_scale_judges_the_base_at_its_own(tiny_toy_path, tmp_path, monkeypatch):
+    """strategy separate: the image model is judged at the base's own scale too, and after at the run's again."""
+    import suder.evaluate
+    from suder import cli
+    from suder.trainer import read_guidance
+
+    judged, real = [], suder.evaluate.evaluate
+
+    def spy(model, *a, **kw):
+        judged.append((read_guidance(model), kw.get("what")))
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(suder.evaluate, "evaluate", spy)
+    own_scale = suder.load_backbone("toy", model=tiny_toy_path).config.guidance_scale
+    out = tmp_path / "sep"
+    args = ["run", "--model", tiny_toy_path, "--steps", "1", "--group-size", "2", "--gen-batch-size", "2"]
+    args += ["--und-batch-size", "2", "--eval-num", "8", "--sample-every", "0", "--strategy", "separate"]
+    assert cli.main(args + ["--guidance-scale", "3", "--output-dir", str(out)]) == 0
+    own = json.loads((out / "before.json").read_text())["base_guidance"]
+    assert own["guidance_scale"] == own_scale != 3 and set(own) == {"guidance_scale", "t2i"}
+    t2i = [scale for scale, what in judged if what == ("t2i",)]
+    assert t2i == [3.0, own_scale, 3.0]
+
+
 def test_greedy_caption_joins_every_group(tiny_toy):
     """text_greedy_in_group: row 0 of each group is the image's greedy caption, rows 1..G-1 are exactly what a
     plain call for G-1 samples draws with the same generator, and the joined rows (right-padded to one width)
