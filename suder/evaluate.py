@@ -7,6 +7,7 @@ temperature 1 (sampled) and greedily (what ``suder caption`` does by default).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -147,6 +148,12 @@ def relation_audit(model: Any, num: int = 400, seed: int = EVAL_SEED, batch: int
       ``log p(caption | image)`` summed: ``right`` is the fraction of pairs where the right caption scores higher,
       ``gap`` the mean difference in nats.
 
+    - ``image_term_swap`` / ``caption_term_swap``: the same right captions, each scored on its scene and on the
+      scene with its two objects swapped (same objects, same caption, only their places differ): ``right`` is the
+      fraction where the true scene scores higher. ``caption_term`` compares two captions, so a captioner that
+      simply prefers one relation word lands at exactly 0.5 there (a scene's two subject orders cancel) whatever
+      it sees; the swap keeps the caption fixed, so only what the captioner reads from the image counts.
+
     Dual self-rewards can only teach what one side knows: where both ``right`` fractions are near 0.5, nothing in
     the model tells "left of" from "right of", and a relation convention, right or flipped, is equally consistent
     for both directions.
@@ -172,31 +179,36 @@ def relation_audit(model: Any, num: int = 400, seed: int = EVAL_SEED, batch: int
     kinds = [kind(s) for s in scenes]
     hits = [shapes.satisfies(s, c) for s, c in zip(scenes, captions)]
     greedy = {k: sum(h for h, kk in zip(hits, kinds) if kk == k) / kinds.count(k) for k in sorted(set(kinds))}
-    right, wrong, images = [], [], []
+    right, wrong, images, swapped = [], [], [], []
     opposite = {"to the left of": "to the right of", "above": "below"}
     opposite |= {v: k for k, v in opposite.items()}
     for scene, picture, k in zip(scenes, pictures, kinds):
         if k not in ("two/row", "two/col"):
             continue
         (qa, a), (qb, b) = scene.items()
+        objects = list(scene.objects)
+        objects[qa], objects[qb] = b, a
+        swap = shapes.render(dataclasses.replace(scene, objects=tuple(objects)))
         for (x, qx), (y, qy) in (((a, qa), (b, qb)), ((b, qb), (a, qa))):
             rel = next(r for r in shapes.RELATIONS if shapes._relation_holds(r, qx, qy))
             right.append(f"{shapes._phrase(x)} {rel} {shapes._phrase(y)}")
             wrong.append(f"{shapes._phrase(x)} {opposite[rel]} {shapes._phrase(y)}")
             images.append(picture)
+            swapped.append(swap)
     out: dict[str, Any] = {"greedy": greedy, "pairs": len(right)}
     if right:
         for name, score in (
             ("image_term", lambda caps, imgs: model.logp_image_given_text(imgs, caps, policy="cond").sum()),
             ("caption_term", lambda caps, imgs: model.logp_text_given_image(caps, imgs).sum()),
         ):
-            gaps = torch.cat(
-                [
-                    score(right[i : i + batch], images[i : i + batch]).float().cpu()
-                    - score(wrong[i : i + batch], images[i : i + batch]).float().cpu()
-                    for i in range(0, len(right), batch)
-                ]
-            )
-            out[name] = {"right": (gaps > 0).float().mean().item(), "gap": gaps.mean().item()}
+            for key, (caps_b, imgs_b) in {name: (wrong, images), f"{name}_swap": (right, swapped)}.items():
+                gaps = torch.cat(
+                    [
+                        score(right[i : i + batch], images[i : i + batch]).float().cpu()
+                        - score(caps_b[i : i + batch], imgs_b[i : i + batch]).float().cpu()
+                        for i in range(0, len(right), batch)
+                    ]
+                )
+                out[key] = {"right": (gaps > 0).float().mean().item(), "gap": gaps.mean().item()}
     model.train(was_training)
     return out

@@ -112,12 +112,34 @@ class _DirectionModel:
         return _Scores(torch.full((len(captions),), -1.0))
 
 
+class _WordPriorModel(_DirectionModel):
+    """A captioner that knows the direction (a caption the judge rejects scores 2 nats less) but prefers the words
+    "to the left of" and "above" by 5 nats whatever the image."""
+
+    def logp_text_given_image(self, captions, images):
+        from suder.worlds import shapes
+
+        ok = [shapes.satisfies(shapes.parse_image(im), c) for im, c in zip(images, captions)]
+        prior = [5.0 if ("to the left of" in c or "above" in c) else 0.0 for c in captions]
+        return _Scores(torch.tensor([p + (0.0 if o else -2.0) for p, o in zip(prior, ok)]))
+
+
 def test_relation_audit_says_which_side_knows_the_direction():
-    """The generation side ranks the right relation above the reversed one every time (3 nats), the captioner never
-    (a tie); greedy captions fail exactly the two-object scenes that share a row."""
+    """The generation side ranks the right relation above the reversed one every time (3 nats), and the true scene
+    above the one with its objects swapped; the captioner never (a tie); greedy captions fail exactly the
+    two-object scenes that share a row."""
     out = relation_audit(_DirectionModel(), num=60, seed=5, batch=7)
     assert out["image_term"] == pytest.approx({"right": 1.0, "gap": 3.0})
-    assert out["caption_term"] == pytest.approx({"right": 0.0, "gap": 0.0})
+    assert out["image_term_swap"] == pytest.approx({"right": 1.0, "gap": 3.0})
+    assert out["caption_term"] == out["caption_term_swap"] == pytest.approx({"right": 0.0, "gap": 0.0})
     assert out["greedy"]["two/row"] == 0.0 and out["greedy"]["two/col"] == out["greedy"]["one"] == 1.0
     rows_and_cols = sum(k in ("two/row", "two/col") for k in out["greedy"])
     assert rows_and_cols == 2 and out["pairs"] > 0 and out["pairs"] % 2 == 0
+
+
+def test_relation_audit_swap_sees_past_a_word_prior():
+    """A captioner that knows every direction but prefers one relation word by more than it knows: right vs reversed
+    caption lands at exactly 0.5 (each scene's two subject orders cancel), the swapped scene finds it right always."""
+    out = relation_audit(_WordPriorModel(), num=60, seed=5, batch=7)
+    assert out["caption_term"]["right"] == pytest.approx(0.5)
+    assert out["caption_term_swap"] == pytest.approx({"right": 1.0, "gap": 2.0})
