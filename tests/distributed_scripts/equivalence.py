@@ -4,6 +4,8 @@ trained model (``save_pretrained`` from the trainer's whole-weights view) to OUT
 has equal rewards (skipped): on 2 processes it is all that rank 1 has in its first micro-batch. With sharded weights
 (FSDP2), OUT.torch/ also gets the model saved from torch's own full state dict of the same weights.
 
+ALGO is one algorithm, or GEN/UND (e.g. ``simpo/grpo``) for one per direction (``gen_algo`` / ``und_algo``).
+
     python tests/distributed_scripts/equivalence.py MODEL OUT ALGO STRATEGY                       # 1 process
     torchrun --nproc_per_node 2 tests/distributed_scripts/equivalence.py MODEL OUT ALGO STRATEGY  # 2 processes, DDP
     accelerate launch --config_file FSDP2.yaml tests/distributed_scripts/accelerate_fsdp2.py \
@@ -33,10 +35,12 @@ N = int(os.environ.get("WORLD_SIZE", "1"))
 ACCUM = 2 if N > 1 else 1
 TOTAL = 2 * 2 * B_PER_MICRO  # groups per direction and step (N=2, a=2, b=1)
 per_micro = TOTAL // (N * ACCUM)
+gen_algo, und_algo = algo.split("/") if "/" in algo else (algo, algo)
 cfg = TrainConfig(
     model=model,
     output_dir=out + f".run{N}",
-    algo=algo,
+    algo=gen_algo,
+    und_algo=und_algo,
     strategy=strategy,
     steps=STEPS,
     switch_every=1,
@@ -54,7 +58,6 @@ cfg = TrainConfig(
 )
 tr = Trainer(cfg)
 rank = tr.acc.process_index
-algo_obj = ALGORITHMS[algo]
 record = []
 for step in range(STEPS):
     micro = [dict() for _ in range(ACCUM)]
@@ -80,7 +83,7 @@ for step in range(STEPS):
             rows = list(range(first * G, (first + per_micro) * G))
             roll = Rollout(direction, samples.select(rows), r[rows], G)
             seeds = [derive_seed(5, step, it) for it in range(cfg.grpo_iterations)]
-            micro[m][(key, direction)] = tr.prepare_batch(algo_obj, key, roll, seeds)[0]
+            micro[m][(key, direction)] = tr.prepare_batch(ALGORITHMS[cfg.algo_for(direction)], key, roll, seeds)[0]
     whole.__exit__(None, None, None)
     norm = tr.normalizers(micro)
     entry = {"step": step}
