@@ -274,6 +274,8 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# global fields and the per-direction fields that default to them
+INHERITED = {"algo": ("gen_algo", "und_algo"), "reward_scorer": ("gen_reward_scorer", "und_reward_scorer")}
 
 
 def check_keys(values: dict[str, Any], source: str) -> None:
@@ -307,6 +309,14 @@ def resolve(yaml_path: str | None = None, flags: dict[str, Any] | None = None, *
     merged: dict[str, Any] = {}
     if yaml_path:
         merged.update(load_yaml(yaml_path))
+        later = {k: v for values in (flags or {}, kwargs) for k, v in values.items() if v is not None}
+        # a saved config.yaml holds every per-direction value resolved: those that merely copy their global one
+        # follow a global given later (`--config run/config.yaml --algo grpo` trains both directions with GRPO)
+        for glob, per_direction in INHERITED.items():
+            if glob in later and glob in merged:
+                for key in per_direction:
+                    if key not in later and key in merged and merged[key] == merged[glob]:
+                        del merged[key]
     for source, values in (("command-line flags", flags or {}), ("keyword arguments", kwargs)):
         check_keys(values, source)
         merged.update({k: v for k, v in values.items() if v is not None})

@@ -18,7 +18,7 @@ import yaml
 
 import suder
 from suder import cli, outputs
-from suder.config import TrainConfig
+from suder.config import TrainConfig, resolve
 from suder.errors import ConfigError, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +120,28 @@ def test_cli_algo_flag_is_what_runs(tiny_toy_path, tmp_path):
     assert cli.main(args + ["--group-size", "4", "--gen-batch-size", "2", "--und-batch-size", "2"]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["algo"] == "grpo"
     assert "gen/grpo/ratio_max_abs_dev" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_a_saved_config_rerun_with_another_algo_and_scorer_trains_with_them(tiny_toy_path, tmp_path):
+    """config.yaml holds gen_algo / und_algo and the per-direction scorers resolved; re-running it with `--algo grpo
+    --reward-scorer frozen` must train both directions with GRPO and frozen scorers, not keep the saved copies."""
+    args = ["--model", tiny_toy_path, "--steps", "1", "--group-size", "4", "--gen-batch-size", "2"]
+    args += ["--und-batch-size", "2", "--eval-num", "4", "--sample-every", "0", "--save-every", "0"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli.main(["run", *args, "--output-dir", str(first)]) == 0
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert (saved["gen_algo"], saved["und_algo"], saved["und_reward_scorer"]) == ("simpo", "simpo", "policy")
+    rerun = ["run", "--config", str(first / "config.yaml"), "--output-dir", str(second), "--algo", "grpo"]
+    assert cli.main(rerun + ["--reward-scorer", "frozen"]) == 0
+    ran = yaml.safe_load((second / "config.yaml").read_text())
+    assert (ran["algo"], ran["gen_algo"], ran["und_algo"]) == ("grpo", "grpo", "grpo")
+    assert (ran["gen_reward_scorer"], ran["und_reward_scorer"]) == ("frozen", "frozen")
+    row = json.loads((second / "metrics.jsonl").read_text().splitlines()[0])
+    assert "gen/grpo/clip_frac" in row and "und/grpo/clip_frac" in row
+    # a per-direction value the file sets apart from its global is kept
+    (tmp_path / "split.yaml").write_text("algo: simpo\nund_algo: grpo\n")
+    assert resolve(str(tmp_path / "split.yaml"), {"algo": "grpo"}).und_algo == "grpo"
+    assert resolve(str(tmp_path / "split.yaml"), {"und_algo": "simpo"}).gen_algo == "simpo"
 
 
 def test_data_files_are_checked_before_the_base_is_built(tmp_path, monkeypatch, capsys):
