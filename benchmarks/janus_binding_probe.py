@@ -11,11 +11,14 @@ Writes JSON.
 fixed, frozen row + column code of amplitude A (so place is in every image token's input).
 ``--features oracle``: SigLIP bypassed; each of the 16 image tokens is a fixed random projection of one-hot(the
 object in its quadrant, or empty) + one-hot(its row) + one-hot(its column): what is there and where, exactly.
+``--features words``: as ``oracle``, but what is there is the language model's own input embeddings of the
+object's colour and shape words (trained with it), so image tokens and caption words share one code.
 
 ``--task relation``: two-object scenes, relation captions only (random subject, a valid relation), what the
 swap test asks. ``--task place``: one-object scenes captioned "above" (top row) or "below": reading one object's
 place, no binding. ``--task named-place``: two objects in different rows, captioned by one of them and its row
-("a red circle above"): binding one named object to its place, nothing to compare.
+("a red circle above"): binding one named object to its place, nothing to compare. ``--task named-place-one``:
+the same captions of one-object scenes (the row word after the object's words, nothing to bind).
 
     python benchmarks/janus_binding_probe.py --features oracle --task relation --steps 1600
 """
@@ -31,6 +34,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+TASKS = ("relation", "place", "named-place", "named-place-one")
 
 
 def oracle_features(backbone, width: int, seed: int = 0):
@@ -56,6 +61,32 @@ def oracle_features(backbone, width: int, seed: int = 0):
     backbone.model.model.get_image_features = lambda feats, **_: SimpleNamespace(pooler_output=feats)
 
 
+def word_features(backbone, seed: int = 0):
+    """Patch ``backbone`` so each image token is the language model's own (trained) input embeddings of its
+    object's colour and shape words plus a fixed random row and column code: image tokens that speak the words'
+    language, so looking an object up by the words just written needs no learnt match between the two."""
+    from suder.worlds import shapes
+
+    side = int(math.isqrt(backbone.num_image_tokens))
+    table = backbone.model.get_input_embeddings()
+    tok = backbone.processor.tokenizer
+    ids = {w: tok.encode(" " + w, add_special_tokens=False)[0] for w in (*shapes.COLORS, *shapes.SHAPES)}
+    g = torch.Generator().manual_seed(seed)
+    places = torch.randn(2 * side, table.weight.shape[1], generator=g) * float(table.weight.detach().std())
+
+    def features(picture) -> torch.Tensor:
+        scene, rows = shapes.parse_image(picture), []
+        for t in range(side * side):
+            row, col = divmod(t, side)
+            obj = scene.objects[(row * 2 // side) * 2 + col * 2 // side]
+            what = table.weight[ids[obj.color]] + table.weight[ids[obj.shape]] if obj is not None else 0
+            rows.append(what + places[row] + places[side + col])
+        return torch.stack(rows)
+
+    backbone.pixel_values = lambda pictures: torch.stack([features(p) for p in pictures])
+    backbone.model.model.get_image_features = lambda feats, **_: SimpleNamespace(pooler_output=feats)
+
+
 def position_code(backbone, amplitude: float) -> None:
     """Replace SigLIP's position embeddings by a frozen one-hot row + column code of the given amplitude."""
     emb = backbone.model.model.vision_model.embeddings.position_embedding.weight
@@ -74,7 +105,7 @@ def batch(task: str, rng: random.Random, size: int):
     from suder.worlds import shapes
 
     def keep(s) -> bool:
-        if task == "place":
+        if task in ("place", "named-place-one"):
             return shapes.scene_kind(s) == "one"
         if task == "named-place":
             return shapes.scene_kind(s) == "two" and s.items()[0][0] // 2 != s.items()[1][0] // 2
@@ -89,7 +120,7 @@ def batch(task: str, rng: random.Random, size: int):
         if task == "place":
             captions.append("above" if s.items()[0][0] < 2 else "below")
             continue
-        if task == "named-place":
+        if task in ("named-place", "named-place-one"):
             q, obj = rng.choice(s.items())
             captions.append(f"{shapes._phrase(obj)} {'above' if q < 2 else 'below'}")
             continue
@@ -111,7 +142,9 @@ def row_test(model, task: str, num: int = 400, seed: int = 999) -> dict[str, flo
             q = s.items()[0][0]
             right.append("above" if q < 2 else "below"), wrong.append("below" if q < 2 else "above")
             pictures.append(shapes.render(s))
-        if task == "named-place" and kind == "two" and s.items()[0][0] // 2 != s.items()[1][0] // 2:
+        named = (task == "named-place" and kind == "two" and s.items()[0][0] // 2 != s.items()[1][0] // 2) or (
+            task == "named-place-one" and kind == "one")
+        if named:
             for q, obj in s.items():
                 word, other = ("above", "below") if q < 2 else ("below", "above")
                 right.append(f"{shapes._phrase(obj)} {word}"), wrong.append(f"{shapes._phrase(obj)} {other}")
@@ -125,10 +158,12 @@ def row_test(model, task: str, num: int = 400, seed: int = 999) -> dict[str, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--features", choices=("vision", "oracle"), default="vision")
+    ap.add_argument("--features", choices=("vision", "oracle", "words"), default="vision")
     ap.add_argument("--position-code", type=float, default=None, help="vision: frozen row+column code amplitude")
-    ap.add_argument("--task", choices=("relation", "place", "named-place"), default="relation")
+    ap.add_argument("--task", choices=TASKS, default="relation")
     ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--first-task", choices=TASKS, default=None, help="a task trained first (a curriculum)")
+    ap.add_argument("--first-steps", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=400)
@@ -143,7 +178,9 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = build_shapes_base(seed=args.seed, text=args.text, tokenizer_steps=0)
-    if args.features == "oracle":
+    if args.features == "words":
+        word_features(model, args.seed)
+    elif args.features == "oracle":
         oracle_features(model, model.model.config.text_config.hidden_size, args.seed)
     elif args.position_code is not None:
         position_code(model, args.position_code)
@@ -152,8 +189,9 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=args.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     rng, losses, log, start = random.Random(args.seed), [], [], time.perf_counter()
-    for step in range(1, args.steps + 1):
-        scenes, captions = batch(args.task, rng, args.batch_size)
+    first = args.first_steps if args.first_task else 0
+    for step in range(1 - first, args.steps + 1):
+        scenes, captions = batch(args.first_task if step < 1 else args.task, rng, args.batch_size)
         lp = model.logp_text_given_image(captions, [shapes.render(s) for s in scenes])
         loss = -(lp.sum().sum() / lp.mask.sum())
         opt.zero_grad(set_to_none=True)
@@ -162,7 +200,7 @@ def main() -> None:
         opt.step()
         warmup.step()
         losses.append(loss.item())
-        if step % args.every == 0 or step == args.steps:
+        if step > 0 and (step % args.every == 0 or step == args.steps):
             test = relation_audit(model)["caption_term_swap"] if args.task == "relation" else row_test(model, args.task)
             log.append({"step": step, "loss": sum(losses[-50:]) / len(losses[-50:]), "test": test,
                         "seconds": time.perf_counter() - start})
