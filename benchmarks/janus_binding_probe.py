@@ -30,16 +30,34 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 TASKS = ("relation", "place", "named-place", "named-place-one")
 
 
-def oracle_features(backbone, width: int, seed: int = 0):
-    """Patch ``backbone`` so its image features are the exact (object, row, column) code of each token."""
+def replace_features(backbone, token: Callable[[int, int, Any], torch.Tensor]) -> None:
+    """Patch ``backbone`` so the features of image token (row, column) are ``token(row, col, object there or
+    None)``, read from the judge's parse of the picture; SigLIP and the aligner are bypassed."""
+    from suder.worlds import shapes
+
+    side = int(math.isqrt(backbone.num_image_tokens))
+
+    def features(picture) -> torch.Tensor:
+        objects = shapes.parse_image(picture).objects  # one per quadrant
+        cells = [divmod(t, side) for t in range(side * side)]
+        return torch.stack([token(r, c, objects[(r * 2 // side) * 2 + c * 2 // side]) for r, c in cells])
+
+    backbone.pixel_values = lambda pictures: torch.stack([features(p) for p in pictures])
+    backbone.model.model.get_image_features = lambda feats, **_: SimpleNamespace(pooler_output=feats)
+
+
+def oracle_features(backbone, width: int, seed: int = 0) -> None:
+    """Image tokens = a fixed random projection of one-hot(object or empty) + one-hot(row) + one-hot(column)."""
     from suder.worlds import shapes
 
     objects = list(shapes.ALL_OBJECTS)
@@ -47,24 +65,19 @@ def oracle_features(backbone, width: int, seed: int = 0):
     dims = len(objects) + 1 + 2 * side
     proj = torch.randn(dims, width, generator=torch.Generator().manual_seed(seed))
 
-    def features(picture) -> torch.Tensor:
-        scene = shapes.parse_image(picture)
-        code = torch.zeros(side * side, dims)
-        for t in range(side * side):
-            row, col = divmod(t, side)
-            obj = scene.objects[(row * 2 // side) * 2 + col * 2 // side]
-            code[t, objects.index(obj) if obj is not None else len(objects)] = 1
-            code[t, len(objects) + 1 + row] = code[t, len(objects) + 1 + side + col] = 1
+    def token(row: int, col: int, obj) -> torch.Tensor:
+        code = torch.zeros(dims)
+        code[objects.index(obj) if obj is not None else len(objects)] = 1
+        code[len(objects) + 1 + row] = code[len(objects) + 1 + side + col] = 1
         return code @ proj
 
-    backbone.pixel_values = lambda pictures: torch.stack([features(p) for p in pictures])
-    backbone.model.model.get_image_features = lambda feats, **_: SimpleNamespace(pooler_output=feats)
+    replace_features(backbone, token)
 
 
-def word_features(backbone, seed: int = 0):
-    """Patch ``backbone`` so each image token is the language model's own (trained) input embeddings of its
-    object's colour and shape words plus a fixed random row and column code: image tokens that speak the words'
-    language, so looking an object up by the words just written needs no learnt match between the two."""
+def word_features(backbone, seed: int = 0) -> None:
+    """Image tokens = the language model's own (trained) input embeddings of the object's colour and shape words
+    plus a fixed random row and column code: image tokens that speak the words' language, so looking an object up
+    by the words just written needs no learnt match between the two."""
     from suder.worlds import shapes
 
     side = int(math.isqrt(backbone.num_image_tokens))
@@ -74,17 +87,11 @@ def word_features(backbone, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     places = torch.randn(2 * side, table.weight.shape[1], generator=g) * float(table.weight.detach().std())
 
-    def features(picture) -> torch.Tensor:
-        scene, rows = shapes.parse_image(picture), []
-        for t in range(side * side):
-            row, col = divmod(t, side)
-            obj = scene.objects[(row * 2 // side) * 2 + col * 2 // side]
-            what = table.weight[ids[obj.color]] + table.weight[ids[obj.shape]] if obj is not None else 0
-            rows.append(what + places[row] + places[side + col])
-        return torch.stack(rows)
+    def token(row: int, col: int, obj) -> torch.Tensor:
+        what = table.weight[ids[obj.color]] + table.weight[ids[obj.shape]] if obj is not None else 0
+        return what + places[row] + places[side + col]
 
-    backbone.pixel_values = lambda pictures: torch.stack([features(p) for p in pictures])
-    backbone.model.model.get_image_features = lambda feats, **_: SimpleNamespace(pooler_output=feats)
+    replace_features(backbone, token)
 
 
 def position_code(backbone, amplitude: float) -> None:
