@@ -20,6 +20,10 @@ place, no binding. ``--task named-place``: two objects in different rows, captio
 ("a red circle above"): binding one named object to its place, nothing to compare. ``--task named-place-one``:
 the same captions of one-object scenes (the row word after the object's words, nothing to bind).
 
+``--qk-init STD`` draws the language model's query and key projections afresh with standard deviation STD (the
+recipe's initialisation: 0.02); ``--feature-seed`` / ``--data-seed`` vary the oracle codes and the training data
+apart from the initial weights (``--seed``); ``--warmup`` is the linear warm-up (50 steps).
+
     python benchmarks/janus_binding_probe.py --features oracle --task relation --steps 1600
 """
 
@@ -107,6 +111,15 @@ def position_code(backbone, amplitude: float) -> None:
     emb.requires_grad_(False)
 
 
+def redraw_query_key(backbone, std: float, seed: int = 0) -> None:
+    """Draw the language model's query and key projections afresh from N(0, std^2) (the recipe: std 0.02)."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in backbone.model.model.language_model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            with torch.no_grad():
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * std)
+
+
 def batch(task: str, rng: random.Random, size: int):
     """(scenes, captions) for one step of ``task``."""
     from suder.worlds import shapes
@@ -173,9 +186,14 @@ def main() -> None:
     ap.add_argument("--first-steps", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (0: none)")
     ap.add_argument("--every", type=int, default=400)
+    ap.add_argument("--qk-init", type=float, default=None, help="re-draw the language model's query and key "
+                    "projections with this standard deviation (the recipe's: 0.02)")
     ap.add_argument("--text", type=json.loads, default=None, help="language model sizes (JSON)")
-    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=2, help="the model's initial weights (and the defaults below)")
+    ap.add_argument("--feature-seed", type=int, default=None, help="oracle / words: the random codes (default --seed)")
+    ap.add_argument("--data-seed", type=int, default=None, help="the training scenes and captions (default --seed)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/binding-probe-<features>-<task>.json")
     args = ap.parse_args()
 
@@ -183,19 +201,23 @@ def main() -> None:
     from suder.evaluate import relation_audit
     from suder.worlds import shapes
 
+    feature_seed = args.seed if args.feature_seed is None else args.feature_seed
     torch.manual_seed(args.seed)
     model = build_shapes_base(seed=args.seed, text=args.text, tokenizer_steps=0)
     if args.features == "words":
-        word_features(model, args.seed)
+        word_features(model, feature_seed)
     elif args.features == "oracle":
-        oracle_features(model, model.model.config.text_config.hidden_size, args.seed)
+        oracle_features(model, model.model.config.text_config.hidden_size, feature_seed)
     elif args.position_code is not None:
         position_code(model, args.position_code)
+    if args.qk_init is not None:
+        redraw_query_key(model, args.qk_init, args.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    rng, losses, log, start = random.Random(args.seed), [], [], time.perf_counter()
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+    rng, losses, log, start = random.Random(data_seed), [], [], time.perf_counter()
     first = args.first_steps if args.first_task else 0
     for step in range(1 - first, args.steps + 1):
         scenes, captions = batch(args.first_task if step < 1 else args.task, rng, args.batch_size)
