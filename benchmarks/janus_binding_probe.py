@@ -8,7 +8,8 @@ with its two objects swapped); for the others, the caption with the true row wor
 Writes JSON.
 
 ``--features vision``: the real SigLIP path; ``--position-code A`` replaces its learned position embeddings by a
-fixed, frozen row + column code of amplitude A (so place is in every image token's input).
+fixed, frozen row + column code of amplitude A (so place is in every image token's input); ``--vision-from
+FOLDER`` takes a trained base's vision encoder and aligner, frozen (what its features carry, read afresh).
 ``--features oracle``: SigLIP bypassed; each of the 16 image tokens is a fixed random projection of one-hot(the
 object in its quadrant, or empty) + one-hot(its row) + one-hot(its column): what is there and where, exactly.
 ``--features words``: as ``oracle``, but what is there is the language model's own input embeddings of the
@@ -111,6 +112,18 @@ def position_code(backbone, amplitude: float) -> None:
     emb.requires_grad_(False)
 
 
+def vision_from(backbone, folder: str) -> None:
+    """Copy a pre-trained model's vision encoder and aligner into ``backbone`` and freeze them: what a trained
+    base's image features carry, read by a fresh language model."""
+    from transformers import JanusForConditionalGeneration
+
+    trained = JanusForConditionalGeneration.from_pretrained(folder).model
+    for name in ("vision_model", "aligner"):
+        part = getattr(backbone.model.model, name)
+        part.load_state_dict(getattr(trained, name).state_dict())
+        part.requires_grad_(False)
+
+
 def redraw_query_key(backbone, std: float, seed: int = 0) -> None:
     """Draw the language model's query and key projections afresh from N(0, std^2) (the recipe: std 0.02)."""
     g = torch.Generator().manual_seed(seed)
@@ -180,6 +193,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--features", choices=("vision", "oracle", "words"), default="vision")
     ap.add_argument("--position-code", type=float, default=None, help="vision: frozen row+column code amplitude")
+    ap.add_argument("--vision-from", default=None, help="vision: start the vision encoder and aligner from this "
+                    "pre-trained janus-pro folder, frozen (the language model stays fresh)")
     ap.add_argument("--task", choices=TASKS, default="relation")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--first-task", choices=TASKS, default=None, help="a task trained first (a curriculum)")
@@ -210,6 +225,8 @@ def main() -> None:
         oracle_features(model, model.model.config.text_config.hidden_size, feature_seed)
     elif args.position_code is not None:
         position_code(model, args.position_code)
+    if args.vision_from:
+        vision_from(model, args.vision_from)
     if args.qk_init is not None:
         redraw_query_key(model, args.qk_init, args.seed)
     model.train()
