@@ -211,6 +211,9 @@ def main() -> None:
     ap.add_argument("--data-seed", type=int, default=None, help="the training scenes and captions (default --seed)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/binding-probe-<features>-<task>.json")
     args = ap.parse_args()
+    if args.vision_from and (args.features != "vision" or args.position_code is not None):
+        ap.error("--vision-from takes a trained base's vision encoder: use it with --features vision and no "
+                 "--position-code")
 
     from suder.backbones.janus_shapes_world import build_shapes_base
     from suder.evaluate import relation_audit
