@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -30,21 +31,36 @@ def main() -> None:
     from janus_binding_probe import redraw_query_key
 
     from suder.backbones.janus_shapes_world import build_shapes_base, recipe
-    from suder.pretrain import MARKER, pretrain
+    from suder.cli import _loss_info, _progress
+    from suder.data import ensure_writable_dir
+    from suder.errors import SuderError
+    from suder.pretrain import MARKER, pretrain, write_marker
+
+    try:
+        ensure_writable_dir(args.out, "--out folder", create=False)  # before minutes of work
+    except SuderError as e:
+        ap.error(str(e))
+    start = time.perf_counter()
 
     rec = recipe()
     hp = dict(rec.pretrain)
     for key in ("steps", "seed", "caption_batch_size"):
         if getattr(args, key) is not None:
             hp[key] = getattr(args, key)
-    torch.manual_seed(hp["seed"])
-    model = build_shapes_base(seed=hp["seed"])
-    redraw_query_key(model, args.qk_init, hp["seed"])
-    result = pretrain(model, out=args.out, **hp)
-    marker = Path(args.out) / MARKER
-    info = json.loads(marker.read_text()) | {"backbone": "janus-pro", "version": rec.version, "qk_init": args.qk_init}
-    marker.write_text(json.dumps(info))
-    print(f"{args.out}: {hp['steps']} steps in {result.seconds:.0f} s, final loss {result.losses[-1]:.4f}")
+    with _progress() as bar:  # as `suder pretrain` shows it: the image tokenizer's steps, then the model's
+        task = bar.add_task("pretrain", total=None, info="")
+
+        def show(m: dict, phase: str) -> None:
+            bar.update(task, total=m["total_steps"], completed=m["step"], info=_loss_info({"phase": phase, **m}))
+
+        torch.manual_seed(hp["seed"])
+        model = build_shapes_base(seed=hp["seed"], callback=lambda m: show(m, "tokenizer"))
+        redraw_query_key(model, args.qk_init, hp["seed"])
+        result = pretrain(model, out=args.out, callback=lambda m: show(m, "model"), **hp)
+    info = json.loads((Path(args.out) / MARKER).read_text())
+    write_marker(args.out, info | {"backbone": "janus-pro", "version": rec.version, "qk_init": args.qk_init})
+    seconds = time.perf_counter() - start
+    print(f"Saved to {args.out} ({seconds:.0f} s with the image tokenizer, final loss {result.losses[-1]:.4f})")
 
 
 if __name__ == "__main__":
