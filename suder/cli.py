@@ -509,8 +509,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
-    if _end_process_group():
+    try:
+        code = _main(argv)
+    finally:
+        several = _end_process_group()  # also when _main raised: the group ends, the traceback is Python's
+    if several:
         # One of several processes (torchrun / accelerate launch), its work done, outputs closed and the group
         # ended: leave without the interpreter's teardown, where threads of torch.distributed still running can
         # abort the process ("terminate called without an active exception") and fail a finished job.
@@ -550,8 +553,6 @@ def _main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    finally:
-        _end_process_group()
     return 0
 
 

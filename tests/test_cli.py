@@ -365,6 +365,42 @@ def test_python_m_suder_cli_is_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("several", "argv", "code"),
+    [(True, ["backbones"], 0), (True, ["world", "export", "--num", "-1", "--out", "w"], 2), (False, ["backbones"], 0)],
+)
+def test_a_process_of_several_ends_its_group_and_leaves_without_teardown(tmp_path, monkeypatch, several, argv, code):
+    """Under torchrun / accelerate launch the CLI ends the process group, then (one process of several) leaves with
+    os._exit and its exit code, on success and on a one-line error alike; a one-process group is ended and main
+    returns. The group here is a real gloo one; only its reported size is made 2."""
+    import torch.distributed as dist
+
+    import suder.cli
+
+    def exit_(status):
+        raise _Exited(status)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if several:
+            monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+        monkeypatch.setattr(suder.cli.os, "_exit", exit_)
+        if several:
+            with pytest.raises(_Exited) as left:
+                main(argv)
+            assert left.value.args == (code,)
+        else:
+            assert main(argv) == code
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_ensure_writable_dir(tmp_path):
     from suder.data import ensure_writable_dir
     from suder.errors import DataError

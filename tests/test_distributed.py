@@ -156,6 +156,7 @@ def test_fsdp2_through_accelerate_gives_the_update_of_one_big_batch(tiny_toy_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     models = 2 if strategy == "separate" else 1
     assert f"FSDP2_UNITS {3 * models}" in proc.stdout  # per model: 2 decoder layers and the root
+    assert "TEARDOWN" not in proc.stdout
     _same_update(torch.load(one), torch.load(two), algo)
     for sub in ["gen", "und"] if strategy == "separate" else [""]:
         saved = Path(f"{two}.final") / sub / "model.safetensors"
@@ -182,6 +183,7 @@ def test_fsdp2_and_zero3_runs_through_accelerate_train_the_same_model(tiny_toy_p
     proc = _accelerate_launch("examples/accelerate/fsdp2.yaml", [str(FSDP2), "suder", *_run_flags(tiny_toy_path, fsdp)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FSDP2_UNITS 3" in proc.stdout
+    assert "TEARDOWN" not in proc.stdout  # both ranks left with os._exit, not through the interpreter's teardown
     proc = _accelerate_launch(
         "examples/accelerate/zero3.yaml", ["-m", "suder", *_run_flags(tiny_toy_path, zero3)], DS_ACCELERATOR="cpu"
     )

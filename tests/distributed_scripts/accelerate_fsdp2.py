@@ -5,12 +5,14 @@ accelerate 1.15 turns a ``distributed_type: FSDP`` launch into FSDP only after f
 ``MULTI_CPU`` with ``cpu=True``), which ``AcceleratorState`` never promotes to FSDP. The shim below changes only that
 answer: the process group stays gloo and the device the CPU (``ACCELERATE_TORCH_DEVICE``); everything after it (the
 promotion to FSDP, ``fully_shard`` in ``fsdp2_prepare_model``, the optimizer swap, ``no_sync``, gradient clipping,
-``save_state``) is accelerate's own code. It also prints how many modules FSDP sharded (``FSDP2_UNITS``).
+``save_state``) is accelerate's own code. It also prints how many modules FSDP sharded (``FSDP2_UNITS``), and
+``TEARDOWN`` if a process reaches the interpreter's teardown (suder's CLI leaves a multi-process run with os._exit).
 
     accelerate launch --config_file FSDP2.yaml tests/distributed_scripts/accelerate_fsdp2.py suder run ...
     accelerate launch --config_file FSDP2.yaml tests/distributed_scripts/accelerate_fsdp2.py SCRIPT.py ARGS...
 """
 
+import atexit
 import os
 import runpy
 import sys
@@ -32,6 +34,7 @@ def cpu_as_gpu_backend(self, cpu=False, sagemaker_dp=False, backend=None):
 
 
 PartialState._prepare_backend = cpu_as_gpu_backend
+atexit.register(print, "TEARDOWN", flush=True)
 
 from torch.distributed.fsdp import FSDPModule  # noqa: E402
 
