@@ -76,6 +76,8 @@ class TrainConfig:
     gen_batch_size: int | None = None
     und_batch_size: int | None = None
     group_size: int = 8
+    gen_group_size: int | None = None  # per direction; None: group_size
+    und_group_size: int | None = None
     grad_accum: int | None = None
     # optimiser
     lr: float | None = None
@@ -181,8 +183,11 @@ class TrainConfig:
         for key in ("group_size", "gen_batch_size", "und_batch_size", "grad_accum", "grpo_iterations", "switch_every"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}.")
-        if self.group_size < 2:
-            raise ConfigError(f"group_size must be >= 2 to compare samples within a group, got {self.group_size}.")
+        for key in ("group_size", "gen_group_size", "und_group_size"):
+            if getattr(self, key) is None:
+                setattr(self, key, self.group_size)
+            if int(getattr(self, key)) < 2:
+                raise ConfigError(f"{key} must be >= 2 to compare samples within a group, got {getattr(self, key)}.")
         if not (self.lr and self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}.")
         if self.steps is None and self.epochs is None:

@@ -58,23 +58,28 @@ class Batch:
 
 # ------------------------------------------------------------------------------------------ directions
 def sample_group(model: Any, direction: str, inputs: list[Any], cfg: Any, generator: torch.Generator):
-    """Sample ``cfg.group_size`` outputs per input (no grad)."""
+    """Sample the direction's group size (``cfg.gen_group_size`` / ``cfg.und_group_size``) outputs per input (no
+    grad)."""
+    size = group_size(cfg, direction)
     if direction == "gen":
         return model.sample_image(
             inputs,
-            num_samples=cfg.group_size,
+            num_samples=size,
             generator=generator,
             guidance_scale=cfg.guidance_scale,
             temperature=cfg.image_temperature,
         )
-    if cfg.text_greedy_in_group and cfg.group_size > 1:
+    if cfg.text_greedy_in_group and size > 1:
         # the captioner's mode, which greedy captioning (evaluation, users) returns, is ranked with the samples
-        sampled = model.sample_text(
-            inputs, num_samples=cfg.group_size - 1, generator=generator, temperature=cfg.text_temperature
-        )
+        sampled = model.sample_text(inputs, num_samples=size - 1, generator=generator, temperature=cfg.text_temperature)
         greedy = model.sample_text(inputs, num_samples=1, generator=generator, temperature=0.0)
         return join_groups(greedy, sampled)
-    return model.sample_text(inputs, num_samples=cfg.group_size, generator=generator, temperature=cfg.text_temperature)
+    return model.sample_text(inputs, num_samples=size, generator=generator, temperature=cfg.text_temperature)
+
+
+def group_size(cfg: Any, direction: str) -> int:
+    """G of a direction: ``gen_group_size`` or ``und_group_size`` (each ``group_size`` unless set)."""
+    return getattr(cfg, f"{direction}_group_size") or cfg.group_size
 
 
 def policy_logps(

@@ -33,7 +33,7 @@ from .distributed import check_engine, clip_grad_norm, compute_dtype, is_sharded
 from .errors import SuderError, TrainingError
 from .outputs import RunWriter, TrainResult, check_writable
 from .registry import get_reward_spec, load_backbone
-from .rollout import ALGORITHMS, Batch, ReferenceScope, Rollout, policy_logps, sample_group
+from .rollout import ALGORITHMS, Batch, ReferenceScope, Rollout, group_size, policy_logps, sample_group
 
 
 class Dispatch(nn.Module):
@@ -480,7 +480,8 @@ class Trainer:
             judge = (rewards_mod.judge_generation if direction == "gen" else rewards_mod.judge_understanding)(samples)
         policy.train()
         greedy_first = direction == "und" and c.text_greedy_in_group
-        rollout = Rollout(direction, samples, rewards, c.group_size, judge, greedy_first=greedy_first)
+        G = group_size(c, direction)
+        rollout = Rollout(direction, samples, rewards, G, judge, greedy_first=greedy_first)
         self._last_rollouts.append(rollout)
         self._phase_times[f"time/{direction}_sample"] = (
             self._phase_times.get(f"time/{direction}_sample", 0) + t_reward - t

@@ -555,6 +555,43 @@ def test_greedy_in_group_from_the_cli(tiny_toy_path, tmp_path):
     assert not any(k.startswith("und/greedy") for row in logs["off"] for k in row)
 
 
+@pytest.mark.parametrize("algo", ["simpo", "grpo"])
+def test_group_size_per_direction_from_the_cli(tiny_toy_path, tmp_path, monkeypatch, algo):
+    """`--group-size 4 --und-group-size 3`: in config.yaml (the generation G resolved to 4), and what ran: 4 images
+    per prompt and 3 captions per image sampled, rewarded and grouped, under SimPO and GRPO; G below 2 is a
+    one-line error."""
+    from suder import cli, trainer
+
+    seen = []
+    sample_group = trainer.sample_group
+
+    def recording(model, direction, inputs, cfg, generator):
+        samples = sample_group(model, direction, inputs, cfg, generator)
+        seen.append((direction, len(inputs), len(samples), samples.num_samples))
+        return samples
+
+    def recorded(*args, **kwargs):
+        rollout = Rollout(*args, **kwargs)
+        seen.append((rollout.direction, "G", rollout.group_size, len(rollout.rewards)))
+        return rollout
+
+    monkeypatch.setattr(trainer, "sample_group", recording)
+    monkeypatch.setattr(trainer, "Rollout", recorded)
+    out = tmp_path / "run"
+    args = ["run", "--model", tiny_toy_path, "--algo", algo, "--steps", "1", "--group-size", "4"]
+    args += ["--und-group-size", "3", "--gen-batch-size", "2", "--und-batch-size", "2", "--eval-num", "4"]
+    assert cli.main(args + ["--sample-every", "0", "--save-every", "0", "--output-dir", str(out)]) == 0
+    config = (out / "config.yaml").read_text()
+    assert "group_size: 4\n" in config and "gen_group_size: 4\n" in config and "und_group_size: 3\n" in config
+    assert sorted(seen, key=str) == sorted(
+        [("gen", 2, 8, 4), ("gen", "G", 4, 8), ("und", 2, 6, 3), ("und", "G", 3, 6)], key=str
+    )
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["und/loss"] == metrics["und/loss"] and metrics["gen/loss"] == metrics["gen/loss"]  # not NaN
+    with pytest.raises(ConfigError, match="und_group_size must be >= 2"):
+        TrainConfig(steps=1, und_group_size=1)
+
+
 def test_algo_per_direction_from_the_cli(tiny_toy_path, tmp_path):
     """`--und-algo grpo`: in config.yaml; captions are trained by GRPO (its loss metrics, and a reference for its KL)
     and images by SimPO, whose first-step loss is the one a SimPO-only run gives on the very same rollouts."""
