@@ -75,8 +75,8 @@ class TrainConfig:
     epochs: float | None = None
     gen_batch_size: int | None = None
     und_batch_size: int | None = None
-    group_size: int = 8
-    gen_group_size: int | None = None  # per direction; None: group_size
+    group_size: int | None = None  # None: 8
+    gen_group_size: int | None = None  # per direction; None: group_size (or a ShapesWorld recipe's default)
     und_group_size: int | None = None
     grad_accum: int | None = None
     # optimiser
@@ -147,9 +147,11 @@ class TrainConfig:
         per_direction = ("gen_reward_scorer", "und_reward_scorer")
         given_scorer = self.reward_scorer is not None  # then it decides both directions a default leaves open
         scorers_set = [k for k in ("reward_scorer", *per_direction) if getattr(self, k) is not None]
+        given_group = self.group_size is not None  # the same for G
         for key, value in defaults.items():
             if getattr(self, key) is None and not (given_scorer and key in per_direction):
-                setattr(self, key, value)
+                if not (given_group and key in ("gen_group_size", "und_group_size")):
+                    setattr(self, key, value)
         self._check_choice("algo", ALGOS)
         for key in ("gen_algo", "und_algo"):
             if getattr(self, key) is None:
@@ -180,6 +182,8 @@ class TrainConfig:
             self._check_mapping(key)
         self.report_to = parse_report_to(self.report_to)
         check_installed(self.report_to)
+        if self.group_size is None:
+            self.group_size = 8
         for key in ("group_size", "gen_batch_size", "und_batch_size", "grad_accum", "grpo_iterations", "switch_every"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}.")

@@ -204,6 +204,7 @@ def test_suder_run_janus_pro_builds_its_base_and_caches_it(monkeypatch, tmp_path
     config = (tmp_path / "r" / "config.yaml").read_text()  # what ran: the recipe's run defaults
     assert "guidance_scale: 2.0" in config and "cfg_policy: guided" in config
     assert "gen_reward_scorer: policy" in config and "und_reward_scorer: frozen" in config
+    assert "gen_group_size: 2\n" in config  # --group-size 2 decides both directions over the recipe's 16
     # the final model samples at the run's scale; the base keeps its own
     assert json.loads((tmp_path / "r" / "run.json").read_text())["guidance_scale"] == 2.0
     assert json.loads((tmp_path / "r" / "before.json").read_text())["base_guidance"]["guidance_scale"] == 1.0
@@ -240,5 +241,11 @@ def test_run_defaults_yield_to_what_the_user_passes():
     assert TrainConfig(backbone="janus-pro", reward_scorer="frozen").gen_reward_scorer == "frozen"
     assert TrainConfig(backbone="janus-pro", und_reward_scorer="policy").und_reward_scorer == "policy"
     assert TrainConfig(backbone="janus-pro", guidance_scale=1.0).guidance_scale == 1.0
+    # 16 images per prompt, 8 captions per image, unless the user says: --group-size decides both directions
+    assert (cfg.group_size, cfg.gen_group_size, cfg.und_group_size) == (8, 16, 8)
+    assert (TrainConfig(backbone="janus-pro", group_size=4).gen_group_size, cfg.und_group_size) == (4, 8)
+    assert TrainConfig(backbone="janus-pro", group_size=4).und_group_size == 4
+    assert TrainConfig(backbone="janus-pro", gen_group_size=8).gen_group_size == 8
+    assert TrainConfig(backbone="janus-pro", und_group_size=4).gen_group_size == 16
     real = TrainConfig(backbone="janus-pro", model="deepseek-community/Janus-Pro-1B", prompts="p.txt", images="i")
     assert real.und_reward_scorer == "policy" and real.guidance_scale is None  # released checkpoints: the paper's

@@ -297,6 +297,7 @@ def recipe():
         version="v3",
         pretrain=dict(steps=2000, seed=2, batch_size=32, caption_batch_size=16, lr=1e-3, warmup_steps=50),
         # guided samples and log-probs at guidance 2; caption rewards scored by the frozen base, image rewards by
-        # the policy; lr 5e-5 (3e-5 left greedy captions +1.2 on three seeds) (docs/results.md)
-        run_defaults=dict(lr=5e-5, guidance_scale=2.0, und_reward_scorer="frozen"),
+        # the policy; lr 5e-5 (3e-5 left greedy captions +1.2 on three seeds); 16 images per prompt (8 let T2I
+        # fall or stall on some bases and seeds) (docs/results.md)
+        run_defaults=dict(lr=5e-5, guidance_scale=2.0, und_reward_scorer="frozen", gen_group_size=16),
     )
