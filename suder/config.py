@@ -147,11 +147,12 @@ class TrainConfig:
         per_direction = ("gen_reward_scorer", "und_reward_scorer")
         given_scorer = self.reward_scorer is not None  # then it decides both directions a default leaves open
         scorers_set = [k for k in ("reward_scorer", *per_direction) if getattr(self, k) is not None]
-        given_group = self.group_size is not None  # the same for G
+        decided = per_direction if given_scorer else ()
+        if self.group_size is not None:  # the same for G
+            decided += ("gen_group_size", "und_group_size")
         for key, value in defaults.items():
-            if getattr(self, key) is None and not (given_scorer and key in per_direction):
-                if not (given_group and key in ("gen_group_size", "und_group_size")):
-                    setattr(self, key, value)
+            if getattr(self, key) is None and key not in decided:
+                setattr(self, key, value)
         self._check_choice("algo", ALGOS)
         for key in ("gen_algo", "und_algo"):
             if getattr(self, key) is None:
