@@ -25,7 +25,7 @@ the same captions of one-object scenes (the row word after the object's words, n
 recipe's initialisation: 0.02); ``--feature-seed`` / ``--data-seed`` vary the oracle codes and the training data
 apart from the initial weights (``--seed``); ``--warmup`` is the linear warm-up (50 steps).
 
-    python benchmarks/janus_binding_probe.py --features oracle --task relation --steps 1600
+    python research/scripts/janus_binding_probe.py --features oracle --task relation --steps 1600
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=2, help="the model's initial weights (and the defaults below)")
     ap.add_argument("--feature-seed", type=int, default=None, help="oracle / words: the random codes (default --seed)")
     ap.add_argument("--data-seed", type=int, default=None, help="the training scenes and captions (default --seed)")
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/binding-probe-<features>-<task>.json")
+    ap.add_argument("--out", default=None, help="default: research/results/binding-probe-<features>-<task>.json")
     args = ap.parse_args()
     if args.vision_from and (args.features != "vision" or args.position_code is not None):
         ap.error("--vision-from takes a trained base's vision encoder: use it with --features vision and no "
@@ -254,7 +254,8 @@ def main() -> None:
             log.append({"step": step, "loss": sum(losses[-50:]) / len(losses[-50:]), "test": test,
                         "seconds": time.perf_counter() - start})
             print(json.dumps(log[-1]), flush=True)
-    out = Path(args.out or Path(__file__).parent / "results" / f"binding-probe-{args.features}-{args.task}.json")
+    default = Path(__file__).resolve().parents[1] / "results" / f"binding-probe-{args.features}-{args.task}.json"
+    out = Path(args.out or default)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         json.dump({"args": vars(args), "log": log}, f, indent=2)

@@ -8,7 +8,7 @@ and count, per G, what best vs worst of a group pairs: a right caption over the 
 greedy decoding towards the right answer), over another wrong one, over a right one, or a wrong caption over a
 right one (harm).
 
-    HF_HUB_OFFLINE=1 python benchmarks/caption_pairs.py --model BASE --out caption-pairs.json   # ~4 min, 1 thread
+    HF_HUB_OFFLINE=1 python research/scripts/caption_pairs.py --model BASE --out caption-pairs.json   # ~4 min, 1 thread
 """
 
 from __future__ import annotations

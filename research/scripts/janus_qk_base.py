@@ -1,8 +1,9 @@
 """A ShapesWorld Janus-Pro base built as ``suder pretrain --backbone janus-pro`` builds it, but with the language
-model's query and key projections drawn at another scale: the q/k bases of docs/results.md (Janus-Pro). A
-diagnostic, not a recipe option (no base built so met the targets there).
+model's query and key projections drawn at another scale: the q/k bases of
+research/notes/2026-12-03-janus-pro-captioner-binding.md. A diagnostic, not a recipe option (no base built so met
+the targets there).
 
-    HF_HUB_OFFLINE=1 python benchmarks/janus_qk_base.py --qk-init 0.1 --out BASE [--steps 3000]
+    HF_HUB_OFFLINE=1 python research/scripts/janus_qk_base.py --qk-init 0.1 --out BASE [--steps 3000]
     suder run --backbone janus-pro --model BASE --seed 0 --output-dir RUN   # the default's settings apply
 
 The recipe's hyper-parameters (seed 2, 2000 steps, 32 + 16 pairs a step, lr 1e-3) unless given; the projections
