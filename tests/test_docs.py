@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,43 @@ def test_no_pointers_to_internal_notes():
             text = path.read_text(encoding="utf-8")
             hits += [f"{rel}: {needle}" for needle in INTERNAL if needle in text]
     assert not hits, f"point to docs/ (or state the fact) instead of internal notes: {hits}"
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def _markdown_files() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
+    for folder in ("docs", "research", "plugins"):
+        files += sorted((ROOT / folder).rglob("*.md"))
+    return [f for f in files if f.is_file()]
+
+
+def test_relative_links_resolve():
+    """Every relative link in the docs, research notes and READMEs names a file that exists and, for a Markdown
+    file, a heading it has (research/ moved out of docs/results.md; a moved section must not leave a dead link)."""
+    broken = []
+    for path in _markdown_files():
+        text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+        for target in LINK.findall(text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            rel = f"{path.relative_to(ROOT)}: {target}"
+            if not dest.exists():
+                broken.append(f"{rel} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{rel} (no such heading)")
+    assert not broken, f"dead links: {broken}"
