@@ -111,8 +111,8 @@ def _tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
-    from ..worlds import shapes
-    from .janus_pro_model import DEFAULT_INSTRUCTION
+    from ...worlds import shapes
+    from .modeling import DEFAULT_INSTRUCTION
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -136,7 +136,7 @@ def shapes_processor(num_image_tokens: int | None = None):
     from transformers import JanusProcessor, PreTrainedTokenizerFast
     from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-    from ..worlds import shapes
+    from ...worlds import shapes
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
@@ -159,7 +159,7 @@ def shapes_config(vocab_size: int, text: dict | None = None, vision: dict | None
     ``patch_size`` patches, and the VQ model makes as many codes (``num_patches`` per side) as SigLIP tokens."""
     from transformers import JanusConfig
 
-    from ..worlds import shapes
+    from ...worlds import shapes
 
     text_cfg, vision_cfg, vq_cfg = {**SHAPES_TEXT, **(text or {})}, {**SHAPES_VISION, **(vision or {})}, \
         {**SHAPES_VQ, **(vq or {})}
@@ -200,8 +200,8 @@ def train_tokenizer(vq: Any, *, steps: int = 1200, batch_size: int = 8, lr: floa
                     callback: Callable[[dict], None] | None = None) -> list[float]:
     """Train ``vq`` (a ``JanusVQVAE``) on rendered ShapesWorld scenes (the recipe in the module docstring);
     returns the losses. Deterministic for a seed. Ends with the codebook rows normalised."""
-    from ..pretrain import image_patches, patch_clusters
-    from ..worlds import shapes
+    from ...pretrain import image_patches, patch_clusters
+    from ...worlds import shapes
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -247,7 +247,7 @@ def reconstruction_accuracy(backbone: Any, num: int = 400, seed: int = 999) -> d
     """How often the judge (``shapes.parse_image``) reads a held-out scene, VQ-encoded and decoded through the
     backbone (processor, ``encode_images``, ``decode_images``), as the scene itself: ``{"scenes": fraction,
     "codes_used": distinct codes seen}``."""
-    from ..worlds import shapes
+    from ...worlds import shapes
 
     scenes = shapes.sample_scenes(num, seed=seed)
     codes = backbone.encode_images([shapes.render(s) for s in scenes])
@@ -266,7 +266,7 @@ def build_shapes_base(seed: int = 0, callback: Callable[[dict], None] | None = N
     ``SHAPES_*`` sizes (tests use tiny ones), ``settings`` the saved backbone settings (``SHAPES_SETTINGS``)."""
     from transformers import JanusForConditionalGeneration
 
-    from .janus_pro_model import JanusProBackbone
+    from .modeling import JanusProBackbone
 
     start = time.perf_counter()
     processor = shapes_processor()
@@ -290,7 +290,7 @@ def build_shapes_base(seed: int = 0, callback: Callable[[dict], None] | None = N
 
 def recipe():
     """Janus-Pro's ShapesWorld base recipe (``suder.pretrain.ShapesRecipe``)."""
-    from ..pretrain import ShapesRecipe
+    from ...pretrain import ShapesRecipe
 
     return ShapesRecipe(
         build=build_shapes_base,
