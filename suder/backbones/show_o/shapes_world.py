@@ -202,7 +202,7 @@ def build_shapes_base(
     """An untrained Show-o at ShapesWorld scale whose MAGVIT-v2 tokenizer is already trained (``callback``
     sees its steps); ``llm`` / ``vq`` override ``SHAPES_LLM`` / ``SHAPES_VQ`` (tests use tiny sizes), and
     ``settings`` the saved sampling settings (``SHAPES_SETTINGS``)."""
-    from .backbone import from_parts
+    from .factory import from_parts
     from .magvit import MAGVITv2
     from .modeling import Showo
 
