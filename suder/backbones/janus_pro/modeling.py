@@ -21,8 +21,8 @@ Sequences, formatted the documented way (the processor's chat template with ``ad
 Why not ``model.generate``: image mode adds a hidden ``top_k=50`` whenever none is set, takes no
 ``generator`` (only the global seed), crashes without CFG (``guidance_scale <= 1``) and returns no per-step
 scores (``.scores`` is the last step's raw logits); text mode takes no ``generator`` either. The samplers
-(``sampling``) follow HF's image loop otherwise, sample from the full softmax, and record per-token log-probs equal to the
-teacher-forced ones (tested to 1e-4 in float32; in bfloat16 they drift apart, see ``ImageSamples.logps``).
+(``sampling``) follow HF's image loop otherwise, sample from the full softmax, and record per-token log-probs
+equal to the teacher-forced ones (tested to 1e-4 in float32; in bfloat16 they drift apart, see ``ImageSamples.logps``).
 Temperature 0 is greedy in both directions and in every sampler: the arg-max code after guidance, the
 arg-max caption token, with the chosen tokens' log-probs under the temperature-1 distribution of the same
 (CFG) policy, which is what the log-prob methods return at temperature 0 too. Positions are
