@@ -29,15 +29,14 @@ a small ``JanusConfig`` (``shapes_config``); nothing is downloaded:
   embeddings, aligner and head are Janus's. ``suder.pretrain.pretrain`` trains all of them but the VQ model
   through the protocol's two log-prob methods: next-code prediction of the image given the prompt (the
   prompt dropped for 10% of rows, for guidance) and next-token prediction of the caption given the image,
-  2000 steps of 32 + 16 pairs, seed 2 (the prompt-to-object binding appears late: on the 1500-step base, judged
-  at guidance 2, 0.5% of the images were correct after 500 steps, 10.5% after 1000, 16.5% at 1500; longer
-  pre-training teaches the generation side relations before the captioner; bases of 2000 steps differ by seed,
-  T2I 60.75 / 70.75 / 68.5 at seeds 0 / 1 / 2, and seed 2's leaves the most for DSR to gain, docs/results.md).
+  2000 steps of 32 + 16 pairs (the recipe's seed: bases differ by seed, and this one leaves DSR the most to
+  gain). The prompt-to-object binding appears late in pre-training, and longer pre-training teaches the
+  generation side relations before the captioner (docs/results.md).
   The vision encoder trains with them (Janus-Pro's stage 1 freezes it, but here it starts from random
   weights); it is frozen again during self-improvement (``freeze_vision_encoder``, the adapter's default).
 
-Sampling settings saved with the base (``SHAPES_SETTINGS``): guidance ``SHAPES_GUIDANCE`` (1: none; CFG 1.25,
-1.5 and 2 draw fewer correct images on this base, its prompt-free model being weak), captions up to 24 tokens.
+Sampling settings saved with the base (``SHAPES_SETTINGS``): guidance ``SHAPES_GUIDANCE`` (1: none; guided
+sampling draws fewer correct images on this base, its prompt-free model being weak), captions up to 24 tokens.
 ``suder run`` trains it at guidance 2 with the ``guided`` policy (``run_defaults``), which turns guidance from a
 handicap into its best T2I, and saves that scale with the trained model.
 """
@@ -100,7 +99,7 @@ SHAPES_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                      depth=2)
 SHAPES_VQ = dict(embed_dim=8, num_embeddings=256, latent_channels=32, base_channels=32,
                  channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, num_hidden_layers=2)
-SHAPES_GUIDANCE = 1.0  # no guidance: on this base CFG 1.25 / 1.5 / 2 draw 58% / 48% / 23% correct images, 1 draws 68.5%
+SHAPES_GUIDANCE = 1.0  # no guidance: on this base any CFG scale above 1 draws fewer correct images
 SHAPES_SETTINGS = dict(guidance_scale=SHAPES_GUIDANCE, max_caption_tokens=24)
 CODE_TEMPERATURE = 0.1  # of the cosine similarities the encoder's code assignment is trained on
 
@@ -297,7 +296,7 @@ def recipe():
         version="v3",
         pretrain=dict(steps=2000, seed=2, batch_size=32, caption_batch_size=16, lr=1e-3, warmup_steps=50),
         # guided samples and log-probs at guidance 2; caption rewards scored by the frozen base, image rewards by
-        # the policy; lr 5e-5 (3e-5 left greedy captions +1.2 on three seeds); 16 images per prompt (8 let T2I
-        # fall or stall on some bases and seeds) (docs/results.md)
+        # the policy; lr 5e-5 (3e-5 barely moved greedy captions); 16 images per prompt (8 let T2I fall or stall on
+        # some bases and seeds) (docs/results.md)
         run_defaults=dict(lr=5e-5, guidance_scale=2.0, und_reward_scorer="frozen", gen_group_size=16),
     )

@@ -17,13 +17,12 @@ checkpoints (``Showo``, ``MAGVITv2``) with small sizes, and a text tokenizer of 
   sec. 3.1). At stride 8, ShapesWorld has 73 distinct 8 x 8 patches (empty, or a quarter of one of 18 objects),
   so patch i gets code i; the encoder learns to pick each patch's code (cross-entropy over LFQ's code
   distribution softmax(2 z . c), so that sign(z) spells the code) and the decoder to draw the scene from the
-  codes' -1/+1 bits (L1 + L2). Measured (``reconstruction_accuracy``, 200 held-out scenes, seed 0, one thread):
-  the judge reads 100% of the reconstructions after 900 steps (73 CPU s for 1200). MAGVIT-v2's own objective
-  (``method="ste"``: L1 + L2 through sign(z) passed straight through, Yu et al. 2023, arXiv:2310.05737 section
-  3.1, with Open-MAGVIT2's 0.25 commitment and 0.1 entropy losses) read 16% after 1200 steps; without the two
-  auxiliary losses 98.5% after 5000 steps, but its codes were not local (one code stood for the empty patch and
-  for quarters of several objects, depending on the rest of the scene: 20% of patches got their content's
-  majority code), and the transformer then drew 8% of held-out prompts correctly.
+  codes' -1/+1 bits (L1 + L2). Why not MAGVIT-v2's own objective (``method="ste"``: L1 + L2 through sign(z)
+  passed straight through, Yu et al. 2023, arXiv:2310.05737 section 3.1, with Open-MAGVIT2's 0.25 commitment and
+  0.1 entropy losses): at this size it reconstructed few scenes the judge could read, and without the auxiliary
+  losses its codes were not local (one code stood for the empty patch and for quarters of several objects,
+  depending on the rest of the scene), which the transformer then could not learn to draw; with patch clusters
+  the judge reads the reconstructions (``reconstruction_accuracy``; the comparison is in docs/results.md).
 - **Show-o transformer** (``SHAPES_LLM``): Phi with q/k LayerNorm, 4 layers of width 128, 16 image tokens.
   ``suder.pretrain.pretrain`` trains it through the protocol's two log-prob methods, which for Show-o are its
   mixed objective: mask-token prediction of the image (``logp_image_given_text`` with a random
@@ -237,8 +236,7 @@ def recipe():
         version="v3",
         pretrain=dict(steps=1000, batch_size=24, lr=1e-3, warmup_steps=100),
         image_logp_options=image_logp_options,
-        # measured on three seeds each (docs/results.md, "Show-o on ShapesWorld"): scored by the model being trained,
-        # two of three runs settled on a reversed "above"/"below" and greedy captions fell; scored by the frozen
-        # base, every run gained (greedy captions +3.75 to +8.25, T2I +18 to +27)
+        # rewards scored by the frozen base: scored by the model being trained, runs could settle on a reversed
+        # "above"/"below" and greedy captions fell (docs/results.md, "Show-o on ShapesWorld")
         run_defaults=dict(lr=3e-5, guidance_scale=None, reward_scorer="frozen", simpo_und_pairs="all"),
     )
