@@ -38,7 +38,7 @@ __all__ = [
     "SIZE", "COLORS", "SHAPES", "COUNT_WORDS", "RELATIONS", "FAMILIES", "VOCAB_WORDS",
     "Obj", "Scene", "Prompt",
     "render_array", "render", "shape_mask", "parse_image",
-    "parse_prompt", "satisfies", "true_caption", "sample_caption", "scene_kind",
+    "parse_prompt", "phrase", "relation_holds", "satisfies", "true_caption", "sample_caption", "scene_kind",
     "sample_prompts", "scene_for_prompt", "sample_scenes", "t2i_pairs", "caption_pairs",
     "t2i_accuracy", "caption_accuracy", "export",
 ]
