@@ -140,7 +140,7 @@ def hf_static_loop(model, embeds, mask, *, num_tokens, guidance_scale, temperatu
     """The reference loop on transformers' ``StaticCache`` through transformers' forward (measured only)."""
     from transformers import StaticCache
 
-    from suder.backbones.janus_pro_model import draw, image_logits
+    from suder.backbones.janus_pro.sampling import draw, image_logits
 
     lm = model.model.language_model
     rows, length = mask.shape
@@ -166,7 +166,7 @@ def hf_static_loop(model, embeds, mask, *, num_tokens, guidance_scale, temperatu
 
 def sampler_methods(model, device: str, special) -> tuple[dict, dict]:
     """The methods to time (same work each) and their (tokens, logps) for one CPU generator seed."""
-    from suder.backbones.janus_pro_model import IMAGE_SAMPLERS
+    from suder.backbones.janus_pro.sampling import IMAGE_SAMPLERS
 
     (ids, mask), (rows, rmask) = prompts(special, device)
     embeds = model.get_input_embeddings()(rows)
@@ -196,7 +196,7 @@ def compare(outputs: dict, base: str) -> dict:
 
 def teacher_forced(model, embeds, mask, tokens) -> torch.Tensor:
     """(n, N) guided log-probs of sampled codes from one forward, as ``logp_image_given_text`` computes them."""
-    from suder.backbones.janus_pro_model import image_logits
+    from suder.backbones.janus_pro.sampling import image_logits
 
     feed = model.prepare_embeddings_for_image_generation(tokens.repeat(2, 1)[:, :-1])
     full = torch.cat([mask, mask.new_ones(mask.shape[0], tokens.shape[1] - 1)], 1)
@@ -434,7 +434,7 @@ def run_cpu(args) -> dict:
 
 
 def run_gpu(args) -> dict:
-    from suder.backbones.janus_pro_model import IMAGE_SAMPLERS
+    from suder.backbones.janus_pro.sampling import IMAGE_SAMPLERS
 
     assert torch.cuda.is_available(), "the gpu benchmark needs CUDA"
     result = {"environment": environment("cuda")}

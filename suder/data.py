@@ -6,6 +6,7 @@ run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -45,10 +46,11 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
 
 
 def read_text(path: str | Path, what: str = "File") -> str:
-    """The UTF-8 text of a file, or a one-line ``DataError`` naming the file and what is wrong with it."""
+    """The UTF-8 text of a file, or a one-line ``DataError`` naming the file and what is wrong with it. A byte
+    order mark at the start (Windows editors write one) is dropped, not read as part of the first line."""
     p = Path(path)
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{what} '{p}' is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r} "
@@ -62,8 +64,9 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder", *, create
     """Make sure ``path`` is (or can be created as) a folder this process can write to; a one-line ``DataError``
     otherwise: a file in the way, no permission, a read-only file system.
 
-    With ``create=False`` nothing is created: the check only looks at ``path`` or its nearest existing parent, so a
-    command can fail on a bad output folder before any expensive work without leaving an empty folder behind.
+    With ``create=False`` nothing is left behind: the missing folders are created and removed again (only trying
+    tells whether a folder can be made, e.g. under ``/proc``), so a command can fail on a bad output folder before
+    any expensive work without leaving an empty folder behind.
     """
     p = Path(path).expanduser()
     existing = p
@@ -74,13 +77,17 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder", *, create
         raise DataError(f"Cannot use '{p}' as the {what}: {where}; pick another path.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DataError(f"Cannot write the {what} '{p}': '{existing}' is not writable; pick a folder you can write to.")
-    if create:
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DataError(
-                f"Cannot create the {what} '{p}': {exc.strerror or exc}; pick a folder you can write to."
-            ) from exc
+    missing = [p, *p.parents[: len(p.parents) - len(existing.parents) - 1]] if p != existing else []
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"Cannot create the {what} '{p}': {exc.strerror or exc}; pick a folder you can write to."
+        ) from exc
+    if not create:
+        for folder in missing:  # innermost first: remove what the check made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return p
 
 
@@ -96,6 +103,13 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+def _unreadable(path: str | Path, exc: Exception) -> DataError:
+    return DataError(
+        f"Cannot read image '{path}' ({exc.__class__.__name__}): it is not an image file PIL can open; "
+        "remove or replace it."
+    )
+
+
 def load_image(path: str | Path):
     """An RGB PIL image, or a one-line ``DataError``."""
     from PIL import Image, UnidentifiedImageError
@@ -104,10 +118,29 @@ def load_image(path: str | Path):
         with Image.open(path) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(
-            f"Cannot read image '{path}' ({exc.__class__.__name__}): it is not an image file PIL can open; "
-            "remove or replace it."
-        ) from exc
+        raise _unreadable(path, exc) from exc
+
+
+_checked: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of images that passed ``check_images``
+
+
+def check_images(files: list[Path]) -> None:
+    """Open every image's header and let PIL verify what it can without decoding the pixels (a PNG's chunk
+    checksums, a truncated file): a one-line ``DataError`` naming the first bad file, before any model is built or
+    run folder written. About 0.1 ms per small PNG; an unchanged file is checked once per process."""
+    from PIL import Image
+
+    for path in files:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key in _checked:
+            continue
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as exc:  # verify raises OSError, SyntaxError, struct.error, ... by format and damage
+            raise _unreadable(path, exc) from exc
+        _checked.add(key)
 
 
 class Pool:
@@ -153,5 +186,5 @@ def image_pool(folder: str | None, seed: int) -> Pool:
 
         return Pool(shapes.sample_scenes(2000, seed=seed + 2), seed, load=shapes.render)
     files = list_images(folder)
-    load_image(files[0])  # fail early on an unreadable folder
+    check_images(files)  # fail early on any unreadable image, not at the step that first draws it
     return Pool(files, seed, load=load_image)

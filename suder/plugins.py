@@ -57,6 +57,18 @@ class PluginFailure:
 _pm: pluggy.PluginManager | None = None
 _info: dict[str, PluginInfo] = {}
 _failures: dict[str, PluginFailure] = {}
+_generation = 0  # bumped whenever the set of plugins changes; ``suder.registry`` rebuilds its tables when it moves
+
+
+def generation() -> int:
+    """A number that changes whenever plugins are registered, unregistered or reset: the registries built from
+    the hooks (``suder.registry``) compare it with the one they were built at, so this module never calls them."""
+    return _generation
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
 
 
 def _allowed(ep_name: str, dist_name: str) -> bool:
@@ -173,9 +185,7 @@ def register_plugin(plugin: object, name: str) -> None:
     if problem is not None:
         pm.unregister(plugin)
         raise PluginError(f"Plugin '{name}' cannot be registered: {problem}.")
-    from . import registry
-
-    registry.reset()
+    _changed()
 
 
 def unregister_plugin(name: str) -> None:
@@ -184,9 +194,7 @@ def unregister_plugin(name: str) -> None:
     if plugin is not None:
         pm.unregister(plugin)
     forget_failure(name)
-    from . import registry
-
-    registry.reset()
+    _changed()
 
 
 def reset() -> None:
@@ -195,6 +203,4 @@ def reset() -> None:
     _pm = None
     _info.clear()
     _failures.clear()
-    from . import registry
-
-    registry.reset()
+    _changed()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DuplicateNameError, unknown
-from .plugins import get_plugin_manager, plugin_info, record_failure
+from .plugins import generation, get_plugin_manager, plugin_info, record_failure
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,13 @@ class RewardSpec:
     needs_reference: bool | Callable[[dict[str, Any]], bool] = False
 
 
-_backbones: dict[str, BackboneSpec] | None = None
-_rewards: dict[str, RewardSpec] | None = None
+# (plugins.generation() when built, table); rebuilt when a plugin is registered, unregistered or plugins reset
+_backbones: tuple[int, dict[str, BackboneSpec]] | None = None
+_rewards: tuple[int, dict[str, RewardSpec]] | None = None
 
 
 def reset() -> None:
+    """Forget the tables; the next lookup calls the hooks again."""
     global _backbones, _rewards
     _backbones = None
     _rewards = None
@@ -102,17 +104,19 @@ def _reward_spec(
 def backbones() -> dict[str, BackboneSpec]:
     """All registered backbones, by name."""
     global _backbones
-    if _backbones is None:
-        _backbones = _collect("register_backbones", _backbone_spec)
-    return _backbones
+    if _backbones is None or _backbones[0] != generation():
+        table = _collect("register_backbones", _backbone_spec)  # loads the plugins first, which may bump it
+        _backbones = (generation(), table)
+    return _backbones[1]
 
 
 def rewards() -> dict[str, RewardSpec]:
     """All registered rewards, by name."""
     global _rewards
-    if _rewards is None:
-        _rewards = _collect("register_rewards", _reward_spec)
-    return _rewards
+    if _rewards is None or _rewards[0] != generation():
+        table = _collect("register_rewards", _reward_spec)
+        _rewards = (generation(), table)
+    return _rewards[1]
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:

@@ -20,8 +20,8 @@ Built-ins:
   term comes from the frozen initial model by default (``source="reference"``: the prior cannot drift), or from
   the policy (``source="policy"``). Summing (not averaging) both terms matters: a per-token mean would re-weight
   them by caption length.
-- ``shapes-judge``: the exact ShapesWorld judge, 1 or 0. External supervision, for comparison only (the role the
-  paper's CLIP baseline plays).
+- ``shapes-judge``: the exact ShapesWorld judge, 1 or 0 (``suder.worlds.judge``). External supervision, for
+  comparison only (the role the paper's CLIP baseline plays).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 from .errors import ConfigError
 from .hookspecs import hookimpl
 from .protocol import ImageSamples, TextSamples, TokenLogProbs
+from .worlds.judge import judge_generation, judge_understanding
 
 
 @dataclass
@@ -95,22 +96,6 @@ def dsr_consensus(
         else:
             caption_term = ctx.reference_model().logp_text_given_image(samples, samples.images).sum()
     return image_term + lam * caption_term.float()
-
-
-def judge_generation(samples: ImageSamples) -> torch.Tensor:
-    """1.0 where the ShapesWorld judge finds the image satisfies its prompt; (B*G,)."""
-    from .worlds import shapes
-
-    hits = [shapes.satisfies(shapes.parse_image(im), p) for im, p in zip(samples.images, samples.prompts)]
-    return torch.tensor(hits, dtype=torch.float32)
-
-
-def judge_understanding(samples: TextSamples) -> torch.Tensor:
-    """1.0 where the caption is true of the (ShapesWorld) image it describes; (B*G,)."""
-    from .worlds import shapes
-
-    hits = [shapes.satisfies(shapes.parse_image(im), c) for im, c in zip(samples.images, samples.texts)]
-    return torch.tensor(hits, dtype=torch.float32)
 
 
 def build_dsr(direction: str, reduction: str = "mean", **_: Any):

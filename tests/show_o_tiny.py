@@ -75,7 +75,7 @@ def tiny_parts(seed: int = 0):
 
 
 def tiny_backbone(seed: int = 0, **settings):
-    from suder.backbones.show_o.backbone import from_parts
+    from suder.backbones.show_o.factory import from_parts
 
     showo, vq, tokenizer = tiny_parts(seed)
     settings.setdefault("guidance_scale", 1.5)
@@ -131,7 +131,7 @@ def tiny_clip_parts(seed: int = 0):
 
 
 def tiny_clip_backbone(seed: int = 0, **settings):
-    from suder.backbones.show_o.backbone import from_parts
+    from suder.backbones.show_o.factory import from_parts
 
     showo, vision, vq, tokenizer = tiny_clip_parts(seed)
     settings.setdefault("guidance_scale", 1.5)

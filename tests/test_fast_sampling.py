@@ -95,7 +95,7 @@ def _janus_inputs(bb, scale):
 def test_janus_fast_sampler_equals_reference(loop, bucket, scale, temperature):
     """``graphs`` on CPU runs the CUDA-graph protocol eagerly: warm-up and state restore, every token fed,
     attention over a bucket's end with the unwritten slots masked (bucket 7: ten buckets of 64 tokens)."""
-    from suder.backbones.janus_pro_model import sample_image_tokens, sample_image_tokens_fast
+    from suder.backbones.janus_pro.sampling import sample_image_tokens, sample_image_tokens_fast
 
     bb = tiny_backbone()
     embeds, mask = _janus_inputs(bb, scale)

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from suder.backbones import janus_shapes_world as jsw
+from suder.backbones.janus_pro import shapes_world as jsw
 from suder.pretrain import image_patches as pretrain_image_patches
 from suder.pretrain import patch_clusters as pretrain_patch_clusters
 

@@ -268,36 +268,6 @@ def test_cli_eval_caption_generate_on_the_base(tiny_show_o_base, tmp_path, capsy
     assert (tmp_path / "gen" / "00000" / "samples" / "0000.png").is_file()
 
 
-def test_estimator_study_scores_every_estimator_and_normalisation(monkeypatch):
-    """Each understanding reward is computed with its estimator's options (the perturbed ones seeded), each
-    generation reward under its caption normalisation, which is restored afterwards."""
-    from suder.backbones.show_o.backbone import ShowOBackbone
-
-    model = shapes_world.build_shapes_base(**TINY_BUILD)
-    seen_options, seen_vocabs = [], []
-    image_logp, text_logp = ShowOBackbone.logp_image_given_text, ShowOBackbone.logp_text_given_image
-
-    def spy_image(self, images, texts, **options):
-        seen_options.append(options)
-        return image_logp(self, images, texts, **options)
-
-    def spy_text(self, texts, images, **options):
-        seen_vocabs.append(self.settings.caption_logp_vocab)
-        return text_logp(self, texts, images, **options)
-
-    monkeypatch.setattr(ShowOBackbone, "logp_image_given_text", spy_image)
-    monkeypatch.setattr(ShowOBackbone, "logp_text_given_image", spy_text)
-    out = shapes_world.estimator_study(model, num=4, group_size=2, seed=5)
-    assert set(out["gen"]) == {"caption_logp_vocab text", "caption_logp_vocab full"}
-    assert len(out["und"]) == 2 * len(shapes_world.ESTIMATORS)
-    assert all(row["groups"] == 4 for d in out.values() for row in d.values())
-    scored = [o for o in seen_options if o.get("policy") == "cond"]  # the sampler's own calls are "guided"
-    for opts in shapes_world.ESTIMATORS.values():
-        match = [o for o in scored if {k: o.get(k) for k in ("remask_ratio", "prompt_drop") if k in o} == opts]
-        assert len(match) == 2 and all(not opts or o["remask_seed"] == 5 for o in match)  # dsr, dsr-consensus
-    assert {"text", "full"} <= set(seen_vocabs) and model.settings.caption_logp_vocab == "text"
-
-
 def test_cluster_tokenizer_codes_are_local_patch_contents(monkeypatch):
     """With the default method the decoder is trained on each 8 x 8 patch's own code: the same patch pixels get
     the same -1/+1 code wherever and in whatever scene they appear, different patches different codes."""

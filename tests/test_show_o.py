@@ -664,7 +664,7 @@ def test_captions_are_decoded_with_showlab_whitespace_clean_up(model):
 
 def test_sampling_defaults_follow_the_readme_per_resolution():
     """Show-o's README: 256 px t2i with guidance 1.75 and 18 steps, 512 px with guidance 5 and 50 steps."""
-    from suder.backbones.show_o.backbone import from_parts
+    from suder.backbones.show_o.factory import from_parts
     from suder.backbones.show_o.modeling import Showo
 
     small = from_parts(*tiny_parts(), max_caption_tokens=8)
@@ -767,7 +767,7 @@ def test_clip_vit_checkpoints_load_in_the_released_layout(tmp_path, monkeypatch)
     import huggingface_hub.constants
     from safetensors import safe_open
 
-    from suder.backbones.show_o.backbone import build_show_o, from_parts
+    from suder.backbones.show_o.factory import build_show_o, from_parts
 
     showo, vision, vq, tokenizer = tiny_clip_parts(seed=3)
     showo.save_pretrained(tmp_path / "showo")
@@ -820,7 +820,7 @@ def test_gradients_reach_every_trainable_parameter_and_never_the_vq():
 def test_missing_weights_fail_with_one_line(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from suder.backbones.show_o.backbone import build_show_o
+    from suder.backbones.show_o.factory import build_show_o
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(BackboneError) as err:

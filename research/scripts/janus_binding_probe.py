@@ -155,11 +155,11 @@ def batch(task: str, rng: random.Random, size: int):
             continue
         if task in ("named-place", "named-place-one"):
             q, obj = rng.choice(s.items())
-            captions.append(f"{shapes._phrase(obj)} {'above' if q < 2 else 'below'}")
+            captions.append(f"{shapes.phrase(obj)} {'above' if q < 2 else 'below'}")
             continue
         (qa, a), (qb, b) = s.items() if rng.random() < 0.5 else s.items()[::-1]
-        relation = rng.choice([r for r in shapes.RELATIONS if shapes._relation_holds(r, qa, qb)])
-        captions.append(f"{shapes._phrase(a)} {relation} {shapes._phrase(b)}")
+        relation = rng.choice([r for r in shapes.RELATIONS if shapes.relation_holds(r, qa, qb)])
+        captions.append(f"{shapes.phrase(a)} {relation} {shapes.phrase(b)}")
     return scenes, captions
 
 
@@ -180,7 +180,7 @@ def row_test(model, task: str, num: int = 400, seed: int = 999) -> dict[str, flo
         if named:
             for q, obj in s.items():
                 word, other = ("above", "below") if q < 2 else ("below", "above")
-                right.append(f"{shapes._phrase(obj)} {word}"), wrong.append(f"{shapes._phrase(obj)} {other}")
+                right.append(f"{shapes.phrase(obj)} {word}"), wrong.append(f"{shapes.phrase(obj)} {other}")
                 pictures.append(shapes.render(s))
     model.eval()
     with torch.no_grad():
@@ -215,8 +215,9 @@ def main() -> None:
         ap.error("--vision-from takes a trained base's vision encoder: use it with --features vision and no "
                  "--position-code")
 
-    from suder.backbones.janus_shapes_world import build_shapes_base
-    from suder.evaluate import relation_audit
+    from agreement import relation_audit  # research/code (on PYTHONPATH)
+
+    from suder.backbones.janus_pro.shapes_world import build_shapes_base
     from suder.worlds import shapes
 
     feature_seed = args.seed if args.feature_seed is None else args.feature_seed

@@ -31,7 +31,7 @@ def main() -> None:
 
     from janus_binding_probe import redraw_query_key
 
-    from suder.backbones.janus_shapes_world import build_shapes_base, recipe
+    from suder.backbones.janus_pro.shapes_world import build_shapes_base, recipe
     from suder.cli import _loss_info, _progress
     from suder.data import ensure_writable_dir
     from suder.errors import SuderError

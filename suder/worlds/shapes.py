@@ -38,7 +38,7 @@ __all__ = [
     "SIZE", "COLORS", "SHAPES", "COUNT_WORDS", "RELATIONS", "FAMILIES", "VOCAB_WORDS",
     "Obj", "Scene", "Prompt",
     "render_array", "render", "shape_mask", "parse_image",
-    "parse_prompt", "satisfies", "true_caption", "sample_caption", "scene_kind",
+    "parse_prompt", "phrase", "relation_holds", "satisfies", "true_caption", "sample_caption", "scene_kind",
     "sample_prompts", "scene_for_prompt", "sample_scenes", "t2i_pairs", "caption_pairs",
     "t2i_accuracy", "caption_accuracy", "export",
 ]
@@ -236,7 +236,8 @@ def parse_image(image) -> Scene:
 
 
 # --------------------------------------------------------------------------------------------- grammar
-def _phrase(obj: Obj) -> str:
+def phrase(obj: Obj) -> str:
+    """The grammar's phrase of one object: ``a {color} {shape}``."""
     return f"a {obj.color} {obj.shape}"
 
 
@@ -297,7 +298,7 @@ def _off_grammar(text) -> DataError:
     return DataError(f"Prompt {text!r} is not in the ShapesWorld grammar; see docs/shapes-world.md.")
 
 
-def _relation_holds(relation: str, qa: int, qb: int) -> bool:
+def relation_holds(relation: str, qa: int, qb: int) -> bool:
     """Quadrant geometry of ``A {relation} B`` (spec, "Matching rules"): column = q % 2, row = q // 2."""
     if relation == "to the left of":
         return qa % 2 < qb % 2
@@ -325,7 +326,7 @@ def satisfies(scene: Scene, prompt: str | Prompt) -> bool:
         return True
     # Relation objects differ and the multisets are equal, so each appears in exactly one quadrant.
     where = {o: q for q, o in items}
-    return _relation_holds(p.relation, where[p.objects[0]], where[p.objects[1]])
+    return relation_holds(p.relation, where[p.objects[0]], where[p.objects[1]])
 
 
 # --------------------------------------------------------------------------------------------- captions
@@ -353,10 +354,10 @@ def true_caption(scene: Scene) -> str:
     objs = _objects_of(scene)
     kind = scene_kind(scene)
     if kind == "one":
-        return _phrase(objs[0])
+        return phrase(objs[0])
     if kind == "count":
         return f"{COUNT_WORDS[len(objs)]} {objs[0].color} {objs[0].shape}s"
-    return " and ".join(_phrase(o) for o in objs)
+    return " and ".join(phrase(o) for o in objs)
 
 
 def sample_caption(scene: Scene, rng: random.Random) -> str:
@@ -368,28 +369,28 @@ def sample_caption(scene: Scene, rng: random.Random) -> str:
     items = scene.items()
     if rng.random() < 0.4:
         rng.shuffle(items)
-        return " and ".join(_phrase(o) for _, o in items)
+        return " and ".join(phrase(o) for _, o in items)
     (qa, a), (qb, b) = items if rng.random() < 0.5 else items[::-1]
-    valid = [r for r in RELATIONS if _relation_holds(r, qa, qb)]
-    return f"{_phrase(a)} {rng.choice(valid)} {_phrase(b)}"
+    valid = [r for r in RELATIONS if relation_holds(r, qa, qb)]
+    return f"{phrase(a)} {rng.choice(valid)} {phrase(b)}"
 
 
 # --------------------------------------------------------------------------------------------- sampling
 def _random_prompt(family: str, rng: random.Random) -> str:
     """A prompt uniform over the family's distinct texts ("chain": 3-4 objects, not all identical)."""
     if family == "single":
-        return _phrase(rng.choice(ALL_OBJECTS))
+        return phrase(rng.choice(ALL_OBJECTS))
     if family == "pair":
         a, b = rng.sample(ALL_OBJECTS, 2)
-        return f"{_phrase(a)} and {_phrase(b)}"
+        return f"{phrase(a)} and {phrase(b)}"
     if family == "count":
         n, obj = rng.choice(tuple(COUNT_WORDS)), rng.choice(ALL_OBJECTS)
         return f"{COUNT_WORDS[n]} {obj.color} {obj.shape}s"
     if family == "relation":
         relation, (a, b) = rng.choice(RELATIONS), rng.sample(ALL_OBJECTS, 2)
-        return f"{_phrase(a)} {relation} {_phrase(b)}"
+        return f"{phrase(a)} {relation} {phrase(b)}"
     if family == "chain":
-        return " and ".join(_phrase(o) for o in _mixed_objects(rng.choice((3, 4)), rng))
+        return " and ".join(phrase(o) for o in _mixed_objects(rng.choice((3, 4)), rng))
     raise DataError(f"Unknown prompt family '{family}'. Available: {', '.join(FAMILIES)}, chain.")
 
 
@@ -417,7 +418,7 @@ def scene_for_prompt(prompt: str | Prompt, rng: random.Random) -> Scene:
         raise DataError(f"'{p.text}' names {len(p.objects)} objects; a scene holds at most 4.")
     if p.relation is not None:
         pairs = [(qa, qb) for qa in range(4) for qb in range(4) if qa != qb]
-        quadrants = rng.choice([(qa, qb) for qa, qb in pairs if _relation_holds(p.relation, qa, qb)])
+        quadrants = rng.choice([(qa, qb) for qa, qb in pairs if relation_holds(p.relation, qa, qb)])
     else:
         quadrants = rng.sample(range(4), len(p.objects))
     return Scene.from_items(dict(zip(quadrants, p.objects, strict=True)))

@@ -10,7 +10,8 @@ diffusers. The pieces, each importable on its own:
 - ``prompting``: token ids, sequence layouts and omni-attention masks;
 - ``sampling``: the MaskGIT sampler and text draws;
 - ``clip``: the CLIP-ViT understanding path of the ``show-o-w-clip-vit`` checkpoints;
-- ``backbone``: the ``UnifiedLMM`` adapter and ``build_show_o``;
+- ``backbone``: the ``UnifiedLMM`` adapter, ``ShowOBackbone``;
+- ``factory``: ``build_show_o`` (loading a release or a saved folder) and ``from_parts``;
 - ``shapes_world``: Show-o's ShapesWorld default (a small model and its MAGVIT-v2 trained here), the recipe
   ``suder.pretrain`` finds as ``build_show_o.shapes_recipe``.
 
@@ -25,8 +26,8 @@ from ...hookspecs import hookimpl
 
 
 def build_show_o(**kwargs: Any):
-    """Factory of ``load_backbone("show-o", ...)``; see ``suder.backbones.show_o.backbone.build_show_o``."""
-    from .backbone import build_show_o as build
+    """Factory of ``load_backbone("show-o", ...)``; see ``suder.backbones.show_o.factory.build_show_o``."""
+    from .factory import build_show_o as build
 
     return build(**kwargs)
 

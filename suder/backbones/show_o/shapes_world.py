@@ -17,13 +17,12 @@ checkpoints (``Showo``, ``MAGVITv2``) with small sizes, and a text tokenizer of 
   sec. 3.1). At stride 8, ShapesWorld has 73 distinct 8 x 8 patches (empty, or a quarter of one of 18 objects),
   so patch i gets code i; the encoder learns to pick each patch's code (cross-entropy over LFQ's code
   distribution softmax(2 z . c), so that sign(z) spells the code) and the decoder to draw the scene from the
-  codes' -1/+1 bits (L1 + L2). Measured (``reconstruction_accuracy``, 200 held-out scenes, seed 0, one thread):
-  the judge reads 100% of the reconstructions after 900 steps (73 CPU s for 1200). MAGVIT-v2's own objective
-  (``method="ste"``: L1 + L2 through sign(z) passed straight through, Yu et al. 2023, arXiv:2310.05737 section
-  3.1, with Open-MAGVIT2's 0.25 commitment and 0.1 entropy losses) read 16% after 1200 steps; without the two
-  auxiliary losses 98.5% after 5000 steps, but its codes were not local (one code stood for the empty patch and
-  for quarters of several objects, depending on the rest of the scene: 20% of patches got their content's
-  majority code), and the transformer then drew 8% of held-out prompts correctly.
+  codes' -1/+1 bits (L1 + L2). Why not MAGVIT-v2's own objective (``method="ste"``: L1 + L2 through sign(z)
+  passed straight through, Yu et al. 2023, arXiv:2310.05737 section 3.1, with Open-MAGVIT2's 0.25 commitment and
+  0.1 entropy losses): at this size it reconstructed few scenes the judge could read, and without the auxiliary
+  losses its codes were not local (one code stood for the empty patch and for quarters of several objects,
+  depending on the rest of the scene), which the transformer then could not learn to draw; with patch clusters
+  the judge reads the reconstructions (``reconstruction_accuracy``; the comparison is in docs/results.md).
 - **Show-o transformer** (``SHAPES_LLM``): Phi with q/k LayerNorm, 4 layers of width 128, 16 image tokens.
   ``suder.pretrain.pretrain`` trains it through the protocol's two log-prob methods, which for Show-o are its
   mixed objective: mask-token prediction of the image (``logp_image_given_text`` with a random
@@ -202,7 +201,7 @@ def build_shapes_base(
     """An untrained Show-o at ShapesWorld scale whose MAGVIT-v2 tokenizer is already trained (``callback``
     sees its steps); ``llm`` / ``vq`` override ``SHAPES_LLM`` / ``SHAPES_VQ`` (tests use tiny sizes), and
     ``settings`` the saved sampling settings (``SHAPES_SETTINGS``)."""
-    from .backbone import from_parts
+    from .factory import from_parts
     from .magvit import MAGVITv2
     from .modeling import Showo
 
@@ -221,49 +220,6 @@ def build_shapes_base(
     return model
 
 
-# The image log-prob estimators compared by ``estimator_study`` (docs/backbones/show-o.md, "Image log-probs").
-ESTIMATORS: dict[str, dict[str, Any]] = {
-    "all masked": {},
-    "re-masked image (remask_ratio 0.5)": {"remask_ratio": 0.5},
-    "dropped prompt tokens (prompt_drop 0.15)": {"prompt_drop": 0.15},
-}
-
-
-def estimator_study(model: Any, *, num: int = 64, group_size: int = 4, seed: int = 1000) -> dict[str, Any]:
-    """Reward-judge agreement (``suder.evaluate.reward_agreement``) of Show-o's dual self-rewards on held-out
-    ShapesWorld prompts and scenes: the generation reward log p(prompt | image) under each caption normalisation
-    (``caption_logp_vocab`` text / full), and the understanding rewards (``dsr``: mean log p(image | caption);
-    ``dsr-consensus``: its sum plus the caption's own sum log-prob) under each image estimator (``ESTIMATORS``;
-    the perturbed ones with one fixed seed per batch)."""
-    from ...evaluate import reward_agreement
-    from ...rewards import RewardContext, dsr_generation
-
-    ctx = RewardContext(model, reference=model)
-
-    def caption_reward(vocab: str):
-        def score(samples):
-            saved, model.settings.caption_logp_vocab = model.settings.caption_logp_vocab, vocab
-            try:
-                return dsr_generation(ctx, samples)
-            finally:
-                model.settings.caption_logp_vocab = saved
-        return score
-
-    def image_reward(options: dict[str, Any], consensus: bool):
-        def score(samples):
-            extra = {**options, "remask_seed": seed} if options else {}
-            lp = model.logp_image_given_text(samples.images, samples, policy="cond", **extra)
-            if not consensus:
-                return lp.mean()
-            return lp.sum() + model.logp_text_given_image(samples, samples.images).sum()
-        return score
-
-    gen = {f"caption_logp_vocab {v}": caption_reward(v) for v in ("text", "full")}
-    und = {f"{reward}, {name}": image_reward(opts, reward == "dsr-consensus")
-           for reward in ("dsr", "dsr-consensus") for name, opts in ESTIMATORS.items()}
-    return reward_agreement(model, gen, und, num=num, group_size=group_size, seed=seed)
-
-
 def image_logp_options(rng: random.Random) -> dict[str, Any]:
     """Show-o's pre-training masks a fraction cos(pi/2 t), t ~ U(0, 1), of the image tokens and predicts them
     (``training/train.py``'s ``mask_or_random_replace_tokens`` with the cosine schedule); one ratio per step
@@ -280,8 +236,7 @@ def recipe():
         version="v3",
         pretrain=dict(steps=1000, batch_size=24, lr=1e-3, warmup_steps=100),
         image_logp_options=image_logp_options,
-        # measured on three seeds each (docs/results.md, "Show-o on ShapesWorld"): scored by the model being trained,
-        # two of three runs settled on a reversed "above"/"below" and greedy captions fell; scored by the frozen
-        # base, every run gained (greedy captions +3.75 to +8.25, T2I +18 to +27)
+        # rewards scored by the frozen base: scored by the model being trained, runs could settle on a reversed
+        # "above"/"below" and greedy captions fell (docs/results.md, "Show-o on ShapesWorld")
         run_defaults=dict(lr=3e-5, guidance_scale=None, reward_scorer="frozen", simpo_und_pairs="all"),
     )

@@ -1,15 +1,9 @@
-"""The ``janus-pro`` backbone: Janus-Pro-1B / 7B on transformers' ``JanusForConditionalGeneration``.
+"""Loading Janus-Pro-1B / 7B and ``build_janus_pro``, the factory of ``load_backbone("janus-pro", ...)``.
 
-``load_backbone("janus-pro", model=...)`` takes a hub id (default ``deepseek-community/Janus-Pro-1B``;
-``deepseek-community/Janus-Pro-7B`` works the same way) or a local folder written by ``save_pretrained``.
-The adapter (``JanusProBackbone``, in ``janus_pro_model``) exposes ``.model`` (the transformers model) and
-``.processor``.
-
-This module stays cheap to import (``suder backbones`` lists it without loading transformers): the adapter
-class and everything heavy live in ``suder.backbones.janus_pro_model``, imported when a backbone is built.
-See ``docs/backbones/janus-pro.md`` for memory needs, LoRA and the CFG policy. Its ShapesWorld default (a
-small Janus-Pro trained here: ``suder run --backbone janus-pro`` with no ``--model``) is built by
-``suder.backbones.janus_shapes_world``.
+``model`` is a hub id (default ``deepseek-community/Janus-Pro-1B``; ``deepseek-community/Janus-Pro-7B`` works the
+same way) or a local folder written by ``save_pretrained``. The adapter (``JanusProBackbone``, in ``modeling``)
+exposes ``.model`` (the transformers model) and ``.processor``; transformers is imported only when a backbone is
+built. See ``docs/backbones/janus-pro.md`` for memory needs, LoRA and the CFG policy.
 """
 
 from __future__ import annotations
@@ -20,24 +14,13 @@ from typing import Any
 
 import torch
 
-from ..errors import BackboneError
-from ..hookspecs import hookimpl
+from ...errors import BackboneError
+from .modeling import ADAPTER_DIR, SETTINGS_FILE, JanusProBackbone
 
 DEFAULT_MODEL = "deepseek-community/Janus-Pro-1B"
-SETTINGS_FILE = "suder_janus.json"  # backbone settings written beside the weights by ``save_pretrained``
-ADAPTER_DIR = "adapter"  # LoRA adapter (peft format) written beside the base weights
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32,
           "float": torch.float32, "fp64": torch.float64, "float64": torch.float64}
-
-
-def __getattr__(name: str):
-    """``JanusProBackbone`` is importable from here, but loads transformers only when first asked for."""
-    if name == "JanusProBackbone":
-        from .janus_pro_model import JanusProBackbone
-
-        return JanusProBackbone
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_dtype(dtype: Any, device: Any = None) -> torch.dtype | str:
@@ -56,9 +39,8 @@ def resolve_dtype(dtype: Any, device: Any = None) -> torch.dtype | str:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 (the released checkpoints' precision) on a GPU, float32 on CPU.
 
-    On CPU bfloat16 saves memory but not time: its small matrix products run slower than float32 ones (on the
-    tiny 576-token benchmark, sampling takes 1.3x the float32 time, transformers' ``generate`` 1.5x:
-    ``docs/performance.md``), and sampled and teacher-forced log-probs drift apart (``ImageSamples.logps``).
+    On CPU bfloat16 saves memory but not time: its small matrix products run slower than float32 ones
+    (``docs/performance.md``), and sampled and teacher-forced log-probs drift apart (``ImageSamples.logps``).
     Pass ``dtype="bfloat16"`` to ask for it.
     """
     return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -128,8 +110,6 @@ def build_janus_pro(model: Any = DEFAULT_MODEL, *, processor: Any = None, dtype:
     ``max_caption_tokens=256``, ``freeze_vision_encoder=True``, ...) are described on ``JanusProBackbone``.
     A folder written by ``save_pretrained`` restores its settings (unless overridden here) and its adapter.
     """
-    from .janus_pro_model import JanusProBackbone
-
     if not isinstance(model, (str, os.PathLike)):
         if processor is None:
             raise BackboneError("Pass processor=JanusProcessor(...) with an already-built Janus model.")
@@ -152,15 +132,9 @@ def build_janus_pro(model: Any = DEFAULT_MODEL, *, processor: Any = None, dtype:
 
 
 def _shapes_recipe():
-    from .janus_shapes_world import recipe
+    from .shapes_world import recipe
 
     return recipe()
 
 
-build_janus_pro.shapes_recipe = _shapes_recipe  # suder.pretrain's ShapesWorld base (janus_shapes_world)
-
-
-@hookimpl
-def register_backbones(register):
-    register("janus-pro", build_janus_pro,
-             summary="Janus-Pro-1B/7B (transformers JanusForConditionalGeneration): images, captions, LoRA")
+build_janus_pro.shapes_recipe = _shapes_recipe  # suder.pretrain's ShapesWorld base (``shapes_world``)

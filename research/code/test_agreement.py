@@ -1,5 +1,5 @@
-"""Reward-judge agreement (``suder.evaluate.ranking_agreement`` / ``reward_agreement``), the measurement behind
-Show-o's estimator study."""
+"""Reward-judge agreement (``agreement.ranking_agreement`` / ``reward_agreement``), the measurement behind
+Show-o's estimator study, and the relation audit. Not part of the suite: ``python -m pytest research/code``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-
-from suder.evaluate import ranking_agreement, relation_audit, reward_agreement
+from agreement import ranking_agreement, relation_audit, reward_agreement
 
 
 def test_ranking_agreement_by_hand():
@@ -49,10 +48,10 @@ def test_reward_agreement_scores_the_samples_it_judges(tiny_toy, monkeypatch):
     """With a stand-in judge (parity of the pixels / caption length: mixed verdicts even for a barely trained
     model), that judge as a reward agrees perfectly and its negation never: the samples scored are the ones
     judged, grouped per prompt / scene."""
-    import suder.rewards
+    import agreement
 
-    monkeypatch.setattr(suder.rewards, "judge_generation", _parity_of_images)
-    monkeypatch.setattr(suder.rewards, "judge_understanding", _parity_of_captions)
+    monkeypatch.setattr(agreement, "judge_generation", _parity_of_images)
+    monkeypatch.setattr(agreement, "judge_understanding", _parity_of_captions)
     gen = {"judge": _parity_of_images, "anti": lambda s: -_parity_of_images(s)}
     und = {"judge": _parity_of_captions, "anti": lambda s: -_parity_of_captions(s)}
     out = reward_agreement(tiny_toy, gen, und, num=12, group_size=4, seed=3, batch=5)
@@ -97,7 +96,7 @@ class _DirectionModel:
             items = scene.items()
             if shapes.scene_kind(scene) == "two" and items[0][0] // 2 == items[1][0] // 2:
                 (_, a), (_, b) = items  # a is left of b
-                texts.append(f"{shapes._phrase(a)} to the right of {shapes._phrase(b)}")
+                texts.append(f"{shapes.phrase(a)} to the right of {shapes.phrase(b)}")
             else:
                 texts.append(shapes.true_caption(scene))
         return SimpleNamespace(texts=texts)

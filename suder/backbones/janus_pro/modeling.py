@@ -1,6 +1,6 @@
 """``JanusProBackbone``: the ``UnifiedLMM`` adapter over transformers' ``JanusForConditionalGeneration``.
 
-Imported lazily by ``suder.backbones.janus_pro`` (this module loads transformers). Janus-Pro (Chen et al.
+Built by ``backbone.build_janus_pro``; transformers is imported only inside methods. Janus-Pro (Chen et al.
 2025, arXiv:2501.17811) decouples visual encoding: captions read SigLIP features (``vision_model`` +
 ``aligner``), images are drawn as 576 VQ codes (``generation_embeddings`` + ``generation_aligner`` in,
 ``generation_head`` out), and one Llama (``language_model``) serves both (transformers 5.24).
@@ -20,35 +20,34 @@ Sequences, formatted the documented way (the processor's chat template with ``ad
 
 Why not ``model.generate``: image mode adds a hidden ``top_k=50`` whenever none is set, takes no
 ``generator`` (only the global seed), crashes without CFG (``guidance_scale <= 1``) and returns no per-step
-scores (``.scores`` is the last step's raw logits); text mode takes no ``generator`` either. The samplers below
-follow HF's image loop otherwise, sample from the full softmax, and record per-token log-probs equal to the
-teacher-forced ones (tested to 1e-4 in float32; in bfloat16 they drift apart, see ``ImageSamples.logps``).
+scores (``.scores`` is the last step's raw logits); text mode takes no ``generator`` either. The samplers
+(``sampling``) follow HF's image loop otherwise, sample from the full softmax, and record per-token log-probs
+equal to the teacher-forced ones (tested to 1e-4 in float32; in bfloat16 they drift apart, see ``ImageSamples.logps``).
 Temperature 0 is greedy in both directions and in every sampler: the arg-max code after guidance, the
 arg-max caption token, with the chosen tokens' log-probs under the temperature-1 distribution of the same
 (CFG) policy, which is what the log-prob methods return at temperature 0 too. Positions are
-``cumsum(mask) - 1`` everywhere. Image samplers are looked up by name (``IMAGE_SAMPLERS``): ``reference`` is
-the plain loop, ``fast`` (the default) gives the same tokens and log-probs for a seed on a pre-allocated
-cache, with CUDA graphs on CUDA (``suder.fast_sampling``; measured in ``docs/performance.md``).
+``cumsum(mask) - 1`` everywhere. Image samplers are looked up by name (``sampling.IMAGE_SAMPLERS``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import BackboneError, closest
-from ..protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave, texts_of
-from ..sampling import caption_loop
-from .janus_pro import ADAPTER_DIR, SETTINGS_FILE
+from ...errors import BackboneError, closest
+from ...protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave, texts_of
+from ...sampling import caption_loop
+from .sampling import IMAGE_SAMPLERS, draw, image_logits, log_softmax_at, scoring_temperature
 
+SETTINGS_FILE = "suder_janus.json"  # backbone settings written beside the weights by ``save_pretrained``
+ADAPTER_DIR = "adapter"  # LoRA adapter (peft format) written beside the base weights
 DEFAULT_INSTRUCTION = "Describe this image."
 # LoRA on every attention and MLP projection of the shared language model (both directions train it).
 DEFAULT_LORA: dict[str, Any] = {
@@ -57,143 +56,6 @@ DEFAULT_LORA: dict[str, Any] = {
     "lora_dropout": 0.0,  # dropout would break GRPO's first ratio == 1 and SimPO's paired comparison
     "target_modules": r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
 }
-
-
-# ------------------------------------------------------------------------------------------- sampling helpers
-def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
-    """One token per row of (R, V) float logits: (token (R,), its log-prob under the sampling policy (R,)).
-
-    ``temperature == 0`` is greedy (log-prob at temperature 1). Sampling inverts the CDF with one uniform
-    number per row from ``generator``, drawn on the generator's own device: a CPU generator (the trainer's)
-    then drives a CUDA model moving R numbers instead of R x V probabilities; seeds hold on every device.
-    """
-    if temperature == 0:
-        return pick(logits, temperature, None)
-    where = generator.device if generator is not None else logits.device
-    return pick(logits, temperature, torch.rand((logits.shape[0], 1), generator=generator, device=where))
-
-
-def pick(logits: torch.Tensor, temperature: float, u: torch.Tensor | None):
-    """``draw`` given its uniform numbers ``u`` (R, 1) (unused when greedy): no host sync, graph-capturable."""
-    if temperature == 0:
-        token = logits.argmax(-1)
-        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / temperature, -1)
-    cdf = logp.exp().cumsum(-1)
-    u = u.to(cdf.device, cdf.dtype)
-    # scaled by the total, u stays below the last nonzero mass: a zero-probability (suppressed) id never wins
-    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(logits.shape[-1] - 1)
-    return token.squeeze(-1), logp.gather(-1, token).squeeze(-1)
-
-
-def image_logits(model: nn.Module, hidden: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
-    """Generation-head logits in float32, guided when ``guidance_scale`` is set: (R, ..., H) -> (R', ..., V).
-
-    With guidance the rows are ``[cond; uncond]``; the result, ``uncond + s * (cond - uncond)``, has half.
-    """
-    logits = model.model.generation_head(hidden).float()
-    if guidance_scale is None:
-        return logits
-    cond, uncond = logits.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
-
-
-def sample_image_tokens(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, *, num_tokens: int,
-                        guidance_scale: float | None, temperature: float, generator: torch.Generator | None):
-    """The reference image sampler: ``DynamicCache``, one prefill, then ``num_tokens`` single-token steps.
-
-    ``embeds``: (R, L, H) prompt embeddings, R = 2n rows ``[cond; uncond]`` when guided, else n; ``mask``:
-    (R, L). Returns (tokens (n, N) long, logps (n, N) float32); all ``num_tokens`` codes are always drawn (an
-    image has no end token). Samplers share this signature, so a faster one (static cache, compile) can be
-    swapped in by name (``IMAGE_SAMPLERS``) and compared token for token with this one.
-    """
-    from transformers import DynamicCache
-
-    lm = model.model.language_model
-    rows = embeds.shape[0]
-    n = rows // 2 if guidance_scale is not None else rows
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    cache = DynamicCache(config=lm.config)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    hidden = out.last_hidden_state[:, -1]
-    position = positions[:, -1:]
-    tokens = torch.empty(n, num_tokens, dtype=torch.long, device=embeds.device)
-    logps = torch.empty(n, num_tokens, dtype=torch.float32, device=embeds.device)
-    for t in range(num_tokens):
-        token, logp = draw(image_logits(model, hidden, guidance_scale), temperature, generator)
-        tokens[:, t], logps[:, t] = token, logp
-        if t + 1 == num_tokens:
-            break
-        feed = token.repeat(rows // n)  # the same code continues the cond and the uncond row
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
-        position = position + 1
-        step = model.prepare_embeddings_for_image_generation(feed)[:, None]
-        out = lm(inputs_embeds=step, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
-    return tokens, logps
-
-
-def sample_image_tokens_fast(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, *, num_tokens: int,
-                             guidance_scale: float | None, temperature: float,
-                             generator: torch.Generator | None, loop: str = "auto", bucket: int = 64):
-    """The fast image sampler: the reference loop's tokens and log-probs for the same generator (tested), on a
-    pre-allocated cache with the per-step work hoisted out of the loop (``suder.fast_sampling``).
-
-    Signature and returns as ``sample_image_tokens``. ``loop``: ``"auto"`` (CUDA graphs on CUDA, else eager),
-    ``"eager"`` or ``"graphs"`` (on CPU: the graph protocol without capture, for tests); ``bucket``: cache
-    slots per CUDA graph (attention reads up to a bucket's end, masked). Falls back to the
-    reference loop for language models ``StaticDecoder`` cannot drive (``fast_sampling.supports``).
-    """
-    from ..fast_sampling import StaticDecoder, run_steps, supports, uniforms
-
-    if loop not in ("auto", "eager", "graphs"):
-        raise ValueError(f"loop must be 'auto', 'eager' or 'graphs', got {loop!r}")
-    lm = model.model.language_model
-    if not supports(lm):
-        return sample_image_tokens(model, embeds, mask, num_tokens=num_tokens, guidance_scale=guidance_scale,
-                                   temperature=temperature, generator=generator)
-    device = embeds.device
-    rows = embeds.shape[0]
-    n = rows // 2 if guidance_scale is not None else rows
-    decoder = StaticDecoder(lm, embeds, mask, num_tokens)
-    u = uniforms(generator, num_tokens, n, device) if temperature != 0 else None
-    tokens = torch.empty(n, num_tokens, dtype=torch.long, device=device)
-    logps = torch.empty(n, num_tokens, dtype=torch.float32, device=device)
-    t = torch.zeros(1, dtype=torch.long, device=device)  # the step, on the device (graph replays read it)
-
-    def body(span: int, advance: bool) -> None:
-        token, logp = pick(image_logits(model, decoder.hidden, guidance_scale), temperature,
-                           None if u is None else u.index_select(0, t)[0])
-        tokens.index_copy_(1, t, token[:, None])
-        logps.index_copy_(1, t, logp[:, None])
-        t.add_(1)
-        if advance:
-            feed = token.repeat(rows // n)  # the same code continues the cond and the uncond row
-            decoder.step(model.prepare_embeddings_for_image_generation(feed)[:, None], span)
-
-    graphs = loop == "graphs" or (loop == "auto" and device.type == "cuda")
-    run_steps(body, num_tokens, decoder, graphs=graphs, state=[tokens, logps, t], bucket=bucket)
-    return tokens, logps
-
-
-IMAGE_SAMPLERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
-    "fast": sample_image_tokens_fast,  # the default: the reference's tokens and log-probs, faster
-    "fast-eager": functools.partial(sample_image_tokens_fast, loop="eager"),  # no CUDA graphs
-    "reference": sample_image_tokens,  # a plain loop over transformers' forward with a DynamicCache
-    "dynamic": sample_image_tokens,  # the reference's first name, kept for saved settings
-}
-
-
-def _log_softmax_at(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T) at ``index``: (R, T, V), (R, T) -> (R, T), by TRL's memory-aware helper."""
-    from trl.trainer.utils import selective_log_softmax
-
-    return selective_log_softmax(logits, index, temperature=temperature)
-
-
-def _temperature(options: dict[str, Any]) -> float:
-    t = options.get("temperature", 1.0)
-    return 1.0 if not t else float(t)  # greedy samples are scored at temperature 1, as ``draw`` records
 
 
 # ------------------------------------------------------------------------------------------- the adapter
@@ -495,7 +357,7 @@ class JanusProBackbone(nn.Module):
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state[:, ids.shape[1] - 1 :]
         logits = image_logits(self.model, hidden, scale if guided else None)  # (B, N, V)
-        values = _log_softmax_at(logits, codes, _temperature(options))
+        values = log_softmax_at(logits, codes, scoring_temperature(options))
         return TokenLogProbs(values, torch.ones_like(values, dtype=torch.bool))
 
     # ------------------------------------------------------------------ image -> text
@@ -561,7 +423,7 @@ class JanusProBackbone(nn.Module):
         hidden = self.model.model.language_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state[:, L - 1 : L - 1 + T]
-        values = _log_softmax_at(self._text_logits(hidden), tokens, _temperature(options))
+        values = log_softmax_at(self._text_logits(hidden), tokens, scoring_temperature(options))
         return TokenLogProbs(values.masked_fill(~tmask, 0.0), tmask)
 
     # ------------------------------------------------------------------ persistence

@@ -29,15 +29,14 @@ a small ``JanusConfig`` (``shapes_config``); nothing is downloaded:
   embeddings, aligner and head are Janus's. ``suder.pretrain.pretrain`` trains all of them but the VQ model
   through the protocol's two log-prob methods: next-code prediction of the image given the prompt (the
   prompt dropped for 10% of rows, for guidance) and next-token prediction of the caption given the image,
-  2000 steps of 32 + 16 pairs, seed 2 (the prompt-to-object binding appears late: on the 1500-step base, judged
-  at guidance 2, 0.5% of the images were correct after 500 steps, 10.5% after 1000, 16.5% at 1500; longer
-  pre-training teaches the generation side relations before the captioner; bases of 2000 steps differ by seed,
-  T2I 60.75 / 70.75 / 68.5 at seeds 0 / 1 / 2, and seed 2's leaves the most for DSR to gain, docs/results.md).
+  2000 steps of 32 + 16 pairs (the recipe's seed: bases differ by seed, and this one leaves DSR the most to
+  gain). The prompt-to-object binding appears late in pre-training, and longer pre-training teaches the
+  generation side relations before the captioner (docs/results.md).
   The vision encoder trains with them (Janus-Pro's stage 1 freezes it, but here it starts from random
   weights); it is frozen again during self-improvement (``freeze_vision_encoder``, the adapter's default).
 
-Sampling settings saved with the base (``SHAPES_SETTINGS``): guidance ``SHAPES_GUIDANCE`` (1: none; CFG 1.25,
-1.5 and 2 draw fewer correct images on this base, its prompt-free model being weak), captions up to 24 tokens.
+Sampling settings saved with the base (``SHAPES_SETTINGS``): guidance ``SHAPES_GUIDANCE`` (1: none; guided
+sampling draws fewer correct images on this base, its prompt-free model being weak), captions up to 24 tokens.
 ``suder run`` trains it at guidance 2 with the ``guided`` policy (``run_defaults``), which turns guidance from a
 handicap into its best T2I, and saves that scale with the trained model.
 """
@@ -100,7 +99,7 @@ SHAPES_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                      depth=2)
 SHAPES_VQ = dict(embed_dim=8, num_embeddings=256, latent_channels=32, base_channels=32,
                  channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, num_hidden_layers=2)
-SHAPES_GUIDANCE = 1.0  # no guidance: on this base CFG 1.25 / 1.5 / 2 draw 58% / 48% / 23% correct images, 1 draws 68.5%
+SHAPES_GUIDANCE = 1.0  # no guidance: on this base any CFG scale above 1 draws fewer correct images
 SHAPES_SETTINGS = dict(guidance_scale=SHAPES_GUIDANCE, max_caption_tokens=24)
 CODE_TEMPERATURE = 0.1  # of the cosine similarities the encoder's code assignment is trained on
 
@@ -111,8 +110,8 @@ def _tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
-    from ..worlds import shapes
-    from .janus_pro_model import DEFAULT_INSTRUCTION
+    from ...worlds import shapes
+    from .modeling import DEFAULT_INSTRUCTION
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -136,7 +135,7 @@ def shapes_processor(num_image_tokens: int | None = None):
     from transformers import JanusProcessor, PreTrainedTokenizerFast
     from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-    from ..worlds import shapes
+    from ...worlds import shapes
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
@@ -159,7 +158,7 @@ def shapes_config(vocab_size: int, text: dict | None = None, vision: dict | None
     ``patch_size`` patches, and the VQ model makes as many codes (``num_patches`` per side) as SigLIP tokens."""
     from transformers import JanusConfig
 
-    from ..worlds import shapes
+    from ...worlds import shapes
 
     text_cfg, vision_cfg, vq_cfg = {**SHAPES_TEXT, **(text or {})}, {**SHAPES_VISION, **(vision or {})}, \
         {**SHAPES_VQ, **(vq or {})}
@@ -200,8 +199,8 @@ def train_tokenizer(vq: Any, *, steps: int = 1200, batch_size: int = 8, lr: floa
                     callback: Callable[[dict], None] | None = None) -> list[float]:
     """Train ``vq`` (a ``JanusVQVAE``) on rendered ShapesWorld scenes (the recipe in the module docstring);
     returns the losses. Deterministic for a seed. Ends with the codebook rows normalised."""
-    from ..pretrain import image_patches, patch_clusters
-    from ..worlds import shapes
+    from ...pretrain import image_patches, patch_clusters
+    from ...worlds import shapes
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -247,7 +246,7 @@ def reconstruction_accuracy(backbone: Any, num: int = 400, seed: int = 999) -> d
     """How often the judge (``shapes.parse_image``) reads a held-out scene, VQ-encoded and decoded through the
     backbone (processor, ``encode_images``, ``decode_images``), as the scene itself: ``{"scenes": fraction,
     "codes_used": distinct codes seen}``."""
-    from ..worlds import shapes
+    from ...worlds import shapes
 
     scenes = shapes.sample_scenes(num, seed=seed)
     codes = backbone.encode_images([shapes.render(s) for s in scenes])
@@ -266,7 +265,7 @@ def build_shapes_base(seed: int = 0, callback: Callable[[dict], None] | None = N
     ``SHAPES_*`` sizes (tests use tiny ones), ``settings`` the saved backbone settings (``SHAPES_SETTINGS``)."""
     from transformers import JanusForConditionalGeneration
 
-    from .janus_pro_model import JanusProBackbone
+    from .modeling import JanusProBackbone
 
     start = time.perf_counter()
     processor = shapes_processor()
@@ -290,14 +289,14 @@ def build_shapes_base(seed: int = 0, callback: Callable[[dict], None] | None = N
 
 def recipe():
     """Janus-Pro's ShapesWorld base recipe (``suder.pretrain.ShapesRecipe``)."""
-    from ..pretrain import ShapesRecipe
+    from ...pretrain import ShapesRecipe
 
     return ShapesRecipe(
         build=build_shapes_base,
         version="v3",
         pretrain=dict(steps=2000, seed=2, batch_size=32, caption_batch_size=16, lr=1e-3, warmup_steps=50),
         # guided samples and log-probs at guidance 2; caption rewards scored by the frozen base, image rewards by
-        # the policy; lr 5e-5 (3e-5 left greedy captions +1.2 on three seeds); 16 images per prompt (8 let T2I
-        # fall or stall on some bases and seeds) (docs/results.md)
+        # the policy; lr 5e-5 (3e-5 barely moved greedy captions); 16 images per prompt (8 let T2I fall or stall on
+        # some bases and seeds) (docs/results.md)
         run_defaults=dict(lr=5e-5, guidance_scale=2.0, und_reward_scorer="frozen", gen_group_size=16),
     )
