@@ -257,7 +257,8 @@ def summary_line(run: dict[str, Any], metrics: list[dict[str, Any]], config: dic
     for key in ("algo", "strategy", "backbone"):
         value = run.get(key, config.get(key))
         if key == "algo":  # one algorithm per direction where they differ
-            per = {d: run.get(f"{d}_algo", config.get(f"{d}_algo")) for d in ("gen", "und")}
+            saved = {d: (config.get(d) or {}).get("algo", config.get(f"{d}_algo")) for d in ("gen", "und")}
+            per = {d: run.get(f"{d}_algo", saved[d]) for d in ("gen", "und")}
             if None not in per.values() and len(set(per.values())) > 1:
                 value = f"{per['gen']} (gen) / {per['und']} (und)"
         if value is not None:
