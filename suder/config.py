@@ -72,9 +72,9 @@ class DirectionConfig:
     """What one direction (``gen``: text-to-image, ``und``: captioning) sets for itself. ``None`` in ``algo``,
     ``batch_size``, ``group_size`` and ``reward_scorer``: the global setting of the same name."""
 
-    algo: str | None = _opt(None, "the algorithm that trains this direction (default: algo)", choices=ALGOS)
-    batch_size: int | None = _opt(None, "prompts (gen) or images (und) per micro-batch (default: batch_size)")
-    group_size: int | None = _opt(None, "G, samples per prompt or image compared as a group (default: group_size)")
+    algo: str | None = _opt(None, "the algorithm that trains this direction", choices=ALGOS)
+    batch_size: int | None = _opt(None, "prompts (gen) or images (und) per micro-batch")
+    group_size: int | None = _opt(None, "G, samples per prompt or image compared as a group")
     reward: str = _opt("dsr", "reward of this direction's samples (gen: dsr, und: dsr-consensus; `suder backbones`)")
     reward_scorer: str | None = _opt(
         None, "which model scores the rewards: policy (the model trained) or frozen (its initial copy)",
