@@ -436,6 +436,7 @@ RUN_DESCRIPTION = (
     "--gen.* / --und.* say otherwise (docs/configuration.md)."
 )
 MAPPINGS = ("backbone_options", "image_logp_options")
+BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
 
 
 def _metavar(key: str, f) -> str:
@@ -565,8 +566,13 @@ def normalize_run_argv(argv: list[str], names: dict[str, tuple[str, bool]]) -> t
             _option_error(option, names)
         key, takes_value = names[option]
         if not takes_value:
-            if eq:
-                raise ConfigError(f"{option} is a flag and takes no value; write {option} or --no-{option[2:]}.")
+            word = raw if eq else (argv[i] if i < len(argv) else "")
+            if word.lower() in BOOL_WORDS:  # the earlier `--flag true` form
+                i += 0 if eq else 1
+                on = BOOL_WORDS[word.lower()] != option.startswith("--no-")
+                option = f"--{'' if on else 'no-'}{option[5:] if option.startswith('--no-') else option[2:]}"
+            elif eq:
+                raise ConfigError(f"{option} is a flag: write {option} or --no-{option[2:]}, not {option}={raw}.")
             out.append(option)
         else:
             if not eq:
