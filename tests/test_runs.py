@@ -93,8 +93,10 @@ def test_every_recipe_resolves_to_what_it_names(recipe, monkeypatch):
     cfg = seen["cfg"]
     assert cfg.backbone == named["backbone"] and cfg.algo == named["algo"]
     assert cfg.model == named.get("model", cfg.model)
-    for key, value in named.items():
-        assert getattr(cfg, key) == value or key == "model", key
+    from suder.config import flatten
+
+    for key, value in flatten(named, str(recipe)).items():  # sections as dotted keys: gen.reward
+        assert cfg._get(key) == value or key == "model", key
 
 
 @pytest.mark.parametrize("recipe", [p for p in RECIPES if p.name.startswith("toy_")], ids=lambda p: p.name)
