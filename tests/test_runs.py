@@ -140,11 +140,14 @@ def test_a_saved_config_rerun_with_another_algo_and_scorer_trains_with_them(tiny
     assert (ran["gen"]["reward_scorer"], ran["und"]["reward_scorer"]) == ("frozen", "frozen")
     row = json.loads((second / "metrics.jsonl").read_text().splitlines()[0])
     assert "gen/grpo/clip_frac" in row and "und/grpo/clip_frac" in row
-    # a per-direction value the file sets apart from its global is kept when a global flag is given (with two
-    # algorithms only the same global tells keeping from following)
+    # a per-direction value the file sets apart from its global is kept while only the file speaks; a global flag
+    # (a later layer) decides both directions, unless the flags also set the direction (docs/configuration.md)
     (tmp_path / "split.yaml").write_text("algo: simpo\nund_algo: grpo\n")
-    split = resolve(str(tmp_path / "split.yaml"), {"algo": "simpo"})
-    assert (split.gen_algo, split.und_algo) == ("simpo", "grpo")
+    assert (resolve(str(tmp_path / "split.yaml")).und.algo, resolve(str(tmp_path / "split.yaml")).gen.algo) == (
+        "grpo", "simpo")
+    assert resolve(str(tmp_path / "split.yaml"), {"algo": "simpo"}).und.algo == "simpo"
+    split = resolve(str(tmp_path / "split.yaml"), {"algo": "simpo", "und.algo": "grpo"})
+    assert (split.gen.algo, split.und.algo) == ("simpo", "grpo")
 
 
 def test_data_files_are_checked_before_the_base_is_built(tmp_path, monkeypatch, capsys):
