@@ -25,9 +25,9 @@ with ``--group-size 4`` gives 16 and 4.
 
 **Provenance.** ``resolve`` records, for each key, the layer that set it (``TrainConfig.sources``, keys dotted:
 ``gen.group_size``); a run's ``config.yaml`` holds the resolved values and that ``sources:`` mapping. Loading a saved
-``config.yaml`` as ``--config`` keeps only what a user set (config, flags, keywords) as the config layer; values that
-came from the defaults or a preset are left to those layers, so ``--config RUN/config.yaml --group-size 4`` gives 4
-in both directions and ``--algo grpo`` GRPO in both.
+``config.yaml`` as ``--config`` keeps only what a user set (config, flags, keywords; not ``resume`` or
+``overwrite``) as the config layer; values that came from the defaults or a preset are left to those layers, so
+``--config RUN/config.yaml --group-size 4`` gives 4 in both directions and ``--algo grpo`` GRPO in both.
 
 **Legacy keys.** The flat keys of earlier versions still load from YAML and as keywords, mapped to their section:
 ``gen_algo``/``und_algo`` -> ``gen.algo``/``und.algo``, likewise ``*_batch_size``, ``*_group_size``, ``*_reward``,
@@ -530,6 +530,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     data.pop("history", None)
     data.pop("preset", None)
     values = flatten(data, path)
+    if sources:  # a saved run: how that command treated its folder is not a setting to carry over
+        values = {k: v for k, v in values.items() if k not in ("resume", "overwrite")}
     return {k: v for k, v in values.items() if sources.get(k, "config") in USER_LAYERS}
 
 

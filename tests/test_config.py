@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import yaml
 
-from suder.config import DirectionConfig, TrainConfig, load_preset, parse_value, resolve
+from suder.config import DirectionConfig, TrainConfig, load_preset, load_yaml, parse_value, resolve
 from suder.errors import ConfigError
 from suder.outputs import config_yaml
 
@@ -218,6 +218,8 @@ def test_config_yaml_records_values_and_their_layer(tmp_path):
     assert saved["sources"]["gen.group_size"] == "preset" and saved["sources"]["und.group_size"] == "keywords"
     assert saved["sources"]["seed"] == "keywords" and saved["sources"]["lr"] == "preset"
     assert saved["sources"]["simpo_beta"] == "default"
+    assert "overwrite" not in load_yaml(_saved(tmp_path, overwrite=True, resume="auto"))  # not carried over
+    path = _saved(tmp_path, backbone="janus-pro", und_group_size=3, seed=7)
     again = resolve(path)  # re-run as it was
     assert again.to_dict() == resolve(backbone="janus-pro", und_group_size=3, seed=7).to_dict()
     assert again.sources["und.group_size"] == "config" and again.sources["gen.group_size"] == "preset"

@@ -81,7 +81,7 @@ def test_resume_from_the_cli_keeps_the_runs_settings(tiny_toy_path, tmp_path, ca
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["und"]["group_size"], saved["und"]["reward_scorer"], saved["model"]) == (3, "frozen", tiny_toy_path)
     assert saved["steps"] == 3 and saved["history"] == [
-        {"resumed_from": "step-000002", "changed": {"steps": {"from": 2, "to": 3}}}
+        {"resumed_from": "step-000001", "changed": {"steps": {"from": 2, "to": 3}}}  # the last step is final/
     ]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
