@@ -305,6 +305,51 @@ def cmd_report(args) -> None:
     _console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("suder")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def environment() -> dict[str, str]:
+    """What ``suder env`` prints: versions, devices and the installed backbones with their distributions."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .plugins import plugin_info
+    from .registry import list_backbones
+
+    info = {"suder": _version(), "Python": platform.python_version(), "Platform": platform.platform()}
+    for name in ("torch", "transformers", "accelerate", "deepspeed", "peft", "diffusers", "trl", "tyro"):
+        try:
+            info[name] = version(name)
+        except PackageNotFoundError:
+            info[name] = "not installed"
+    import torch
+
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["Devices"] = f"{len(names)} x CUDA: " + ", ".join(names)
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        info["Devices"] = "MPS"
+    else:
+        info["Devices"] = f"CPU only ({os.cpu_count()} cores)"
+    info["Backbones"] = ", ".join(
+        f"{s.name} ({s.distribution} {plugin_info(s.plugin).version})".replace(" )", ")") for s in list_backbones()
+    )
+    return info
+
+
+def cmd_env(args) -> None:
+    """Like ``accelerate env``: one ``- key: value`` line each, to paste into an issue."""
+    print("Copy-and-paste the text below in your GitHub issue\n")
+    for key, value in environment().items():
+        print(f"- {key}: {value}")
+
+
 def results_table(rows: list[tuple[str, dict]], title: str = "ShapesWorld judge accuracy (%)"):
     from rich.table import Table
 
@@ -331,40 +376,17 @@ def results_table(rows: list[tuple[str, dict]], title: str = "ShapesWorld judge 
     return table
 
 
-def cmd_run(args, extra: list[str]) -> None:
-    from .config import parse_value
-    from .errors import ConfigError
-    from .trainer import train
-
-    flags: dict[str, Any] = {}
-    for key in ("backbone", "model", "algo", "strategy", "prompts", "images", "output_dir"):
-        if getattr(args, key) is not None:
-            flags[key] = getattr(args, key)
-    if args.resume is not None:
-        if args.resume not in (True, "auto"):
-            raise ConfigError(f"--resume takes no value or 'auto', got '{args.resume}'.")
-        flags["resume"] = args.resume
-    if args.overwrite:
-        flags["overwrite"] = True
-    i = 0
-    while i < len(extra):
-        token = extra[i]
-        if not token.startswith("--"):
-            raise ConfigError(f"Unexpected argument '{token}'; options look like --key value.")
-        key = token[2:].replace("-", "_")
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(extra):
-                raise ConfigError(f"Option '{token}' needs a value.")
-            raw, i = extra[i + 1], i + 2
-        flags[key] = parse_value(key, raw)
-    console = _console()
+def cmd_run(argv: list[str]) -> None:
+    """``suder run``: the options are generated from ``TrainConfig`` (``run_options``); the flags given are the
+    flags layer of ``suder.config.resolve``."""
     from .config import resolve
-    from .trainer import preflight
+    from .outputs import resume_config
+    from .trainer import preflight, train
 
-    cfg = resolve(args.config, flags)  # fail on a bad option, data file or output folder before any expensive work
+    config_file, flags = parse_run(argv)
+    console = _console()
+    # fail on a bad option, data file or output folder before any expensive work
+    cfg = resume_config(resolve(config_file, flags))
     preflight(cfg)
     if cfg.model is None and (cfg.backbone == "toy" or cfg.shapes_world):
         from .pretrain import cache_dir, ensure_base
@@ -392,12 +414,207 @@ def cmd_run(args, extra: list[str]) -> None:
                     parts.append(f"{k.split('/')[0]} judge={100 * m[k]:.0f}%")
             bar.update(task, total=m["total_steps"], completed=m["step"], info="  ".join(parts))
 
-        result = train(config_file=args.config, flags=flags, callback=on_step)
+        result = train(config_file=config_file, flags=flags, callback=on_step)
     if result.before or result.after:
         from .report import judge_rows
 
         _console(stderr=False).print(results_table(judge_rows(result.before, result.after)))
     console.print(f"Run folder: {result.output_dir}  final model: {result.final_model}")
+
+
+# ------------------------------------------------------------------------------------------- run options
+RUN_GROUPS = {  # help group of TrainConfig's fields (their ``group`` metadata) -> the group's name in --help
+    "what to train": "model", "data": "data", "length and batch": "length", "optimiser": "optimiser",
+    "SimPO": "simpo", "GRPO": "grpo", "rewards": "rewards", "sampling": "sampling", "engineering": "engineering",
+    "logging and saving": "logging",
+}
+RUN_DESCRIPTION = (
+    "Self-improve a unified multimodal model with dual self-rewards; no options: the embedded ShapesWorld default. "
+    "Every setting is an option. The defaults shown are the paper's; the toy backbone and the ShapesWorld runs of "
+    "show-o and janus-pro start from a preset over them (suder/presets/). Precedence: defaults < preset < --config "
+    "YAML < these flags; --algo, --group-size, --batch-size and --reward-scorer set both directions unless "
+    "--gen.* / --und.* say otherwise (docs/configuration.md)."
+)
+MAPPINGS = ("backbone_options", "image_logp_options")
+BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
+
+
+def _metavar(key: str, f) -> str:
+    from .config import field_type
+
+    if f.metadata.get("choices"):
+        return "{" + ",".join(f.metadata["choices"]) + "}"
+    if key in MAPPINGS:
+        return "YAML"
+    if key == "resume":
+        return "[auto]"
+    if key in ("model", "prompts", "images", "output_dir"):
+        return "PATH"
+    kind = field_type(key)
+    text = str(kind)
+    for name in ("float", "int", "list"):
+        if name in text:
+            return {"list": "NAME[,NAME]"}.get(name, name.upper())
+    return "STR"
+
+
+def _shown_default(key: str, f) -> str:
+    import dataclasses
+
+    from .config import INHERITED
+
+    section, _, name = key.rpartition(".")
+    if section and name in INHERITED:
+        return f"(default: {name})"
+    if section:
+        from .config import DIRECTION_DEFAULTS
+
+        value = getattr(DIRECTION_DEFAULTS[section](), name)
+    else:
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if "(default" in f.metadata["help"]:  # the help says it
+        return ""
+    if value is None or value == {} or value == []:
+        return "(default: none)"
+    return f"(default: {str(value).lower() if isinstance(value, bool) else value})"
+
+
+def run_options() -> tuple[type, dict[str, tuple[str, bool]]]:
+    """The ``tyro`` spec of ``suder run``, generated from ``TrainConfig``'s fields: a group per help group (no
+    prefix: ``--lr``), the ``gen``/``und`` sections (``--gen.group-size``); every field is parsed as text and
+    coerced by ``suder.config.coerce`` (one-line errors naming the key), booleans are flags (``--x``/``--no-x``).
+    Also returns the option names: ``--name`` -> (dotted key, takes a value)."""
+    import dataclasses
+    from typing import Annotated, Optional
+
+    import tyro
+
+    from .config import DIRECTIONS, FIELDS
+
+    groups: dict[str, list] = {}
+    names: dict[str, tuple[str, bool]] = {"--config": ("config", True)}
+    for key, f in FIELDS.items():
+        section, _, name = key.rpartition(".")
+        group = section or RUN_GROUPS[f.metadata["group"]]
+        option = "--" + key.replace("_", "-")
+        is_flag = f.type in ("bool", bool)
+        if is_flag:
+            spec = Annotated[bool, tyro.conf.arg(help=f.metadata["help"])]
+            default = bool(f.default) if not section else False
+            names[option], names["--no-" + option[2:]] = (key, False), (key, False)
+        else:
+            aliases = ("--out",) if key == "output_dir" else None
+            hint = _shown_default(key, f)
+            spec = Annotated[Optional[str], tyro.conf.arg(  # noqa: UP045 (tyro reads the typing form)
+                help=f.metadata["help"], metavar=_metavar(key, f), help_behavior_hint=hint, aliases=aliases
+            )]
+            default = None
+            names[option] = (key, True)
+            if aliases:
+                names["--out"] = (key, True)
+        groups.setdefault(group, []).append((name, spec, dataclasses.field(default=default)))
+    fields = [("config", Annotated[Optional[str], tyro.conf.arg(  # noqa: UP045
+        help="YAML file of settings, e.g. a run's config.yaml (flags override it)", metavar="FILE")],
+        dataclasses.field(default=None))]
+    helps = {"gen": "text-to-image (gen) settings", "und": "captioning (und) settings"}
+    for group, members in groups.items():
+        cls = dataclasses.make_dataclass(group, members)
+        marks = () if group in DIRECTIONS else (tyro.conf.OmitArgPrefixes,)
+        spec = Annotated[(cls, *marks, tyro.conf.arg(help=helps.get(group, "")))]
+        fields.append((group, spec, dataclasses.field(default_factory=cls)))
+    return dataclasses.make_dataclass("suder_run", fields), names
+
+
+def _option_error(option: str, names: dict) -> None:
+    from .config import LEGACY
+    from .errors import ConfigError, closest
+
+    known = [n for n in names if not n.startswith("--no-")] + [f"--{k.replace('_', '-')}" for k in LEGACY]
+    hint = closest(option, known)
+    extra = f" Did you mean '{hint}'?" if hint else ""
+    raise ConfigError(f"Unknown option '{option}' of suder run.{extra} (`suder run --help` lists them)")
+
+
+def normalize_run_argv(argv: list[str], names: dict[str, tuple[str, bool]]) -> tuple[list[str], list[str]]:
+    """``argv`` with every option in its canonical ``--name=value`` form (legacy ``--gen-group-size`` ->
+    ``--gen.group-size``, ``--out`` -> ``--output-dir``, bare ``--resume`` -> ``--resume=true``, ``--bf16`` ->
+    ``--mixed-precision=bf16``), and the dotted keys given. Every malformed option is a one-line ``ConfigError``,
+    before the parser sees it."""
+    from .config import LEGACY
+    from .errors import ConfigError
+
+    out: list[str] = []
+    given: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token in ("-h", "--help"):
+            out.append(token)
+            continue
+        if not token.startswith("--"):
+            raise ConfigError(f"Unexpected argument '{token}'; options look like --key value (`suder run --help`).")
+        option, eq, raw = token.partition("=")
+        if option in ("--bf16", "--fp16"):
+            option, eq, raw = "--mixed-precision", "=", option[2:]
+        legacy = LEGACY.get(option[2:].replace("-", "_"))
+        if legacy:
+            option = "--" + legacy.replace("_", "-")
+        if option == "--out":
+            option = "--output-dir"
+        if option not in names:
+            _option_error(option, names)
+        key, takes_value = names[option]
+        if not takes_value:
+            word = raw if eq else (argv[i] if i < len(argv) else "")
+            if word.lower() in BOOL_WORDS:  # the earlier `--flag true` form
+                i += 0 if eq else 1
+                on = BOOL_WORDS[word.lower()] != option.startswith("--no-")
+                option = f"--{'' if on else 'no-'}{option[5:] if option.startswith('--no-') else option[2:]}"
+            elif eq:
+                raise ConfigError(f"{option} is a flag: write {option} or --no-{option[2:]}, not {option}={raw}.")
+            out.append(option)
+        else:
+            if not eq:
+                if i < len(argv) and not argv[i].startswith("--"):
+                    raw, i = argv[i], i + 1
+                elif option == "--resume":
+                    raw = "true"
+                else:
+                    raise ConfigError(f"Option '{option}' needs a value.")
+            if key in MAPPINGS and raw.count("{") > raw.count("}"):
+                rest = argv[i] if i < len(argv) else ""
+                raise ConfigError(
+                    f"{option} got '{raw}' and '{rest}' as separate words: quote the mapping, as in "
+                    f"{option} '{raw} {rest}'." if rest else f"{option} '{raw}' is not a closed mapping."
+                )
+            out.append(f"{option}={raw}")
+        given.append(key)
+    return out, given
+
+
+def parse_run(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """``suder run``'s command line -> (``--config`` file, the flags given as {dotted key: value})."""
+    import tyro
+
+    spec, names = run_options()
+    argv, given = normalize_run_argv(argv, names)
+    parsed = tyro.cli(spec, args=argv, prog="suder run", description=RUN_DESCRIPTION)
+    flags: dict[str, Any] = {}
+    config_file = parsed.config
+    for key in given:
+        if key == "config":
+            continue
+        section, _, name = key.rpartition(".")
+        owner = getattr(parsed, section) if section else getattr(parsed, _group_of(key))
+        flags[key] = getattr(owner, name)
+    return config_file, flags
+
+
+def _group_of(key: str) -> str:
+    from .config import FIELDS
+
+    return RUN_GROUPS[FIELDS[key].metadata["group"]]
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -413,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="suder", description="Self-improve unified multimodal models with dual self-rewards."
     )
+    p.add_argument("--version", action="version", version=f"suder {_version()}")
     sub = p.add_subparsers(dest="command")
 
     b = sub.add_parser("backbones", help="list installed backbones")
@@ -423,11 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
     we = wsub.add_parser("export", help="write N rendered scenes and their true captions")
     we.add_argument("--num", type=int, default=100)
     we.add_argument("--seed", type=int, default=0)
-    we.add_argument("--out", required=True)
+    we.add_argument("--output-dir", "--out", dest="out", required=True, help="the folder to write")
 
     pt = sub.add_parser("pretrain", help="supervised pre-training on paired ShapesWorld")
     pt.add_argument("--backbone", default="toy")
-    pt.add_argument("--out", required=True)
+    pt.add_argument("--output-dir", "--out", dest="out", required=True, help="the folder to write")
     pt.add_argument("--steps", type=int, default=None, help="default: the backbone's recipe (toy: 500)")
     pt.add_argument("--seed", type=int, default=None, help="default: the backbone's recipe (0 unless it names one)")
 
@@ -447,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="skip prompts whose files are all in --out (each prompt has its own seed)"
     )
     g.add_argument("--guidance-scale", type=float, default=None, help="default: the scale stored with the model")
-    g.add_argument("--out", required=True)
+    g.add_argument("--output-dir", "--out", dest="out", required=True, help="the folder to write")
 
     c = sub.add_parser("caption", help="caption every image of a folder (greedy unless --temperature)")
     c.add_argument("--backbone", required=True)
@@ -456,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--temperature", type=float, default=None)
     c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--out", required=True)
+    c.add_argument("--output-dir", "--out", dest="out", required=True, help="the .jsonl file to write")
 
     e = sub.add_parser("eval", help="judged ShapesWorld accuracy (T2I per family, captions)")
     e.add_argument("--backbone", default="toy")
@@ -467,34 +685,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="one self-contained HTML page of a run: config, judge table, curves, samples")
     rp.add_argument("run_dir", help="the --output-dir of a `suder run` (finished or still training)")
-    rp.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    rp.add_argument("--output-dir", "--out", dest="out", help="HTML file to write (default: RUN_DIR/report.html)")
     rp.add_argument("--max-grids", type=int, default=12, help="sample-grid steps shown, evenly spaced (default 12)")
     rp.add_argument(
         "--watch", type=int, metavar="SECONDS", help="rewrite every SECONDS until the run ends; the page reloads"
     )
 
-    r = sub.add_parser(
+    # parsed by ``parse_run`` (options generated from the config); listed here for `suder --help`
+    sub.add_parser(
         "run",
-        help="self-improve with dual self-rewards (no arguments: the embedded ShapesWorld default)",
-        epilog="Any config field is also an option: --lr 1e-5 --group-size 8 ... (see docs/configuration.md)",
+        help="self-improve with dual self-rewards (no arguments: the embedded ShapesWorld default; "
+        "`suder run --help` lists every setting)",
+        add_help=False,
     )
-    r.add_argument("--backbone")
-    r.add_argument("--model")
-    r.add_argument("--algo", choices=("simpo", "grpo"))
-    r.add_argument("--strategy", choices=("unified", "gen", "und", "separate"))
-    r.add_argument("--prompts")
-    r.add_argument("--images")
-    r.add_argument("--output-dir", dest="output_dir")
-    r.add_argument("--config", help="YAML file of config fields (flags override it)")
-    r.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        metavar="auto",
-        help="continue from the last checkpoint in --output-dir (an error if there is none); "
-        "--resume auto: continue if there is one, else start fresh",
-    )
-    r.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    sub.add_parser("env", help="versions, devices and installed backbones, to paste into a bug report")
     return p
 
 
@@ -525,16 +729,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "run":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if argv[:1] == ["run"]:
+            cmd_run(argv[1:])
+            return 0
+        args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 0
-        if args.command == "run":
-            cmd_run(args, extra)
+        if args.command == "env":
+            cmd_env(args)
         elif args.command == "world":
             if args.world_command != "export":
                 parser.parse_args(["world", "--help"])

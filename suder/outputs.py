@@ -2,7 +2,8 @@
 
 ::
 
-    config.yaml              the resolved config (re-runnable with --config)
+    config.yaml              the resolved config, with the layer that set each value (``sources:``) and the
+                             settings changed on resume (``history:``); re-runnable with --config
     metrics.jsonl            one JSON object per training step (held-out scores merged into their step)
     before.json              the judge's scores of the base model (kept for --resume)
     samples/step-000050-gen.png, -und.png   prompts with their images; images with their captions
@@ -17,6 +18,11 @@ Crash safety (``kill -9`` at any moment): every folder is written under a tempor
 pair that the next start repairs), so the last complete checkpoint and the previous ``final/`` stay loadable.
 A torn last line of ``metrics.jsonl`` is dropped on resume, and lines after the checkpoint's step are cut, so
 each step is logged once. A full disk is a ``TrainingError`` that keeps the last complete checkpoint.
+
+Resume (``resume_config``): the run's saved ``config.yaml`` is the resumed run's config. What the new command sets
+may change only what leaves the run's maths alone (``MAY_CHANGE_ON_RESUME``: length, logging, sample/save/eval
+cadence), and each such change is recorded in ``config.yaml``'s ``history:``; any other difference (``--model``,
+``--group-size``, ...) is a one-line ``ConfigError`` naming the settings.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ from .errors import ConfigError, TrainingError
 
 RUN_FILES = ("metrics.jsonl", "run.json", "before.json")
 RUN_DIRS = ("checkpoints", "samples", "final", "logs")
+# what a resumed run may change: how long it runs, what it logs and how often it samples, saves and evaluates
+MAY_CHANGE_ON_RESUME = (
+    "steps", "epochs", "report_to", "sample_every", "save_every", "save_total_limit", "eval_every", "eval_num",
+    "early_stopping_patience", "early_stopping_num", "gradient_checkpointing",
+)
+RUN_CONTROL = ("resume", "overwrite", "output_dir")  # how the command treats the folder, not run settings
 
 
 @dataclass
@@ -177,8 +189,6 @@ class RunWriter:
 
     def start(self, cfg: Any, extra: dict[str, Any], resume_from: Path | None) -> None:
         """Clear a replaced run (fresh start) and write ``config.yaml``."""
-        import yaml
-
         self.extra = extra
         if not self.main:
             return
@@ -191,7 +201,7 @@ class RunWriter:
                 (self.out / name).unlink(missing_ok=True)
             for name in RUN_DIRS:
                 shutil.rmtree(self.out / name, ignore_errors=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (self.out / "config.yaml").write_text(config_yaml(cfg))
 
     # ------------------------------------------------------------------ metrics
     def log(self, metrics: dict[str, Any]) -> None:
@@ -432,3 +442,71 @@ def caption_grid(r: Any, groups: int = 4, scale: int = 2):
             draw.text((size + 8, g * row_h + j * line_h), text, fill=(230, 230, 230))
     return canvas
 
+
+
+# ---------------------------------------------------------------------------------------------- config.yaml
+CONFIG_HEADER = """\
+# The resolved settings of this run. `sources` says which layer set each one (default < preset < config <
+# flags < keywords; docs/configuration.md); `history` lists the settings changed when the run was resumed.
+# Re-run it with: suder run --config config.yaml --output-dir NEW_FOLDER (flags given then override it).
+"""
+
+
+def config_yaml(cfg: Any) -> str:
+    """``config.yaml``: the resolved values (sections nested), the preset, ``sources`` and ``history``."""
+    import yaml
+
+    data = cfg.to_dict()
+    data["preset"] = getattr(cfg, "preset", None)
+    data["sources"] = dict(getattr(cfg, "sources", {}))
+    data["history"] = list(getattr(cfg, "history", []))
+    return CONFIG_HEADER + yaml.safe_dump(data, sort_keys=False)
+
+
+def resume_config(cfg: Any) -> Any:
+    """The config a ``--resume`` continues with: the run's saved ``config.yaml``, with the changes the new command
+    asks for that ``MAY_CHANGE_ON_RESUME`` allows (recorded in ``history``); ``cfg`` itself when there is nothing
+    to resume (``plan_start`` then decides). A change to any other setting is a one-line ``ConfigError``."""
+    import yaml
+
+    from .config import DIRECTIONS, KEYS, USER_LAYERS, TrainConfig, flatten
+
+    out = Path(cfg.output_dir)
+    saved_file = out / "config.yaml"
+    if not cfg.resume or not saved_file.is_file() or RunWriter(out, False).latest_checkpoint() is None:
+        return cfg
+    try:
+        data = yaml.safe_load(saved_file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"Cannot resume '{out}': its config.yaml is not valid YAML ({reason}).") from None
+    sources = dict(data.pop("sources", None) or {})
+    history = list(data.pop("history", None) or [])
+    preset = data.pop("preset", None)
+    saved = flatten(data, str(saved_file))
+    if not sources:  # a config.yaml of an earlier version: flat keys, every value resolved
+        sources = {k: "config" for k in saved}
+    given = {k for k, layer in getattr(cfg, "sources", {}).items() if layer in USER_LAYERS} - set(RUN_CONTROL)
+    new = cfg.to_flat_dict()
+    changed = {k: (saved.get(k), new[k]) for k in sorted(given) if k in saved and saved[k] != new[k]}
+    refused = [k for k in changed if k not in MAY_CHANGE_ON_RESUME]
+    if refused:
+        shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in refused)
+        raise ConfigError(
+            f"Cannot resume '{out}' with different settings: {shown} would change the run's maths; leave them out "
+            "to continue it as it was started, or start a new run in another --output-dir."
+        )
+    values = {**saved, **{k: new[k] for k in changed}, **{k: new[k] for k in RUN_CONTROL}}
+    nested: dict[str, Any] = {d: {} for d in DIRECTIONS}
+    for key in KEYS:
+        if key in values:
+            section, _, name = key.rpartition(".")
+            (nested[section] if section else nested)[name] = values[key]
+    resumed = TrainConfig(**nested)
+    resumed.sources = {**{k: sources.get(k, "config") for k in KEYS}, **{k: cfg.sources[k] for k in changed}}
+    resumed.preset = preset
+    step = RunWriter(out, False).latest_checkpoint().name
+    if changed:
+        history.append({"resumed_from": step, "changed": {k: {"from": a, "to": b} for k, (a, b) in changed.items()}})
+    resumed.history = history
+    return resumed

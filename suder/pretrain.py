@@ -16,7 +16,8 @@ registered factory an attribute ``shapes_recipe``: a callable returning a ``Shap
   ...);
 - ``image_logp_options(rng)``: optional keyword arguments of ``logp_image_given_text`` per step (Show-o: a random
   mask ratio, its mask-token-prediction objective);
-- ``run_defaults``: ``TrainConfig`` defaults of ``suder run`` on this base, over the toy's (``config.TOY_DEFAULTS``).
+- ``preset``: the name of the preset file (``suder/presets/NAME.yaml``, or a path to a YAML file) whose settings
+  ``suder run`` uses on this base over the paper's defaults (``suder.config``).
 
 The toy needs no recipe: its factory builds a ShapesWorld model by default (``DEFAULT_RECIPE``). Show-o's is
 ``suder/backbones/show_o/shapes_world.py``. ``ensure_base(backbone)`` builds a backbone's base once and caches it
@@ -66,10 +67,10 @@ class ShapesRecipe:
     version: str = BASE_VERSION
     pretrain: dict[str, Any] = field(default_factory=dict)
     image_logp_options: Callable[[random.Random], dict[str, Any]] | None = None
-    run_defaults: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
 
 
-DEFAULT_RECIPE = ShapesRecipe()
+DEFAULT_RECIPE = ShapesRecipe(preset="toy")
 
 
 def shapes_recipe(backbone: str) -> ShapesRecipe | None:

@@ -240,12 +240,19 @@ def config_section(config: dict[str, Any]) -> str:
     from .config import FIELDS
 
     items = []
+    sources = config.get("sources") or {}  # which layer set each value (suder.config); bold: not the default
+    flat: dict[str, Any] = {}
     for key, value in config.items():
+        if key in ("gen", "und") and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        elif key not in ("sources", "history", "preset"):
+            flat[key] = value
+    for key, value in flat.items():
         f = FIELDS.get(key)
         default = None
         if f is not None:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        changed = f is not None and value != default
+        changed = sources[key] != "default" if key in sources else f is not None and value != default
         name = f"<b>{html.escape(key)}</b>" if changed else html.escape(key)
         shown = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
         items.append(f'<div data-key="{html.escape(key)}"><span>{name}</span><span>{html.escape(shown)}</span></div>')
@@ -257,7 +264,8 @@ def summary_line(run: dict[str, Any], metrics: list[dict[str, Any]], config: dic
     for key in ("algo", "strategy", "backbone"):
         value = run.get(key, config.get(key))
         if key == "algo":  # one algorithm per direction where they differ
-            per = {d: run.get(f"{d}_algo", config.get(f"{d}_algo")) for d in ("gen", "und")}
+            saved = {d: (config.get(d) or {}).get("algo", config.get(f"{d}_algo")) for d in ("gen", "und")}
+            per = {d: run.get(f"{d}_algo", saved[d]) for d in ("gen", "und")}
             if None not in per.values() and len(set(per.values())) > 1:
                 value = f"{per['gen']} (gen) / {per['und']} (und)"
         if value is not None:

@@ -58,8 +58,7 @@ class Batch:
 
 # ------------------------------------------------------------------------------------------ directions
 def sample_group(model: Any, direction: str, inputs: list[Any], cfg: Any, generator: torch.Generator):
-    """Sample the direction's group size (``cfg.gen_group_size`` / ``cfg.und_group_size``) outputs per input (no
-    grad)."""
+    """Sample the direction's group size (``cfg.side(direction).group_size``) outputs per input (no grad)."""
     size = group_size(cfg, direction)
     if direction == "gen":
         return model.sample_image(
@@ -78,8 +77,8 @@ def sample_group(model: Any, direction: str, inputs: list[Any], cfg: Any, genera
 
 
 def group_size(cfg: Any, direction: str) -> int:
-    """G of a direction: ``gen_group_size`` or ``und_group_size`` (each ``group_size`` unless set)."""
-    return getattr(cfg, f"{direction}_group_size") or cfg.group_size
+    """G of a direction: ``gen.group_size`` or ``und.group_size`` (each ``group_size`` unless set)."""
+    return cfg.side(direction).group_size
 
 
 def policy_logps(
@@ -201,8 +200,8 @@ class SimPO:
     def prepare(self, policy, rollout: Rollout, cfg, reference, seeds: list[int]) -> tuple[Batch | None, dict]:
         best, worst, valid = losses.best_worst(rollout.rewards, rollout.group_size)
         metrics = rollout_metrics(rollout, best, worst, valid)
-        pairs = getattr(cfg, f"simpo_{rollout.direction}_pairs")
-        gap = getattr(cfg, f"simpo_{rollout.direction}_min_gap")
+        pairs = cfg.side(rollout.direction).simpo_pairs
+        gap = cfg.side(rollout.direction).simpo_min_gap
         eps = max(gap, 1e-6)  # rewards closer than this are ties
         if gap > 0:
             best, worst, valid = losses.best_worst(rollout.rewards, rollout.group_size, eps=eps)

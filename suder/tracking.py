@@ -112,7 +112,7 @@ class Tracking:
         run = Path(cfg.output_dir).resolve().name
         names = {"wandb": "name", "trackio": "name", "mlflow": "run_name", "swanlab": "experiment_name"}
         init = {tracker: {key: run} for tracker, key in names.items() if tracker in cfg.report_to}
-        acc.init_trackers(PROJECT, config=hparams(cfg.to_dict()), init_kwargs=init)
+        acc.init_trackers(PROJECT, config=hparams(cfg.to_flat_dict()), init_kwargs=init)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.on:

@@ -31,7 +31,7 @@ from .config import TrainConfig, resolve
 from .data import image_pool, prompt_pool
 from .distributed import check_engine, clip_grad_norm, compute_dtype, is_sharded, launched_engine, whole_weights
 from .errors import SuderError, TrainingError
-from .outputs import RunWriter, TrainResult, check_writable
+from .outputs import RunWriter, TrainResult, check_writable, resume_config
 from .registry import get_reward_spec, load_backbone
 from .rollout import ALGORITHMS, Batch, ReferenceScope, Rollout, group_size, policy_logps, sample_group
 
@@ -101,7 +101,7 @@ def train(
             config["backbone"] = getattr(model, "name", "custom")
     if algo is not None:
         config["algo"] = algo
-    cfg = resolve(config_file, flags, **config)
+    cfg = resume_config(resolve(config_file, flags, **config))  # a resumed run continues with its saved settings
     return Trainer(cfg, policy, callback).run()
 
 
@@ -117,7 +117,7 @@ def plan(cfg: TrainConfig, step: int) -> list[tuple[str, str, str]]:
 
 def scorer_of(cfg: TrainConfig, direction: str) -> str:
     """Which model scores ``direction``'s rewards: ``frozen`` (the initial model) or ``policy``."""
-    return cfg.gen_reward_scorer if direction == "gen" else cfg.und_reward_scorer  # resolved by TrainConfig
+    return cfg.side(direction).reward_scorer  # resolved by TrainConfig
 
 
 def preflight(cfg: TrainConfig) -> Path | None:
@@ -204,7 +204,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _reward(self, direction: str):
-        name = self.cfg.gen_reward if direction == "gen" else self.cfg.und_reward
+        name = self.cfg.side(direction).reward
         spec = get_reward_spec(name)
         if direction not in spec.directions:
             from .errors import ConfigError
@@ -222,7 +222,7 @@ class Trainer:
 
     def _needs_reference(self) -> bool:
         c = self.cfg
-        und_ref = "und" in c.directions and rewards_mod.needs_reference(c.und_reward, c.to_dict())
+        und_ref = "und" in c.directions and rewards_mod.needs_reference(c.und.reward, c.to_dict())
         frozen_scorer = any(scorer_of(c, d) == "frozen" for d in c.directions)
         grpo_kl = c.grpo_beta > 0 and any(c.algo_for(d) == "grpo" for d in c.directions)
         return grpo_kl or c.simpo_kl_beta > 0 or und_ref or frozen_scorer
@@ -283,9 +283,9 @@ class Trainer:
             return int(c.steps)
         sizes = []
         if "gen" in c.directions:
-            sizes.append(len(self.pools["gen"]) / (c.gen_batch_size * c.grad_accum * self.acc.num_processes))
+            sizes.append(len(self.pools["gen"]) / (c.gen.batch_size * c.grad_accum * self.acc.num_processes))
         if "und" in c.directions:
-            sizes.append(len(self.pools["und"]) / (c.und_batch_size * c.grad_accum * self.acc.num_processes))
+            sizes.append(len(self.pools["und"]) / (c.und.batch_size * c.grad_accum * self.acc.num_processes))
         return max(1, math.ceil(c.epochs * max(sizes)))
 
     def _steps_for(self, key: str) -> int:
@@ -462,7 +462,7 @@ class Trainer:
 
     def rollout(self, key: str, direction: str, scorer_key: str, step: int, micro: int) -> Rollout:
         c = self.cfg
-        size = c.gen_batch_size if direction == "gen" else c.und_batch_size
+        size = c.side(direction).batch_size
         index = (step * c.grad_accum + micro) * self.acc.num_processes + self.acc.process_index
         inputs = self.pools[direction].batch(index, size)
         gen = torch.Generator().manual_seed(
@@ -498,7 +498,7 @@ class Trainer:
         only at the last micro-batch, and ``acc.backward``'s division by ``grad_accum`` is undone."""
         c, model = self.cfg, self.models[key]
         wrapped, opt, sched = model["wrapped"], model["opt"], model["sched"]
-        weights = {"gen": c.gen_loss_weight, "und": c.und_loss_weight}
+        weights = {d: c.side(d).loss_weight for d in ("gen", "und")}
         metrics: dict[str, Any] = {"lr": sched.get_last_lr()[0]}  # the rate this step uses
         mine = [kd for kd in norm if kd[0] == key]
         if all(norm[kd]["count"] == 0 for kd in mine):  # every group of every process was skipped: no update

@@ -274,6 +274,28 @@ BAD_INPUTS = [
         "'lora:true' reads as one key with no value; put a space after the colon: \"{lora: true}\"",
     ),
     ("run-options-not-a-mapping", "run --model {m} --backbone-options lora --output-dir {t}/out", "must be a mapping"),
+    (
+        "run-options-unquoted",  # the shell splits {lora: true} into two words
+        "run --model {m} --backbone-options {{lora: true}} --output-dir {t}/out",
+        "--backbone-options got '{lora:' and 'true}' as separate words: quote the mapping, as in --backbone-options "
+        "'{lora: true}'.",
+    ),
+    (
+        "run-group-size-not-a-number",
+        "run --model {m} --group-size four --output-dir {t}/out",
+        "group_size in command-line flags must be an integer, got 'four'.",
+    ),
+    (
+        "run-yaml-group-size-not-a-number",
+        "run --config {four} --model {m} --output-dir {t}/out",
+        "four.yaml must be an integer, got 'four'.",
+    ),
+    ("run-unknown-option", "run --grup-size 4 --output-dir {t}/out", "Did you mean '--group-size'?"),
+    ("run-unknown-section-option", "run --gen.grup-size 4", "Did you mean '--gen.group-size'?"),
+    ("run-option-without-value", "run --model {m} --lr", "Option '--lr' needs a value."),
+    ("run-flag-with-a-value", "run --overwrite=maybe", "--overwrite is a flag: write --overwrite or --no-overwrite"),
+    ("run-stray-word", "run --model {m} extra", "Unexpected argument 'extra'"),
+    ("run-bad-choice", "run --model {m} --und.algo ppo --output-dir {t}/out", "und.algo must be one of simpo, grpo"),
 ]
 
 
@@ -284,6 +306,7 @@ def bad_files(tmp_path, tiny_toy_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 a red square\n".encode("latin-1"))
     (tmp_path / "plain.txt").write_text("a file, not a folder\n")
     (tmp_path / "p.txt").write_text("a red square\n")
+    (tmp_path / "four.yaml").write_text("group_size: four\n")
     shapes.export(2, 0, tmp_path / "images")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "broken.png").write_bytes(b"not a png")
@@ -295,6 +318,7 @@ def bad_files(tmp_path, tiny_toy_path):
         "file": tmp_path / "plain.txt",
         "broken": tmp_path / "broken",
         "t": tmp_path,
+        "four": tmp_path / "four.yaml",
     }
 
 
@@ -497,3 +521,61 @@ def _fake_pretrain(backbone, *, out, steps, seed, callback):
     for step in range(1, steps + 1):
         callback({"step": step, "total_steps": steps, "loss": 1.0 / step})
     return suder.pretrain.PretrainResult(None, out, 1.0, [1.0 / steps])
+
+
+# ------------------------------------------------------------------------------------------- generated options
+def test_run_help_lists_every_setting_with_its_help_and_default(capsys):
+    """`suder run --help` is generated from the config: every setting (sections as --gen.x / --und.x), its help
+    text and its default, in groups."""
+    from suder.config import FIELDS
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # the help is wrapped in boxes: compare words
+    out = out.replace("│", " ")
+    out = " ".join(out.split())
+    for key, f in FIELDS.items():
+        assert f"--{key.replace('_', '-')}" in out, key
+        words = " ".join(f.metadata["help"].split()[:4])
+        assert words in out, (key, words)
+    for group in ("model", "data", "length", "optimiser", "simpo", "grpo", "rewards", "sampling", "logging", "gen"):
+        assert f"{group} options" in out, group
+    assert "--lr FLOAT learning rate (AdamW) (default: 3e-06)" in out
+    assert "--gen.group-size INT" in out and "(default: group_size)" in out
+    assert "--gradient-checkpointing, --no-gradient-checkpointing" in out and "--output-dir" in out
+
+
+def test_run_flags_are_typed_flags_and_sections():
+    from suder.cli import parse_run
+
+    config, flags = parse_run(
+        ["--gradient-checkpointing", "--bf16", "--gen.group-size", "16", "--group-size", "4", "--out", "r",
+         "--und-reward-scorer", "frozen", "--resume", "--lr=1e-5", "--config", "c.yaml"]
+    )
+    assert config == "c.yaml"
+    assert flags == {"gradient_checkpointing": True, "mixed_precision": "bf16", "gen.group_size": "16",
+                     "group_size": "4", "output_dir": "r", "und.reward_scorer": "frozen", "resume": "true",
+                     "lr": "1e-5"}
+    assert parse_run(["--resume", "auto", "--no-overwrite"])[1] == {"resume": "auto", "overwrite": False}
+    assert parse_run([]) == (None, {})  # the embedded default
+
+
+@pytest.mark.parametrize("command", ["world export", "pretrain", "generate", "caption", "report", "run"])
+def test_every_command_writes_to_output_dir(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command.split(), "--help"])
+    out = capsys.readouterr().out
+    assert "--output-dir" in out and "--out" in out
+
+
+def test_version_and_env():
+    import suder.cli
+
+    proc = _suder("--version")
+    assert proc.stdout.strip() == f"suder {suder.cli._version()}" and suder.cli._version() != "unknown"
+    env = _suder("env").stdout
+    for key in ("suder", "Python", "torch", "transformers", "accelerate", "deepspeed", "Devices", "Backbones"):
+        assert f"- {key}: " in env, key
+    backbones = env.split("- Backbones: ")[1]
+    assert "toy (suder " in backbones and "janus-pro (suder " in backbones

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from suder.backbones.janus_pro import shapes_world as jsw
 from suder.pretrain import image_patches as pretrain_image_patches
@@ -25,7 +26,7 @@ TINY_BUILD = dict(
 )
 
 
-RUN_DEFAULTS = jsw.recipe().run_defaults
+PRESET = jsw.recipe().preset
 BASE_SEED = jsw.recipe().pretrain["seed"]
 STEPS_TO_ASSIGN = 300
 
@@ -35,7 +36,7 @@ def tiny_recipe():
         build=functools.partial(jsw.build_shapes_base, **TINY_BUILD),
         version="tiny-test",
         pretrain=dict(steps=2, seed=BASE_SEED, batch_size=4, lr=1e-3, warmup_steps=1),
-        run_defaults=RUN_DEFAULTS,
+        preset=PRESET,
     )
 
 
@@ -190,10 +191,10 @@ def test_dsr_on_the_base_runs_and_reports_the_judge_table(tiny_janus_base, tmp_p
 
 def test_suder_run_janus_pro_builds_its_base_and_caches_it(monkeypatch, tmp_path, capsys):
     from suder import cli
-    from suder.config import TrainConfig
+    from suder.config import resolve
 
     monkeypatch.setattr(jsw, "recipe", tiny_recipe)
-    assert TrainConfig(backbone="janus-pro").shapes_world  # no --prompts needed: its ShapesWorld default
+    assert resolve(backbone="janus-pro").shapes_world  # no --prompts needed: its ShapesWorld default
     args = ["run", "--backbone", "janus-pro", "--steps", "1", "--group-size", "2", "--gen-batch-size", "2"]
     args += ["--und-batch-size", "2", "--eval-num", "8", "--output-dir", str(tmp_path / "r")]
     assert cli.main(args) == 0
@@ -201,10 +202,10 @@ def test_suder_run_janus_pro_builds_its_base_and_caches_it(monkeypatch, tmp_path
     assert "before" in out.out and "after" in out.out
     base = pretrain_mod.cache_dir() / f"janus-pro-base-tiny-test-steps2-seed{BASE_SEED}"
     assert json.loads((base / "pretrain.json").read_text())["backbone"] == "janus-pro"
-    config = (tmp_path / "r" / "config.yaml").read_text()  # what ran: the recipe's run defaults
-    assert "guidance_scale: 2.0" in config and "cfg_policy: guided" in config
-    assert "gen_reward_scorer: policy" in config and "und_reward_scorer: frozen" in config
-    assert "gen_group_size: 2\n" in config  # --group-size 2 decides both directions over the recipe's 16
+    config = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())  # what ran: the recipe's preset
+    assert config["guidance_scale"] == 2.0 and config["cfg_policy"] == "guided"
+    assert (config["gen"]["reward_scorer"], config["und"]["reward_scorer"]) == ("policy", "frozen")
+    assert config["gen"]["group_size"] == 2  # --group-size 2 decides both directions over the preset's 16
     # the final model samples at the run's scale; the base keeps its own
     assert json.loads((tmp_path / "r" / "run.json").read_text())["guidance_scale"] == 2.0
     assert json.loads((tmp_path / "r" / "before.json").read_text())["base_guidance"]["guidance_scale"] == 1.0
@@ -232,20 +233,20 @@ def test_cli_eval_caption_generate_on_the_base(tiny_janus_base, tmp_path, capsys
 def test_run_defaults_yield_to_what_the_user_passes():
     """The ShapesWorld run defaults (guidance 2, captions scored by the frozen base) apply only where the user
     passed nothing: `--reward-scorer policy` means both directions, as it does on every other backbone."""
-    from suder.config import TrainConfig
+    from suder.config import resolve
 
-    cfg = TrainConfig(backbone="janus-pro")
-    assert (cfg.guidance_scale, cfg.cfg_policy, cfg.gen_reward_scorer, cfg.und_reward_scorer) == (
+    cfg = resolve(backbone="janus-pro")
+    assert (cfg.guidance_scale, cfg.cfg_policy, cfg.gen.reward_scorer, cfg.und.reward_scorer) == (
         2.0, "guided", "policy", "frozen")
-    assert TrainConfig(backbone="janus-pro", reward_scorer="policy").und_reward_scorer == "policy"
-    assert TrainConfig(backbone="janus-pro", reward_scorer="frozen").gen_reward_scorer == "frozen"
-    assert TrainConfig(backbone="janus-pro", und_reward_scorer="policy").und_reward_scorer == "policy"
-    assert TrainConfig(backbone="janus-pro", guidance_scale=1.0).guidance_scale == 1.0
+    assert resolve(backbone="janus-pro", reward_scorer="policy").und_reward_scorer == "policy"
+    assert resolve(backbone="janus-pro", reward_scorer="frozen").gen_reward_scorer == "frozen"
+    assert resolve(backbone="janus-pro", und_reward_scorer="policy").und_reward_scorer == "policy"
+    assert resolve(backbone="janus-pro", guidance_scale=1.0).guidance_scale == 1.0
     # 16 images per prompt, 8 captions per image, unless the user says: --group-size decides both directions
-    assert (cfg.group_size, cfg.gen_group_size, cfg.und_group_size) == (8, 16, 8)
-    given = TrainConfig(backbone="janus-pro", group_size=4)
-    assert (given.gen_group_size, given.und_group_size) == (4, 4)
-    assert TrainConfig(backbone="janus-pro", gen_group_size=8).gen_group_size == 8
-    assert TrainConfig(backbone="janus-pro", und_group_size=4).gen_group_size == 16
-    real = TrainConfig(backbone="janus-pro", model="deepseek-community/Janus-Pro-1B", prompts="p.txt", images="i")
+    assert (cfg.group_size, cfg.gen.group_size, cfg.und.group_size) == (8, 16, 8)
+    given = resolve(backbone="janus-pro", group_size=4)
+    assert (given.gen.group_size, given.und.group_size) == (4, 4)
+    assert resolve(backbone="janus-pro", gen_group_size=8).gen_group_size == 8
+    assert resolve(backbone="janus-pro", und_group_size=4).gen_group_size == 16
+    real = resolve(backbone="janus-pro", model="deepseek-community/Janus-Pro-1B", prompts="p.txt", images="i")
     assert real.und_reward_scorer == "policy" and real.guidance_scale is None  # released checkpoints: the paper's

@@ -12,9 +12,10 @@ import random
 
 import pytest
 import torch
+import yaml
 
 from suder.backbones.show_o import shapes_world
-from suder.config import PAPER_DEFAULTS, TOY_DEFAULTS, TrainConfig
+from suder.config import TrainConfig, load_preset, resolve
 from suder.errors import BackboneError, ConfigError
 
 pretrain_mod = importlib.import_module("suder.pretrain")
@@ -26,7 +27,7 @@ TINY_VQ = dict(
     decoder_ch_mult=(1, 1, 1, 1),
     decoder_num_res_blocks=(1, 1, 1, 1),
 )
-RUN_DEFAULTS = shapes_world.recipe().run_defaults
+PRESET = shapes_world.recipe().preset
 TINY_BUILD = dict(llm=TINY_LLM, vq=TINY_VQ, tokenizer_steps=2, tokenizer_batch_size=4)
 
 
@@ -36,7 +37,7 @@ def tiny_recipe():
         version="tiny-test",
         pretrain=dict(steps=3, batch_size=4, lr=1e-3, warmup_steps=1),
         image_logp_options=shapes_world.image_logp_options,
-        run_defaults=RUN_DEFAULTS,
+        preset=PRESET,
     )
 
 
@@ -172,29 +173,29 @@ def test_a_recipe_names_the_seed_of_its_base(monkeypatch, tmp_path):
 
 
 def test_config_uses_the_recipe_defaults_only_on_shapes_world(no_janus_recipe):
-    cfg = TrainConfig(backbone="show-o")
-    assert cfg.shapes_world and cfg.lr == shapes_world.recipe().run_defaults["lr"]
-    assert cfg.steps == TOY_DEFAULTS["steps"] and cfg.guidance_scale is None  # the base's own guidance
-    assert cfg.reward_scorer == "frozen" and cfg.simpo_und_pairs == "all" and cfg.simpo_gen_pairs == "best-worst"
-    real = TrainConfig(backbone="show-o", model="showlab/show-o", prompts="p.txt", images="imgs")
-    assert not real.shapes_world and real.lr == PAPER_DEFAULTS["lr"]
-    assert real.reward_scorer == "policy" and real.simpo_und_pairs == "best-worst"  # the paper's, on real data
-    assert TrainConfig(backbone="show-o", reward_scorer="policy").reward_scorer == "policy"  # a flag still wins
+    cfg = resolve(backbone="show-o")
+    assert cfg.shapes_world and cfg.lr == load_preset("show-o")["lr"] == 3e-5
+    assert cfg.steps == load_preset("toy")["steps"] == 300 and cfg.guidance_scale is None  # the base's own guidance
+    assert cfg.reward_scorer == "frozen" and cfg.und.simpo_pairs == "all" and cfg.gen.simpo_pairs == "best-worst"
+    real = resolve(backbone="show-o", model="showlab/show-o", prompts="p.txt", images="imgs")
+    assert not real.shapes_world and real.lr == TrainConfig().lr == 3e-6
+    assert real.reward_scorer == "policy" and real.und.simpo_pairs == "best-worst"  # the paper's, on real data
+    assert resolve(backbone="show-o", reward_scorer="policy").reward_scorer == "policy"  # a flag still wins
     with pytest.raises(ConfigError, match="needs --images"):
-        TrainConfig(backbone="show-o", prompts="p.txt")
+        resolve(backbone="show-o", prompts="p.txt")
     with pytest.raises(ConfigError, match="needs --prompts"):
-        TrainConfig(backbone="janus-pro")
+        resolve(backbone="janus-pro")
 
 
 def test_a_released_checkpoint_without_data_asks_for_it(tmp_path):
     """--model of a backbone with a ShapesWorld recipe is trained on ShapesWorld only when `suder pretrain` (or a
     run from its base) marked the folder; a released checkpoint with no data asks for it, naming why."""
     with pytest.raises(ConfigError, match="needs --prompts.*not a ShapesWorld base written by `suder pretrain`"):
-        TrainConfig(backbone="show-o", model="showlab/show-o")
+        resolve(backbone="show-o", model="showlab/show-o")
     with pytest.raises(ConfigError, match="needs --images"):
-        TrainConfig(backbone="show-o", model=str(tmp_path), strategy="und")
+        resolve(backbone="show-o", model=str(tmp_path), strategy="und")
     pretrain_mod.write_marker(tmp_path, {"backbone": "show-o"})
-    assert TrainConfig(backbone="show-o", model=str(tmp_path)).shapes_world
+    assert resolve(backbone="show-o", model=str(tmp_path)).shapes_world
 
 
 # ------------------------------------------------------------------------------------------ the whole path
@@ -232,7 +233,7 @@ def test_dsr_on_the_base_runs_and_reports_the_judge_table(tiny_show_o_base, tmp_
     assert result.metrics and "gen/reward_mean" in result.metrics[0] and "und/reward_mean" in result.metrics[0]
     # the trained model is still a ShapesWorld model: a run from it needs no data
     assert pretrain_mod.is_shapes_base(result.final_model) and pretrain_mod.is_shapes_base(tiny_show_o_base)
-    assert TrainConfig(backbone="show-o", model=result.final_model).shapes_world
+    assert resolve(backbone="show-o", model=result.final_model).shapes_world
 
 
 def test_suder_run_show_o_builds_its_base_and_caches_it(monkeypatch, tmp_path, capsys):
@@ -244,8 +245,8 @@ def test_suder_run_show_o_builds_its_base_and_caches_it(monkeypatch, tmp_path, c
     assert cli.main(args) == 0
     out = capsys.readouterr()
     assert "before" in out.out and "after" in out.out
-    config = (tmp_path / "r" / "config.yaml").read_text()  # what ran: the recipe's run defaults
-    assert "reward_scorer: frozen" in config and "simpo_und_pairs: all" in config
+    config = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())  # what ran: the recipe's preset
+    assert config["reward_scorer"] == "frozen" and config["und"]["simpo_pairs"] == "all"
     base = pretrain_mod.cache_dir() / "show-o-base-tiny-test-steps3-seed0"
     assert json.loads((base / "pretrain.json").read_text())["backbone"] == "show-o"
     assert (base / "magvitv2" / "pytorch_model.safetensors").is_file()

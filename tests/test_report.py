@@ -82,7 +82,9 @@ def test_report_of_a_finished_run(run_dir, tmp_path):
     page = Page(text)
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert set(page.config) == set(config)
+    shown = {f"{k}.{name}" if k in ("gen", "und") else k for k, v in config.items()
+             for name in (v if k in ("gen", "und") else [None]) if k not in ("sources", "history", "preset")}
+    assert set(page.config) == shown and "gen.group_size" in shown  # every setting, sections as gen.x / und.x
     assert page.config["lr"] == "2e-05" and page.config["group_size"] == "4" and page.config["algo"] == "simpo"
 
     run = json.loads((run_dir / "run.json").read_text())

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import suder
 from suder import plugins, rewards
-from suder.config import TrainConfig
+from suder.config import resolve
 from suder.errors import ConfigError, DataError, TrainingError
 from suder.rollout import ALGORITHMS, Rollout, sample_group
 from suder.worlds import shapes
@@ -101,7 +102,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_toy_path, algo):
 
     pairs = "all" if algo == "simpo-all-pairs" else "best-worst"
     algo = algo.split("-")[0]
-    cfg = TrainConfig(
+    cfg = resolve(
         model=tiny_toy_path,
         algo=algo,
         simpo_gen_pairs=pairs,
@@ -175,7 +176,7 @@ def _und_pairs_run(tiny_toy_path, out_root, pairs, *flags):
     args += ["--gen-batch-size", "2", "--und-batch-size", "4", "--eval-num", "4", "--save-every", "0"]
     args += ["--text-temperature", "2.0", "--simpo-und-pairs", pairs, *flags]
     assert cli.main(args) == 0
-    assert f"simpo_und_pairs: {pairs}" in (out / "config.yaml").read_text()
+    assert yaml.safe_load((out / "config.yaml").read_text())["und"]["simpo_pairs"] == pairs
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -204,7 +205,7 @@ def test_best_likeliest_pairs_the_best_with_the_policys_likeliest_loser(tiny_toy
     r = forced.detach().clone().view(3, 4)
     r[:, 3] = 10.0
     r = r.flatten()
-    cfg = TrainConfig(group_size=4, simpo_und_pairs="best-likeliest")
+    cfg = resolve(group_size=4, simpo_und_pairs="best-likeliest")
     batch, metrics = ALGORITHMS["simpo"].prepare(tiny_toy, Rollout("und", t, r, 4), cfg, None, [0])
     want = [4 * b + int(forced[4 * b : 4 * b + 3].argmax()) for b in range(3)]
     keep = [b for b in range(3) if t.texts[4 * b + 3] != t.texts[want[b]]]  # identical pairs are skipped
@@ -213,7 +214,7 @@ def test_best_likeliest_pairs_the_best_with_the_policys_likeliest_loser(tiny_toy
     assert batch.samples.texts == [t.texts[4 * b + 3] for b in keep] + [t.texts[want[b]] for b in keep]
     assert metrics["und/rejected_is_worst"] == 0.0
     assert "und/rejected_is_worst" not in ALGORITHMS["simpo"].prepare(
-        tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4), None, [0]
+        tiny_toy, Rollout("und", t, r, 4), resolve(group_size=4), None, [0]
     )[1]
 
 
@@ -232,7 +233,7 @@ def test_min_gap_keeps_close_rewards_out_of_pairs(tiny_toy):
     prepare = ALGORITHMS["simpo"].prepare
 
     def pairs(**kw):
-        batch, metrics = prepare(tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4, **kw), None, [0])
+        batch, metrics = prepare(tiny_toy, Rollout("und", t, r, 4), resolve(group_size=4, **kw), None, [0])
         n = batch.count
         return list(zip(batch.samples.texts[:n], batch.samples.texts[n:])), metrics
 
@@ -257,17 +258,17 @@ def test_min_gap_keeps_close_rewards_out_of_pairs(tiny_toy):
             n += sum(x - y > gap for x in first.values() for y in first.values())
         return n
 
-    batch, _ = prepare(tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4, simpo_und_pairs="all"), None, [0])
+    batch, _ = prepare(tiny_toy, Rollout("und", t, r, 4), resolve(group_size=4, simpo_und_pairs="all"), None, [0])
     assert len(batch.pairs[0]) == all_pairs(1e-6)
     batch, _ = prepare(
-        tiny_toy, Rollout("und", t, r, 4), TrainConfig(group_size=4, simpo_und_pairs="all", simpo_und_min_gap=0.5),
+        tiny_toy, Rollout("und", t, r, 4), resolve(group_size=4, simpo_und_pairs="all", simpo_und_min_gap=0.5),
         None, [0],
     )
     assert len(batch.pairs[0]) == all_pairs(0.5) < all_pairs(1e-6)
     _, metrics = pairs(simpo_gen_min_gap=0.5)  # the other direction's gap does not apply
     assert "und/groups_within_gap" not in metrics
-    with pytest.raises(ConfigError, match="simpo_und_min_gap must be a number >= 0"):
-        TrainConfig(simpo_und_min_gap=-1.0)
+    with pytest.raises(ConfigError, match="und.simpo_min_gap must be a number >= 0"):
+        resolve(simpo_und_min_gap=-1.0)
 
 
 def test_min_gap_from_the_cli(tiny_toy_path, tmp_path):
@@ -275,7 +276,8 @@ def test_min_gap_from_the_cli(tiny_toy_path, tmp_path):
     caption group without a pair (counted) while images still train."""
     rows = _und_pairs_run(tiny_toy_path, tmp_path, "best-likeliest", "--simpo-und-min-gap", "1e9")
     config = (tmp_path / "best-likeliest---simpo-und-min-gap-1e9" / "config.yaml").read_text()
-    assert "simpo_und_min_gap: 1000000000.0" in config and "simpo_gen_min_gap: 0.0" in config
+    saved = yaml.safe_load(config)
+    assert (saved["und"]["simpo_min_gap"], saved["gen"]["simpo_min_gap"]) == (1e9, 0.0)
     for row in rows:
         assert row["und/groups_within_gap"] == row["und/groups"] and "und/simpo/pairs" not in row
         assert row["gen/simpo/pairs"] > 0
@@ -298,11 +300,11 @@ def test_zero_variance_groups_are_skipped_and_counted(tiny_toy):
         ["a red square", "a blue circle"], num_samples=4, generator=torch.Generator().manual_seed(0)
     )
     r = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 3.0])
-    cfg = TrainConfig(algo="grpo", group_size=4, grpo_beta=0.0)
+    cfg = resolve(algo="grpo", group_size=4, grpo_beta=0.0)
     batch, metrics = ALGORITHMS["grpo"].prepare(tiny_toy, Rollout("gen", s, r, 4), cfg, None, [0])
     assert batch.count == 4 and metrics["gen/groups_skipped"] == 1.0
     batch, metrics = ALGORITHMS["simpo"].prepare(
-        tiny_toy, Rollout("gen", s, r, 4), TrainConfig(group_size=4), None, [0]
+        tiny_toy, Rollout("gen", s, r, 4), resolve(group_size=4), None, [0]
     )
     assert batch.count == 1 and metrics["gen/groups_skipped"] == 1.0
     assert batch.samples.prompts == ["a blue circle", "a blue circle"]
@@ -513,7 +515,7 @@ def test_greedy_caption_joins_every_group(tiny_toy):
     from suder.rollout import policy_logps
 
     pics = [shapes.render(s) for s in shapes.sample_scenes(6, seed=11)]
-    cfg = TrainConfig(steps=1, group_size=4, text_greedy_in_group=True)
+    cfg = resolve(steps=1, group_size=4, text_greedy_in_group=True)
     joined = sample_group(tiny_toy, "und", pics, cfg, torch.Generator().manual_seed(3))
     sampled = tiny_toy.sample_text(pics, num_samples=3, generator=torch.Generator().manual_seed(3))
     greedy = tiny_toy.sample_text(pics, temperature=0.0)
@@ -582,14 +584,15 @@ def test_group_size_per_direction_from_the_cli(tiny_toy_path, tmp_path, monkeypa
     args += ["--und-group-size", "3", "--gen-batch-size", "2", "--und-batch-size", "2", "--eval-num", "4"]
     assert cli.main(args + ["--sample-every", "0", "--save-every", "0", "--output-dir", str(out)]) == 0
     config = (out / "config.yaml").read_text()
-    assert "group_size: 4\n" in config and "gen_group_size: 4\n" in config and "und_group_size: 3\n" in config
+    saved = yaml.safe_load(config)
+    assert (saved["group_size"], saved["gen"]["group_size"], saved["und"]["group_size"]) == (4, 4, 3)
     assert sorted(seen, key=str) == sorted(
         [("gen", 2, 8, 4), ("gen", "G", 4, 8), ("und", 2, 6, 3), ("und", "G", 3, 6)], key=str
     )
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["und/loss"] == metrics["und/loss"] and metrics["gen/loss"] == metrics["gen/loss"]  # not NaN
-    with pytest.raises(ConfigError, match="und_group_size must be >= 2"):
-        TrainConfig(steps=1, und_group_size=1)
+    with pytest.raises(ConfigError, match="und.group_size must be >= 2"):
+        resolve(steps=1, und_group_size=1)
 
 
 def test_algo_per_direction_from_the_cli(tiny_toy_path, tmp_path):
@@ -605,7 +608,8 @@ def test_algo_per_direction_from_the_cli(tiny_toy_path, tmp_path):
         assert cli.main(args + flags + ["--output-dir", str(out)]) == 0
         runs[name] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         runs[name + "_config"] = (out / "config.yaml").read_text()
-    assert "gen_algo: simpo" in runs["split_config"] and "und_algo: grpo" in runs["split_config"]
+    split_config = yaml.safe_load(runs["split_config"])
+    assert (split_config["gen"]["algo"], split_config["und"]["algo"]) == ("simpo", "grpo")
     split, simpo = runs["split"], runs["simpo"]
     assert "und/grpo/clip_frac" in split and "und/simpo/pairs" not in split
     assert "gen/simpo/pairs" in split and "gen/grpo/clip_frac" not in split
@@ -637,8 +641,9 @@ def test_reward_scorer_per_direction_from_the_cli(tiny_toy_path, tmp_path):
         assert cli.main(args + flags + ["--output-dir", str(out)]) == 0
         runs[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[name + "_config"] = (out / "config.yaml").read_text()
-    assert "gen_reward_scorer: policy" in runs["split_config"] and "und_reward_scorer: frozen" in runs["split_config"]
-    assert "gen_reward_scorer: frozen" in runs["frozen_config"]  # inherited from reward_scorer
+    split, frozen = yaml.safe_load(runs["split_config"]), yaml.safe_load(runs["frozen_config"])
+    assert (split["gen"]["reward_scorer"], split["und"]["reward_scorer"]) == ("policy", "frozen")
+    assert frozen["gen"]["reward_scorer"] == "frozen"  # inherited from reward_scorer
     first = {name: runs[name][0] for name in ("policy", "frozen", "split")}
     assert first["policy"]["und/reward_mean"] == first["frozen"]["und/reward_mean"]  # one model still
     second = {name: runs[name][1] for name in ("policy", "frozen", "split")}
@@ -646,5 +651,5 @@ def test_reward_scorer_per_direction_from_the_cli(tiny_toy_path, tmp_path):
         assert second["policy"][f"{d}/reward_mean"] != second["frozen"][f"{d}/reward_mean"]  # the scorers differ now
     assert second["split"]["gen/reward_mean"] == pytest.approx(second["policy"]["gen/reward_mean"], rel=1e-6)
     assert second["split"]["und/reward_mean"] == pytest.approx(second["frozen"]["und/reward_mean"], rel=1e-6)
-    with pytest.raises(ConfigError, match="und_reward_scorer"):
-        TrainConfig(und_reward_scorer="best")
+    with pytest.raises(ConfigError, match="und.reward_scorer"):
+        resolve(und_reward_scorer="best")

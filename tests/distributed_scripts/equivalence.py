@@ -20,7 +20,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from suder import rewards
-from suder.config import TrainConfig
+from suder.config import resolve
 from suder.rollout import ALGORITHMS, Rollout
 from suder.trainer import Trainer, derive_seed, plan
 from suder.worlds import shapes
@@ -28,7 +28,7 @@ from suder.worlds import shapes
 model, out, algo, strategy = sys.argv[1:5]
 G, B_PER_MICRO, STEPS = 4, 1, 2
 torch.manual_seed(0)
-probe = TrainConfig(model=model, output_dir=out + ".run", steps=STEPS)
+probe = resolve(model=model, output_dir=out + ".run", steps=STEPS)
 # the world is the same for every process count: N * a * b groups per direction and step
 
 N = int(os.environ.get("WORLD_SIZE", "1"))
@@ -36,7 +36,7 @@ ACCUM = 2 if N > 1 else 1
 TOTAL = 2 * 2 * B_PER_MICRO  # groups per direction and step (N=2, a=2, b=1)
 per_micro = TOTAL // (N * ACCUM)
 gen_algo, und_algo = algo.split("/") if "/" in algo else (algo, algo)
-cfg = TrainConfig(
+cfg = resolve(
     model=model,
     output_dir=out + f".run{N}",
     algo=gen_algo,

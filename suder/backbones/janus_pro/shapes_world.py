@@ -35,10 +35,10 @@ a small ``JanusConfig`` (``shapes_config``); nothing is downloaded:
   The vision encoder trains with them (Janus-Pro's stage 1 freezes it, but here it starts from random
   weights); it is frozen again during self-improvement (``freeze_vision_encoder``, the adapter's default).
 
-Sampling settings saved with the base (``SHAPES_SETTINGS``): guidance ``SHAPES_GUIDANCE`` (1: none; guided
-sampling draws fewer correct images on this base, its prompt-free model being weak), captions up to 24 tokens.
-``suder run`` trains it at guidance 2 with the ``guided`` policy (``run_defaults``), which turns guidance from a
-handicap into its best T2I, and saves that scale with the trained model.
+Sampling settings saved with the base (``SHAPES_SETTINGS``): guidance ``SHAPES_GUIDANCE`` (1: none; CFG 1.25,
+1.5 and 2 draw fewer correct images on this base, its prompt-free model being weak), captions up to 24 tokens.
+``suder run`` trains it at guidance 2 with the ``guided`` policy (its preset, ``suder/presets/janus-pro.yaml``),
+which turns guidance from a handicap into its best T2I, and saves that scale with the trained model.
 """
 
 from __future__ import annotations
@@ -295,8 +295,5 @@ def recipe():
         build=build_shapes_base,
         version="v3",
         pretrain=dict(steps=2000, seed=2, batch_size=32, caption_batch_size=16, lr=1e-3, warmup_steps=50),
-        # guided samples and log-probs at guidance 2; caption rewards scored by the frozen base, image rewards by
-        # the policy; lr 5e-5 (3e-5 barely moved greedy captions); 16 images per prompt (8 let T2I fall or stall on
-        # some bases and seeds) (docs/results.md)
-        run_defaults=dict(lr=5e-5, guidance_scale=2.0, und_reward_scorer="frozen", gen_group_size=16),
+        preset="janus-pro",  # suder/presets/janus-pro.yaml: guidance 2, lr 5e-5, 16 images per prompt (why: there)
     )

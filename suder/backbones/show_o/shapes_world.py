@@ -236,7 +236,5 @@ def recipe():
         version="v3",
         pretrain=dict(steps=1000, batch_size=24, lr=1e-3, warmup_steps=100),
         image_logp_options=image_logp_options,
-        # rewards scored by the frozen base: scored by the model being trained, runs could settle on a reversed
-        # "above"/"below" and greedy captions fell (docs/results.md, "Show-o on ShapesWorld")
-        run_defaults=dict(lr=3e-5, guidance_scale=None, reward_scorer="frozen", simpo_und_pairs="all"),
+        preset="show-o",  # suder/presets/show-o.yaml: lr 3e-5, captions scored by the frozen base (why: there)
     )
