@@ -50,7 +50,7 @@ class Batch:
     tokens: int  # real target tokens in ``samples``
     advantages: torch.Tensor | None = None
     old_logps: list[torch.Tensor] | None = None  # one per inner iteration (they differ only when re-masking)
-    ref_logps: torch.Tensor | None = None
+    ref_logps: list[torch.Tensor] | None = None  # the same seeds as ``old_logps`` (SimPO: one, ``seeds[0]``)
     pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # SimPO all pairs: chosen, rejected, weight
     seeds: list[int] = field(default_factory=lambda: [0])  # re-masking seed per inner iteration
     metrics: dict[str, float] = field(default_factory=dict)
@@ -225,7 +225,7 @@ class SimPO:
             samples = rollout.samples.select(rows)
             batch = Batch(rollout.direction, samples, count=int(keep.sum()), tokens=_count_tokens(samples), seeds=seeds)
         if cfg.simpo_kl_beta > 0:
-            batch.ref_logps = _no_grad_logps(reference, rollout.direction, batch.samples, cfg, seeds[0])
+            batch.ref_logps = [_no_grad_logps(reference, rollout.direction, batch.samples, cfg, seeds[0])]
         return batch, metrics
 
     @staticmethod
@@ -264,7 +264,8 @@ class SimPO:
         )
         metrics["logp_estimate"] = float(lp.estimate)
         if batch.ref_logps is not None:
-            kl, kl_metrics = losses.kl_penalty(lp.values, batch.ref_logps, lp.mask, normalizer=normalizer["tokens"])
+            ref = batch.ref_logps[0].to(lp.values.device)
+            kl, kl_metrics = losses.kl_penalty(lp.values, ref, lp.mask, normalizer=normalizer["tokens"])
             loss = loss + cfg.simpo_kl_beta * kl
             metrics.update(kl_metrics)
         return loss, metrics
@@ -291,8 +292,8 @@ class GRPO:
             old = [policy_logps(policy, rollout.direction, samples, cfg, s) for s in per_iteration]
         batch.old_logps = [lp.values.detach() for lp in old]
         metrics.update(logp_drift(rollout.direction, samples, old[0], cfg))
-        if cfg.grpo_beta > 0:
-            batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg, seeds[0])
+        if cfg.grpo_beta > 0:  # the reference under each iteration's seed too: the KL compares like with like
+            batch.ref_logps = [_no_grad_logps(reference, rollout.direction, samples, cfg, s) for s in per_iteration]
         return batch, metrics
 
     def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], iteration: int):
@@ -304,7 +305,7 @@ class GRPO:
             batch.old_logps[k].to(lp.values.device),
             adv,
             lp.mask,
-            ref_logps=None if batch.ref_logps is None else batch.ref_logps.to(lp.values.device),
+            ref_logps=None if batch.ref_logps is None else batch.ref_logps[k].to(lp.values.device),
             eps_low=cfg.grpo_eps_low,
             eps_high=cfg.grpo_eps_high,
             beta=cfg.grpo_beta,

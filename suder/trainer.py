@@ -423,7 +423,7 @@ class Trainer:
         skipped, a stand-in (one sample, weight zero, ``count == 0``) takes the batch's place."""
         batch, metrics = algo.prepare(self.routed(key), rollout, self.cfg, self.models["reference"], seeds)
         if batch is None and self.sharded:
-            batch = Batch(rollout.direction, rollout.samples.select([0]), count=0, tokens=0)
+            batch = Batch(rollout.direction, rollout.samples.select([0]), count=0, tokens=0, seeds=seeds)
         return batch, metrics
 
     def normalizers(self, micro: list[dict[tuple[str, str], Any]]) -> dict[tuple[str, str], dict[str, float]]:
@@ -522,7 +522,8 @@ class Trainer:
                         if b is None or norm[(key, d)]["count"] == 0:
                             continue
                         if b.count == 0:  # a stand-in (sharded weights): the same forward, weight zero
-                            total = total + policy_logps(backbone, d, b.samples, c).values.sum() * 0.0
+                            seed = b.seeds[min(it, len(b.seeds) - 1)]  # a perturbed estimator needs one
+                            total = total + policy_logps(backbone, d, b.samples, c, seed).values.sum() * 0.0
                             continue
                         loss, lm = ALGORITHMS[c.algo_for(d)].loss(backbone, b, c, norm[(key, d)], it)
                         total = total + weights[d] * loss
