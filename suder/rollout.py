@@ -215,11 +215,13 @@ class SimPO:
         same = (tokens[best] == tokens[worst]).all(-1).to(valid.device)
         keep = valid & ~same
         metrics[f"{rollout.direction}/groups_identical"] = float((valid & same).sum().item())
-        if not keep.any():
-            return None, metrics
-        if pairs == "all":
+        if pairs == "all":  # gated on its own pairs: repeated samples count once, so best vs worst cannot tell
             batch = self._all_pairs(rollout, tokens, seeds, eps)
+            if batch.count == 0:
+                return None, metrics
             metrics[f"{rollout.direction}/pairs_per_group"] = float(len(batch.pairs[0])) / batch.count
+        elif not keep.any():
+            return None, metrics
         else:
             rows = torch.cat([best[keep], worst[keep]])
             samples = rollout.samples.select(rows)

@@ -472,7 +472,9 @@ class Trainer:
         t = time.perf_counter()
         policy.eval()
         samples = sample_group(self.routed(key), direction, inputs, c, gen)
-        ctx = rewards_mod.RewardContext(scorer=self.scorer(scorer_key), reference=self.models["reference"])
+        ctx = rewards_mod.RewardContext(
+            scorer=self.scorer(scorer_key), reference=self.models["reference"], policy=self.routed(key)
+        )
         t_reward = time.perf_counter()
         rewards = self.rewards[direction](ctx, samples).detach().float().cpu()
         judge = None
