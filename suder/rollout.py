@@ -328,7 +328,8 @@ ALGORITHMS: dict[str, Any] = {"simpo": SimPO(), "grpo": GRPO()}
 
 
 class ReferenceScope:
-    """A frozen reference computed by the policy itself under ``reference_scope()`` (LoRA adapters off)."""
+    """A frozen reference computed by the policy itself under ``reference_scope()``: for LoRA backbones the
+    adapter switched off, or a frozen copy of the adapter the run started from (``snapshot_reference()``)."""
 
     def __init__(self, policy: Any):
         self.policy = policy

@@ -237,6 +237,8 @@ class Trainer:
         frozen = None
         if self._needs_reference():
             if callable(getattr(policy, "reference_scope", None)):
+                if callable(getattr(policy, "snapshot_reference", None)):  # e.g. a previous LoRA run's adapter
+                    policy.snapshot_reference()  # the reference is the run's initial model, not the base under it
                 frozen = ReferenceScope(policy)
             else:
                 frozen = copy.deepcopy(policy).eval().requires_grad_(False)
