@@ -127,12 +127,15 @@ def distinct_per_group(samples: ImageSamples | TextSamples, group_size: int) -> 
 
 
 def rollout_metrics(r: Rollout, best: torch.Tensor, worst: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
-    """Monitors: reward mean/std/spread, diversity, caption length, judge accuracy and reward-judge agreement."""
+    """Monitors: reward mean/std/spread, diversity, caption length, judge accuracy and reward-judge agreement.
+    Means are over groups (``groups``; G is fixed, so also over rows) or decisive groups (``judge_decisive``),
+    which the trainer weighs them by (``suder.distributed.StepMetrics``); ``reward_std`` is the mean within-group
+    std (the spread GRPO normalises by), which splitting a batch into micro-batches of whole groups keeps."""
     d, G = r.direction, r.group_size
     grouped = r.rewards.view(-1, G)
     out = {
         f"{d}/reward_mean": r.rewards.mean().item(),
-        f"{d}/reward_std": r.rewards.std(unbiased=False).item(),
+        f"{d}/reward_std": grouped.std(-1, unbiased=False).mean().item(),
         f"{d}/reward_spread": (grouped.max(-1).values - grouped.min(-1).values).mean().item(),
         f"{d}/distinct": distinct_per_group(r.samples, G),
         f"{d}/groups_skipped": float((~valid).sum().item()),
@@ -165,12 +168,12 @@ def sampled_mean_logp(samples: ImageSamples | TextSamples) -> torch.Tensor:
     return samples.logps.float().mean(-1)
 
 
-def _share_equal(rewards: torch.Tensor, rejected: torch.Tensor, valid: torch.Tensor) -> float:
-    """Fraction of valid groups whose rejected sample has the group's lowest reward."""
+def _share_equal(rewards: torch.Tensor, rejected: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
+    """Fraction of valid groups whose rejected sample has the group's lowest reward, and how many groups."""
     G = len(rewards) // len(valid)
     lowest = rewards.view(-1, G).min(-1).values
     hit = (rewards[rejected.to(rewards.device)] <= lowest + 1e-6)[valid.to(rewards.device)]
-    return hit.float().mean().item() if hit.numel() else float("nan")
+    return (hit.float().mean().item() if hit.numel() else float("nan")), float(hit.numel())
 
 
 def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: TokenLogProbs, cfg: Any) -> dict:
@@ -187,7 +190,11 @@ def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: Toke
     gap = (samples.logps.to(scored.values.device).float() - scored.values.float()).abs()[scored.mask]
     if not gap.numel():
         return {}
-    return {f"{direction}/logp_drift_max": gap.max().item(), f"{direction}/logp_drift_mean": gap.mean().item()}
+    return {
+        f"{direction}/logp_drift_max": gap.max().item(),
+        f"{direction}/logp_drift_mean": gap.mean().item(),
+        f"{direction}/drift_tokens": float(gap.numel()),  # what the mean is over
+    }
 
 
 # ------------------------------------------------------------------------------------------ algorithms
@@ -210,7 +217,9 @@ class SimPO:
         if pairs == "best-likeliest":
             likelihood = sampled_mean_logp(rollout.samples)
             best, worst, valid = losses.best_likeliest(rollout.rewards, rollout.group_size, likelihood, eps=eps)
-            metrics[f"{rollout.direction}/rejected_is_worst"] = _share_equal(rollout.rewards, worst, valid)
+            share, ranked = _share_equal(rollout.rewards, worst, valid)
+            metrics[f"{rollout.direction}/rejected_is_worst"] = share
+            metrics[f"{rollout.direction}/groups_ranked"] = ranked
         tokens = target_tokens(rollout.samples)
         same = (tokens[best] == tokens[worst]).all(-1).to(valid.device)
         keep = valid & ~same
@@ -219,7 +228,8 @@ class SimPO:
             batch = self._all_pairs(rollout, tokens, seeds, eps)
             if batch.count == 0:
                 return None, metrics
-            metrics[f"{rollout.direction}/pairs_per_group"] = float(len(batch.pairs[0])) / batch.count
+            metrics[f"{rollout.direction}/pairs_per_group"] = len(batch.pairs[0]) / batch.count
+            metrics[f"{rollout.direction}/groups_paired"] = float(batch.count)
         elif not keep.any():
             return None, metrics
         else:

@@ -35,7 +35,8 @@ def _cfg(perturbation: dict, **kw) -> TrainConfig:
 
 
 def _rollout(policy, cfg) -> Rollout:
-    samples = sample_group(policy, "gen", ["a red square", "two green triangles"], cfg, torch.Generator().manual_seed(0))
+    prompts = ["a red square", "two green triangles"]
+    samples = sample_group(policy, "gen", prompts, cfg, torch.Generator().manual_seed(0))
     rewards = torch.arange(len(samples), dtype=torch.float32) % 3  # every group has a spread: no group skipped
     return Rollout("gen", samples, rewards, 4)
 
@@ -85,6 +86,7 @@ def test_sharded_stand_in_forward_passes_the_iterations_seed(tmp_path, monkeypat
     assert stand_in.count == 0
     monkeypatch.setattr(ShowOBackbone, "logp_image_given_text", spy)
     # the other processes have groups: the global count is not zero, so this one runs the stand-in forward
-    metrics = tr.update("policy", [{("policy", "gen"): stand_in}], {("policy", "gen"): {"count": 4.0, "tokens": 64.0}})
+    norm = {("policy", "gen"): {"count": 4.0, "tokens": 64.0}}
+    metrics = tr.update("policy", [{("policy", "gen"): stand_in}], norm).result()
     assert metrics["optimizer_steps"] == 2
     assert [s for g, s in seen if g] == [21, 22]  # one forward per inner iteration, each with its own seed

@@ -686,7 +686,8 @@ def test_all_pairs_gate_on_the_pairs_not_on_best_vs_worst(tiny_toy):
     differ can still give no pair: tokens X Y X Y with rewards 0.5 0.5 1.0 0.0 (first X and first Y tie). Such a
     group gives no batch (before: kept by best vs worst, zero pairs, ZeroDivisionError in pairs_per_group); a
     group with pairs next to it trains alone."""
-    s = tiny_toy.sample_image(["a red square", "a blue circle"], num_samples=2, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    s = tiny_toy.sample_image(["a red square", "a blue circle"], num_samples=2, generator=gen)
     assert not torch.equal(s.tokens[0], s.tokens[1]) and not torch.equal(s.tokens[2], s.tokens[3])
     tied = s.select([0, 1, 0, 1])
     r = torch.tensor([0.5, 0.5, 1.0, 0.0])
@@ -697,3 +698,20 @@ def test_all_pairs_gate_on_the_pairs_not_on_best_vs_worst(tiny_toy):
     r2 = torch.cat([r, torch.tensor([1.0, 0.0, 0.5, 0.5])])
     batch, metrics = ALGORITHMS["simpo"].prepare(tiny_toy, Rollout("gen", both, r2, 4), cfg, None, [0])
     assert batch.count == 1 and metrics["gen/pairs_per_group"] == 1.0  # group 2: rows 4 > 5
+
+
+def test_grpo_inner_iterations_count_a_rollouts_tokens_once(tiny_toy_path, tmp_path):
+    """With ``grpo_iterations: 2`` the step's ``grpo/tokens`` and ``groups`` are the rollout's (before: tokens summed
+    over the inner iterations, 1,024 reported for 512), and the means stay means (the first iteration's ratio is
+    exactly 1, the second's near it; each iteration reports the KL over the same tokens)."""
+    runs = {}
+    for iterations in (1, 2):
+        res = _train(
+            tiny_toy_path, tmp_path / str(iterations), algo="grpo", strategy="gen", steps=1, grpo_iterations=iterations,
+            sample_every=0,
+        )
+        runs[iterations] = res.metrics[0]
+    one, two = runs[1], runs[2]
+    assert one["gen/grpo/tokens"] > 0 and two["gen/grpo/tokens"] == one["gen/grpo/tokens"]
+    assert two["gen/groups"] == one["gen/groups"] and two["optimizer_steps"] == 2
+    assert one["gen/grpo/ratio_mean"] == 1.0 and two["gen/grpo/ratio_mean"] == pytest.approx(1.0, abs=0.05)
