@@ -80,7 +80,6 @@ def test_sharded_stand_in_forward_passes_the_iterations_seed(tmp_path, monkeypat
     batch, _ = ALGORITHMS["grpo"].prepare(policy, roll, cfg, None, [21, 22])
     # this process: all groups skipped, a stand-in (as Trainer.prepare_batch builds it with sharded weights)
     monkeypatch.setattr(type(tr), "sharded", property(lambda self: True))
-    monkeypatch.setattr(type(tr), "whole", lambda self, keys: __import__("contextlib").nullcontext())
     flat = Rollout("gen", roll.samples, torch.zeros(len(roll.samples)), 4)
     stand_in, _ = tr.prepare_batch(ALGORITHMS["grpo"], "policy", flat, [21, 22])
     assert stand_in.count == 0
