@@ -12,6 +12,7 @@ under ZeRO-3. FSDP version 1 (flat parameters) is refused at start.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Any
 
@@ -181,3 +182,87 @@ def _without_fsdp_hooks(wrapped: nn.Module) -> list[tuple[nn.Module, Any, Any]]:
         module._forward_pre_hooks = type(pre)((k, v) for k, v in pre.items() if k not in ids)
         module._forward_hooks = type(post)((k, v) for k, v in post.items() if k not in ids)
     return kept
+
+
+# ------------------------------------------------------------------------------------------ metrics
+COUNT_METRICS = {
+    "groups",
+    "groups_identical",
+    "groups_paired",
+    "groups_ranked",
+    "groups_skipped",
+    "groups_within_gap",
+    "judge_decisive",
+    "drift_tokens",
+    "pairs",
+    "tokens",
+}
+
+# a mean's key (last part) -> the count in the same report that it is a mean over (the key's prefix kept)
+WEIGHTED_BY = {
+    **dict.fromkeys(("clip_low_frac", "clip_high_frac", "clip_frac", "ratio_mean", "kl", "mean"), "tokens"),
+    **dict.fromkeys(("margin", "accuracy", "chosen_logp", "rejected_logp", "nll"), "pairs"),
+    **dict.fromkeys(
+        ("reward_mean", "reward_std", "reward_spread", "distinct", "caption_words", "judge_acc", "greedy_chosen",
+         "greedy_rejected", "greedy_judge_acc"),
+        "groups",
+    ),
+    "judge_agree": "judge_decisive",
+    "logp_drift_mean": "drift_tokens",
+    "pairs_per_group": "groups_paired",
+    "rejected_is_worst": "groups_ranked",
+}
+
+
+class StepMetrics:
+    """A training step's metrics, gathered over micro-batches, GRPO inner iterations and processes so that they do
+    not depend on how the batch was split (1 process x batch 4 reads as 2 processes x accumulation 2).
+
+    By the key's last part: ``COUNT_METRICS`` and ``*/loss`` (each micro-batch's share of one global loss) are
+    summed; ``*max*`` keys are maxed; every other number is a mean over the reports (micro-batches, iterations,
+    processes) that have it, each weighted by the count it averages over in the same report (``WEIGHTED_BY``:
+    ``grpo/ratio_mean`` by ``grpo/tokens``, ``simpo/accuracy`` by ``simpo/pairs``, ...; 1 for others). NaN and
+    empty means (count 0) report nothing; a key with no report reads NaN. Counts are added once per rollout
+    (``counts=False`` for the later inner iterations over the same batch). ``state`` is plain data, merged across
+    processes.
+    """
+
+    def __init__(self) -> None:
+        self.state: dict[str, tuple[str, Any, float]] = {}  # key -> (kind, value or weighted sum, weight)
+
+    def add(self, values: dict[str, Any], counts: bool = True) -> None:
+        for k, v in values.items():
+            prefix, _, last = k.rpartition("/")
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                self._merge(k, ("other", v, 0.0))
+            elif last in COUNT_METRICS or k.endswith("/loss"):
+                if counts or last not in COUNT_METRICS:
+                    self._merge(k, ("sum", float(v), 0.0))
+            elif "max" in last:
+                if math.isfinite(float(v)):
+                    self._merge(k, ("max", float(v), 0.0))
+            else:  # NaN (e.g. no decisive group) reports nothing, but the key stays
+                by = f"{prefix}/{WEIGHTED_BY[last]}" if prefix and last in WEIGHTED_BY else None
+                w = float(values.get(by, 1.0)) if math.isfinite(float(v)) else 0.0
+                self._merge(k, ("mean", float(v) * w if w else 0.0, w))
+
+    def merge(self, other: StepMetrics | dict) -> None:
+        for k, entry in (other.state if isinstance(other, StepMetrics) else other).items():
+            self._merge(k, tuple(entry))
+
+    def _merge(self, key: str, entry: tuple) -> None:
+        old = self.state.get(key)
+        if old is None:
+            self.state[key] = entry
+        elif entry[0] == "sum":
+            self.state[key] = ("sum", old[1] + entry[1], 0.0)
+        elif entry[0] == "max":
+            self.state[key] = ("max", max(old[1], entry[1]), 0.0)
+        elif entry[0] == "mean":
+            self.state[key] = ("mean", old[1] + entry[1], old[2] + entry[2])
+
+    def result(self) -> dict[str, Any]:
+        out = {}
+        for k, (kind, value, weight) in sorted(self.state.items()):
+            out[k] = (value / weight if weight else float("nan")) if kind == "mean" else value
+        return out

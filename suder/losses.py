@@ -41,8 +41,9 @@ Where the code departs from the paper, or fixes what the paper leaves open:
   gradient leaking through them would silently change the objective.
 - Padding (``mask == 0``) is replaced by 0 before any arithmetic, so non-finite values there (``-inf``
   log-probs of padding) neither reach the loss nor produce NaN gradients.
-- Metrics of an empty call (no pairs, no real tokens) are 0.0 rather than NaN, so that the trainer's
-  averages over micro-batches stay finite; ``simpo/pairs`` and ``grpo/tokens`` say how much was seen.
+- Metrics of an empty call (no pairs, no real tokens) are 0.0 rather than NaN; ``simpo/pairs``, ``grpo/tokens``
+  and ``kl/tokens`` say how much was seen, and the trainer weighs each call's means by them (an empty call
+  counts for nothing; ``suder.distributed.StepMetrics``).
 """
 
 from __future__ import annotations
@@ -397,7 +398,7 @@ def kl_penalty(
         normalizer: divisor of ``sum(k3 * mask)``; default ``mask.sum()`` (at least 1).
 
     Returns:
-        loss (scalar), metrics: ``kl/mean`` (mean k3 over this call's real tokens).
+        loss (scalar), metrics: ``kl/mean`` (mean k3 over this call's real tokens), ``kl/tokens``.
     """
     real = _check_tokens(mask, logps=logps, ref_logps=ref_logps)
     dtype = torch.promote_types(logps.dtype, torch.float32)
@@ -408,4 +409,4 @@ def kl_penalty(
     kl = k3_kl(_real(logps, real, dtype), _real(ref_logps.detach(), real, dtype))
     loss = (kl * m).sum() / norm
     n = float(tokens.item())
-    return loss, {"kl/mean": float((kl.detach() * m).sum().item()) / n if n else 0.0}
+    return loss, {"kl/mean": float((kl.detach() * m).sum().item()) / n if n else 0.0, "kl/tokens": n}

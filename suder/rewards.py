@@ -15,11 +15,10 @@ Built-ins:
   summed over tokens. The paper's caption reward alone prefers over-specific captions (it rewards pinning down
   *where* objects are, right or wrong) and made captions worse in every plain setting of our prototype; adding the
   captioner's own likelihood acts like a caption prior (if both directions model one joint, the sum ranks like
-  2 log p(x | c) + log p(c)). Measured on ShapesWorld (docs/algorithms.md, docs/results.md): captions +15 / +18 points
-  sampled and +4 / +5 greedy over the base on two seeds, T2I gain kept, reward-judge agreement 0.99. The caption
-  term comes from the frozen initial model by default (``source="reference"``: the prior cannot drift), or from
-  the policy (``source="policy"``). Summing (not averaging) both terms matters: a per-token mean would re-weight
-  them by caption length.
+  2 log p(x | c) + log p(c)); docs/results.md has what it measured on ShapesWorld. The caption term comes from
+  the frozen initial model by default (``source="reference"``: the prior cannot drift), or from
+  the policy being trained (``source="policy"``, whichever model scores the image term). Summing (not
+  averaging) both terms matters: a per-token mean would re-weight them by caption length.
 - ``shapes-judge``: the exact ShapesWorld judge, 1 or 0 (``suder.worlds.judge``). External supervision, for
   comparison only (the role the paper's CLIP baseline plays).
 """
@@ -43,11 +42,16 @@ class RewardContext:
 
     ``scorer``: the model that computes self-rewards (the policy, a frozen snapshot of it, or in the ``separate``
     strategy the other, frozen model). ``reference``: the frozen initial policy (``None`` when the run keeps
-    none; for LoRA backbones the policy with its adapter switched off, ``suder.rollout.ReferenceScope``).
+    none; for LoRA backbones the policy with its initial adapter, ``suder.rollout.ReferenceScope``). ``policy``:
+    the model being trained, whoever scores (``None``: the scorer is the policy).
     """
 
     scorer: Any
     reference: Any = None
+    policy: Any = None
+
+    def policy_model(self):
+        return self.scorer if self.policy is None else self.policy
 
     def reference_model(self):
         if self.reference is None:
@@ -92,7 +96,7 @@ def dsr_consensus(
     image_term = dsr_understanding(ctx, samples, reduction="sum")
     with torch.no_grad():
         if source == "policy":
-            caption_term = ctx.scorer.logp_text_given_image(samples, samples.images).sum()
+            caption_term = ctx.policy_model().logp_text_given_image(samples, samples.images).sum()
         else:
             caption_term = ctx.reference_model().logp_text_given_image(samples, samples.images).sum()
     return image_term + lam * caption_term.float()

@@ -50,7 +50,7 @@ class Batch:
     tokens: int  # real target tokens in ``samples``
     advantages: torch.Tensor | None = None
     old_logps: list[torch.Tensor] | None = None  # one per inner iteration (they differ only when re-masking)
-    ref_logps: torch.Tensor | None = None
+    ref_logps: list[torch.Tensor] | None = None  # the same seeds as ``old_logps`` (SimPO: one, ``seeds[0]``)
     pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # SimPO all pairs: chosen, rejected, weight
     seeds: list[int] = field(default_factory=lambda: [0])  # re-masking seed per inner iteration
     metrics: dict[str, float] = field(default_factory=dict)
@@ -126,12 +126,15 @@ def distinct_per_group(samples: ImageSamples | TextSamples, group_size: int) -> 
 
 
 def rollout_metrics(r: Rollout, best: torch.Tensor, worst: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
-    """Monitors: reward mean/std/spread, diversity, caption length, judge accuracy and reward-judge agreement."""
+    """Monitors: reward mean/std/spread, diversity, caption length, judge accuracy and reward-judge agreement.
+    Means are over groups (``groups``; G is fixed, so also over rows) or decisive groups (``judge_decisive``),
+    which the trainer weighs them by (``suder.distributed.StepMetrics``); ``reward_std`` is the mean within-group
+    std (the spread GRPO normalises by), which splitting a batch into micro-batches of whole groups keeps."""
     d, G = r.direction, r.group_size
     grouped = r.rewards.view(-1, G)
     out = {
         f"{d}/reward_mean": r.rewards.mean().item(),
-        f"{d}/reward_std": r.rewards.std(unbiased=False).item(),
+        f"{d}/reward_std": grouped.std(-1, unbiased=False).mean().item(),
         f"{d}/reward_spread": (grouped.max(-1).values - grouped.min(-1).values).mean().item(),
         f"{d}/distinct": distinct_per_group(r.samples, G),
         f"{d}/groups_skipped": float((~valid).sum().item()),
@@ -164,12 +167,12 @@ def sampled_mean_logp(samples: ImageSamples | TextSamples) -> torch.Tensor:
     return samples.logps.float().mean(-1)
 
 
-def _share_equal(rewards: torch.Tensor, rejected: torch.Tensor, valid: torch.Tensor) -> float:
-    """Fraction of valid groups whose rejected sample has the group's lowest reward."""
+def _share_equal(rewards: torch.Tensor, rejected: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
+    """Fraction of valid groups whose rejected sample has the group's lowest reward, and how many groups."""
     G = len(rewards) // len(valid)
     lowest = rewards.view(-1, G).min(-1).values
     hit = (rewards[rejected.to(rewards.device)] <= lowest + 1e-6)[valid.to(rewards.device)]
-    return hit.float().mean().item() if hit.numel() else float("nan")
+    return (hit.float().mean().item() if hit.numel() else float("nan")), float(hit.numel())
 
 
 def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: TokenLogProbs, cfg: Any) -> dict:
@@ -186,7 +189,11 @@ def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: Toke
     gap = (samples.logps.to(scored.values.device).float() - scored.values.float()).abs()[scored.mask]
     if not gap.numel():
         return {}
-    return {f"{direction}/logp_drift_max": gap.max().item(), f"{direction}/logp_drift_mean": gap.mean().item()}
+    return {
+        f"{direction}/logp_drift_max": gap.max().item(),
+        f"{direction}/logp_drift_mean": gap.mean().item(),
+        f"{direction}/drift_tokens": float(gap.numel()),  # what the mean is over
+    }
 
 
 # ------------------------------------------------------------------------------------------ algorithms
@@ -209,22 +216,27 @@ class SimPO:
         if pairs == "best-likeliest":
             likelihood = sampled_mean_logp(rollout.samples)
             best, worst, valid = losses.best_likeliest(rollout.rewards, rollout.group_size, likelihood, eps=eps)
-            metrics[f"{rollout.direction}/rejected_is_worst"] = _share_equal(rollout.rewards, worst, valid)
+            share, ranked = _share_equal(rollout.rewards, worst, valid)
+            metrics[f"{rollout.direction}/rejected_is_worst"] = share
+            metrics[f"{rollout.direction}/groups_ranked"] = ranked
         tokens = target_tokens(rollout.samples)
         same = (tokens[best] == tokens[worst]).all(-1).to(valid.device)
         keep = valid & ~same
         metrics[f"{rollout.direction}/groups_identical"] = float((valid & same).sum().item())
-        if not keep.any():
-            return None, metrics
-        if pairs == "all":
+        if pairs == "all":  # gated on its own pairs: repeated samples count once, so best vs worst cannot tell
             batch = self._all_pairs(rollout, tokens, seeds, eps)
-            metrics[f"{rollout.direction}/pairs_per_group"] = float(len(batch.pairs[0])) / batch.count
+            if batch.count == 0:
+                return None, metrics
+            metrics[f"{rollout.direction}/pairs_per_group"] = len(batch.pairs[0]) / batch.count
+            metrics[f"{rollout.direction}/groups_paired"] = float(batch.count)
+        elif not keep.any():
+            return None, metrics
         else:
             rows = torch.cat([best[keep], worst[keep]])
             samples = rollout.samples.select(rows)
             batch = Batch(rollout.direction, samples, count=int(keep.sum()), tokens=_count_tokens(samples), seeds=seeds)
         if cfg.simpo_kl_beta > 0:
-            batch.ref_logps = _no_grad_logps(reference, rollout.direction, batch.samples, cfg, seeds[0])
+            batch.ref_logps = [_no_grad_logps(reference, rollout.direction, batch.samples, cfg, seeds[0])]
         return batch, metrics
 
     @staticmethod
@@ -263,7 +275,8 @@ class SimPO:
         )
         metrics["logp_estimate"] = float(lp.estimate)
         if batch.ref_logps is not None:
-            kl, kl_metrics = losses.kl_penalty(lp.values, batch.ref_logps, lp.mask, normalizer=normalizer["tokens"])
+            ref = batch.ref_logps[0].to(lp.values.device)
+            kl, kl_metrics = losses.kl_penalty(lp.values, ref, lp.mask, normalizer=normalizer["tokens"])
             loss = loss + cfg.simpo_kl_beta * kl
             metrics.update(kl_metrics)
         return loss, metrics
@@ -290,8 +303,8 @@ class GRPO:
             old = [policy_logps(policy, rollout.direction, samples, cfg, s) for s in per_iteration]
         batch.old_logps = [lp.values.detach() for lp in old]
         metrics.update(logp_drift(rollout.direction, samples, old[0], cfg))
-        if cfg.grpo_beta > 0:
-            batch.ref_logps = _no_grad_logps(reference, rollout.direction, samples, cfg, seeds[0])
+        if cfg.grpo_beta > 0:  # the reference under each iteration's seed too: the KL compares like with like
+            batch.ref_logps = [_no_grad_logps(reference, rollout.direction, samples, cfg, s) for s in per_iteration]
         return batch, metrics
 
     def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], iteration: int):
@@ -303,7 +316,7 @@ class GRPO:
             batch.old_logps[k].to(lp.values.device),
             adv,
             lp.mask,
-            ref_logps=None if batch.ref_logps is None else batch.ref_logps.to(lp.values.device),
+            ref_logps=None if batch.ref_logps is None else batch.ref_logps[k].to(lp.values.device),
             eps_low=cfg.grpo_eps_low,
             eps_high=cfg.grpo_eps_high,
             beta=cfg.grpo_beta,
@@ -324,7 +337,8 @@ ALGORITHMS: dict[str, Any] = {"simpo": SimPO(), "grpo": GRPO()}
 
 
 class ReferenceScope:
-    """A frozen reference computed by the policy itself under ``reference_scope()`` (LoRA adapters off)."""
+    """A frozen reference computed by the policy itself under ``reference_scope()``: for LoRA backbones the
+    adapter switched off, or a frozen copy of the adapter the run started from (``snapshot_reference()``)."""
 
     def __init__(self, policy: Any):
         self.policy = policy

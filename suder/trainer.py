@@ -29,7 +29,15 @@ from torch import nn
 from . import rewards as rewards_mod
 from .config import TrainConfig, resolve
 from .data import image_pool, prompt_pool
-from .distributed import check_engine, clip_grad_norm, compute_dtype, is_sharded, launched_engine, whole_weights
+from .distributed import (
+    StepMetrics,
+    check_engine,
+    clip_grad_norm,
+    compute_dtype,
+    is_sharded,
+    launched_engine,
+    whole_weights,
+)
 from .errors import SuderError, TrainingError
 from .outputs import RunWriter, TrainResult, check_writable, resume_config
 from .registry import get_reward_spec, load_backbone
@@ -237,6 +245,8 @@ class Trainer:
         frozen = None
         if self._needs_reference():
             if callable(getattr(policy, "reference_scope", None)):
+                if callable(getattr(policy, "snapshot_reference", None)):  # e.g. a previous LoRA run's adapter
+                    policy.snapshot_reference()  # the reference is the run's initial model, not the base under it
                 frozen = ReferenceScope(policy)
             else:
                 frozen = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -395,15 +405,15 @@ class Trainer:
         t1 = time.perf_counter()
         norm = self.normalizers(micro)
         for key in sorted({k for k, _, _ in work}):
-            metrics.update(self.update(key, micro, norm))
-        metrics.update({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
+            metrics.merge(self.update(key, micro, norm))
+        metrics.add({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
         return self.reduce_metrics(metrics)
 
-    def collect(self, work: list[tuple[str, str, str]], step: int) -> tuple[list[dict], dict[str, Any]]:
+    def collect(self, work: list[tuple[str, str, str]], step: int) -> tuple[list[dict], StepMetrics]:
         """This step's ``grad_accum`` micro-batches: rollouts, rewards and prepared batches, with their metrics."""
         c = self.cfg
         micro: list[dict[tuple[str, str], Any]] = []
-        metrics: dict[str, Any] = {}
+        metrics = StepMetrics()
         for m in range(c.grad_accum):
             batches = {}
             for key, direction, scorer_key in work:
@@ -412,7 +422,7 @@ class Trainer:
                     rollout = self.rollout(key, direction, scorer_key, step, m)
                     seeds = [derive_seed(c.seed, step, m, it, 7) for it in range(c.grpo_iterations)]
                     batch, rm = self.prepare_batch(ALGORITHMS[c.algo_for(direction)], key, rollout, seeds)
-                _accumulate(metrics, rm, c.grad_accum)
+                metrics.add(rm)
                 batches[(key, direction)] = batch
             micro.append(batches)
         return micro, metrics
@@ -423,7 +433,7 @@ class Trainer:
         skipped, a stand-in (one sample, weight zero, ``count == 0``) takes the batch's place."""
         batch, metrics = algo.prepare(self.routed(key), rollout, self.cfg, self.models["reference"], seeds)
         if batch is None and self.sharded:
-            batch = Batch(rollout.direction, rollout.samples.select([0]), count=0, tokens=0)
+            batch = Batch(rollout.direction, rollout.samples.select([0]), count=0, tokens=0, seeds=seeds)
         return batch, metrics
 
     def normalizers(self, micro: list[dict[tuple[str, str], Any]]) -> dict[tuple[str, str], dict[str, float]]:
@@ -438,27 +448,17 @@ class Trainer:
             local = self.acc.reduce(local.to(self.acc.device), reduction="sum").cpu()
         return {kd: {"count": float(local[i, 0]), "tokens": float(local[i, 1])} for i, kd in enumerate(keys)}
 
-    def reduce_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """The same metrics on every process: counts summed, ``*max*`` keys maxed, the rest averaged over the
-        processes that have a finite value."""
-        if self.acc.num_processes == 1:
-            return metrics
-        from accelerate.utils import gather_object
+    def reduce_metrics(self, metrics: StepMetrics) -> dict[str, Any]:
+        """The same metrics on every process, as one process with the whole batch would read them
+        (``StepMetrics``: counts summed, ``*max*`` keys maxed, means weighted by their items)."""
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
 
-        everyone = gather_object([metrics])
-        out: dict[str, Any] = {}
-        for k in sorted({k for m in everyone for k in m}):
-            values = [m[k] for m in everyone if k in m]
-            nums = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
-            if not nums:
-                out[k] = values[0]
-            elif k.split("/")[-1] in COUNT_METRICS or k.endswith("/loss"):  # shares of one global sum
-                out[k] = sum(nums)
-            elif "max" in k.split("/")[-1]:
-                out[k] = max(nums)
-            else:
-                out[k] = sum(nums) / len(nums)
-        return out
+            everyone = gather_object([metrics.state])
+            metrics = StepMetrics()
+            for state in everyone:
+                metrics.merge(state)
+        return metrics.result()
 
     def rollout(self, key: str, direction: str, scorer_key: str, step: int, micro: int) -> Rollout:
         c = self.cfg
@@ -472,7 +472,9 @@ class Trainer:
         t = time.perf_counter()
         policy.eval()
         samples = sample_group(self.routed(key), direction, inputs, c, gen)
-        ctx = rewards_mod.RewardContext(scorer=self.scorer(scorer_key), reference=self.models["reference"])
+        ctx = rewards_mod.RewardContext(
+            scorer=self.scorer(scorer_key), reference=self.models["reference"], policy=self.routed(key)
+        )
         t_reward = time.perf_counter()
         rewards = self.rewards[direction](ctx, samples).detach().float().cpu()
         judge = None
@@ -491,7 +493,7 @@ class Trainer:
         )
         return rollout
 
-    def update(self, key: str, micro: list[dict], norm: dict) -> dict[str, Any]:
+    def update(self, key: str, micro: list[dict], norm: dict) -> StepMetrics:
         """``grpo_iterations`` optimizer steps over the collected micro-batches (1 for SimPO), then one scheduler
         step. Each process's loss is its share of the global sum (normalised by the global count, times the number
         of processes, since DDP/ZeRO/FSDP average gradients); ``acc.accumulate`` syncs (and lets DeepSpeed step)
@@ -500,12 +502,14 @@ class Trainer:
         wrapped, opt, sched = model["wrapped"], model["opt"], model["sched"]
         weights = {d: c.side(d).loss_weight for d in ("gen", "und")}
         metrics: dict[str, Any] = {"lr": sched.get_last_lr()[0]}  # the rate this step uses
+        parts_seen = StepMetrics()  # the losses' metrics, over micro-batches and inner iterations
         mine = [kd for kd in norm if kd[0] == key]
         if all(norm[kd]["count"] == 0 for kd in mine):  # every group of every process was skipped: no update
             with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose here
                 warnings.simplefilter("ignore", UserWarning)
                 sched.step()
-            return metrics | {f"{kd[1]}/update_skipped": 1.0 for kd in mine}
+            parts_seen.add(metrics | {f"{kd[1]}/update_skipped": 1.0 for kd in mine})
+            return parts_seen
         scale = self.acc.num_processes * self.acc.gradient_accumulation_steps
         iterations = c.grpo_iterations  # 1 unless every trained direction uses GRPO (config checks)
         for it in range(iterations):
@@ -522,26 +526,28 @@ class Trainer:
                         if b is None or norm[(key, d)]["count"] == 0:
                             continue
                         if b.count == 0:  # a stand-in (sharded weights): the same forward, weight zero
-                            total = total + policy_logps(backbone, d, b.samples, c).values.sum() * 0.0
+                            seed = b.seeds[min(it, len(b.seeds) - 1)]  # a perturbed estimator needs one
+                            total = total + policy_logps(backbone, d, b.samples, c, seed).values.sum() * 0.0
                             continue
                         loss, lm = ALGORITHMS[c.algo_for(d)].loss(backbone, b, c, norm[(key, d)], it)
                         total = total + weights[d] * loss
-                        # each micro-batch's loss is its share of the whole batch's: summed, not averaged
-                        share = loss.item() * len(micro)
-                        parts.update({f"{d}/{k}": v for k, v in lm.items()} | {f"{d}/loss": share})
+                        # each micro-batch's loss is its share of the whole batch's: summed (StepMetrics), and
+                        # averaged over the inner iterations
+                        parts.update({f"{d}/{k}": v for k, v in lm.items()} | {f"{d}/loss": loss.item() / iterations})
                     return total, parts
 
                 with self.acc.accumulate(wrapped):
                     loss, parts = wrapped(step_loss)
                     self.acc.backward(loss * scale)
-                _accumulate(metrics, parts, len(micro) * iterations)
+                parts_seen.add(parts, counts=it == 0)  # tokens and pairs of one rollout: counted once
             norm_value = clip_grad_norm(self.acc, model["params"], c.max_grad_norm or float("inf"))
             if norm_value is not None:
                 norm_value = float(norm_value)
                 if not math.isfinite(norm_value):  # the same on every process: gradients are all-reduced
                     raise TrainingError(
                         f"The gradient of {key} is not finite at this step (norm {norm_value}); losses "
-                        f"{ {k: v for k, v in metrics.items() if k.endswith('/loss')} }. Lower lr or check the rewards."
+                        f"{ {k: v for k, v in parts_seen.result().items() if k.endswith('/loss')} }. Lower lr or check "
+                        "the rewards."
                     )
                 metrics["grad_norm"] = norm_value
             opt.step()
@@ -551,7 +557,8 @@ class Trainer:
             metrics["engine_steps"] = float(wrapped.global_steps)
         sched.step()
         metrics.update(getattr(self, "_phase_times", {}))
-        return metrics
+        parts_seen.add(metrics)
+        return parts_seen
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, when: str) -> dict[str, Any]:
@@ -580,29 +587,6 @@ class Trainer:
                 finally:
                     store_guidance(gen_model, run)
             return out
-
-
-COUNT_METRICS = {
-    "groups",
-    "groups_skipped",
-    "groups_identical",
-    "judge_decisive",
-    "pairs",
-    "tokens",
-}
-
-
-def _accumulate(into: dict[str, Any], values: dict[str, Any], n: int) -> None:
-    """Average metrics over micro-batches; counts (``COUNT_METRICS``) are summed, ``*max*`` keys maxed."""
-    for k, v in values.items():
-        if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-            last = k.split("/")[-1]
-            if "max" in last:
-                into[k] = max(into.get(k, v), v)
-            else:
-                into[k] = into.get(k, 0.0) + (v if last in COUNT_METRICS else v / n)
-        elif k not in into:
-            into[k] = v
 
 
 def _guidance_holder(model: Any) -> Any:

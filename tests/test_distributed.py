@@ -51,14 +51,20 @@ def _same_update(a: list, b: list, algo: str) -> None:
             for name in x["loss"]:
                 assert x["loss"][name] == pytest.approx(y["loss"][name], rel=1e-5, abs=loss_abs), name
             # relative to the gradient's norm: GRPO's gradient sums +-A-weighted terms, so single elements that cancel
-            # to ~1e-6 carry float32 noise; a wrong scale or a missing rank would be off by O(1)
-            err = ((x["grad"] - y["grad"]).norm() / x["grad"].norm()).item()
-            assert x["grad"].norm() > 0 and err < 1e-4, (k, err)
+            # to ~1e-6 carry float32 noise; a wrong scale or a missing rank would be off by O(1). Before clipping
+            # too: after it both sides may sit at max_grad_norm, where a half-size backward looks the same
+            for grad in ("grad", "grad_unclipped"):
+                err = ((x[grad] - y[grad]).norm() / x[grad].norm()).item()
+                assert x[grad].norm() > 0 and err < 1e-4, (k, grad, err)
+            # every metric of the step reads the same however the batch was split (timings aside)
+            assert x["metrics"].keys() == y["metrics"].keys(), (k, x["metrics"].keys() ^ y["metrics"].keys())
+            for name, v in x["metrics"].items():
+                assert v == pytest.approx(y["metrics"][name], rel=1e-4, abs=loss_abs, nan_ok=True), (k, name)
 
 
-def _torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int = 240, **env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(PORT))]
-    return subprocess.run(cmd + args, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+    return subprocess.run(cmd + args, capture_output=True, text=True, env=ENV | env, cwd=ROOT, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -72,6 +78,21 @@ def test_two_processes_with_accumulation_equal_one_big_batch(tiny_toy_path, tmp_
     dist = _torchrun([str(SCRIPT), tiny_toy_path, str(two), algo, strategy])
     assert dist.returncode == 0, dist.stderr[-3000:]
     _same_update(torch.load(one), torch.load(two), algo)
+
+
+@pytest.mark.slow
+def test_the_equivalence_check_sees_a_half_size_backward(tiny_toy_path, tmp_path):
+    """The check above fails when the 2-process backward is half the size (the gradient before clipping, and the
+    logged ``grad_norm``, are half; before, it compared only gradients after clipping at norm 1, where both sides
+    sat at the clip, and passed with an error of 1.7e-7)."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _single(tiny_toy_path, one, "simpo", "unified")
+    dist = _torchrun([str(SCRIPT), tiny_toy_path, str(two), "simpo", "unified"], SUDER_TEST_BACKWARD_SCALE="0.5")
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    a, b = torch.load(one), torch.load(two)
+    assert all(x["policy"]["grad"].norm() == pytest.approx(1.0, rel=1e-4) for x in a + b)  # both at the clip
+    with pytest.raises(AssertionError):
+        _same_update(a, b, "simpo")
 
 
 @pytest.mark.slow

@@ -403,3 +403,35 @@ def test_grpo_empty_mask_and_shape_errors():
         grpo_loss(logps, torch.zeros(2, 3), torch.ones(3), torch.ones(2, 3))
     with pytest.raises(AssertionError, match=r"old_logps.*\(2, 3\).*\(2, 4\)"):
         grpo_loss(logps, torch.zeros(2, 4), torch.ones(2), torch.ones(2, 3))
+
+
+def test_step_metrics_weigh_each_report_by_its_count_and_count_once_per_rollout():
+    """``StepMetrics`` (the trainer's reduction over micro-batches, inner iterations and processes):
+
+    - a mean is over the reports that have the key, each weighted by the count it averages over: ratio 1.0 over
+      3 and over 5 tokens reads 1.0 beside a micro-batch that reported no ratio (before: (1 + 1) / 4 = 0.5 with 2
+      processes x accumulation 2, the absent reports counted as 0); accuracy 1.0 over 2 pairs and 0.0 over 6
+      reads 0.25, as one batch of 8 pairs would;
+    - counts are summed, except over a rollout's later inner iterations (512 tokens, not 1,024);
+    - ``groups_within_gap`` is a count (2 + 1 = 3, not their mean 1.5);
+    - a NaN (no decisive group) reports nothing, and a key with no report reads NaN;
+    - the losses' shares of one global loss add up across micro-batches and processes."""
+    import math
+
+    from suder.distributed import StepMetrics
+
+    m = StepMetrics()
+    m.add({"und/grpo/ratio_mean": 1.0, "und/grpo/tokens": 3.0, "und/groups_within_gap": 2.0})
+    m.add({"und/groups_within_gap": 1.0})  # a micro-batch whose groups were all skipped: no ratio
+    m.add({"und/grpo/ratio_mean": 1.0, "und/grpo/tokens": 5.0})
+    m.add({"und/grpo/ratio_mean": 1.0, "und/grpo/tokens": 5.0}, counts=False)  # its second inner iteration
+    m.add({"und/simpo/accuracy": 1.0, "und/simpo/pairs": 2.0, "und/judge_agree": float("nan")})
+    m.add({"und/x/kl": 0.5, "und/x/tokens": 0.0})
+    other = StepMetrics()  # another process
+    other.add({"und/simpo/accuracy": 0.0, "und/simpo/pairs": 6.0, "und/judge_agree": 1.0, "und/loss": 0.25})
+    other.add({"und/judge_agree": 0.0, "und/judge_decisive": 3.0, "und/loss": 0.5})
+    m.merge(other.state)
+    out = m.result()
+    assert out["und/grpo/ratio_mean"] == 1.0 and out["und/grpo/tokens"] == 8.0
+    assert out["und/groups_within_gap"] == 3.0 and out["und/simpo/accuracy"] == 0.25 and out["und/simpo/pairs"] == 8
+    assert out["und/judge_agree"] == 0.25 and out["und/loss"] == 0.75 and math.isnan(out["und/x/kl"])

@@ -366,15 +366,15 @@ def test_non_finite_rewards_fail_loudly(tiny_toy_path, tmp_path, monkeypatch):
 
 
 def test_metrics_over_micro_batches_average_sum_counts_and_max_maxima():
-    from suder.trainer import _accumulate
+    from suder.distributed import StepMetrics
 
-    into: dict = {}
+    into = StepMetrics()
     for part in (
         {"gen/reward_mean": 1.0, "gen/groups": 2.0, "gen/logp_drift_max": 0.5},
         {"gen/reward_mean": 3.0, "gen/groups": 2.0, "gen/logp_drift_max": 0.1},
     ):
-        _accumulate(into, part, 2)
-    assert into == {"gen/reward_mean": 2.0, "gen/groups": 4.0, "gen/logp_drift_max": 0.5}
+        into.add(part)
+    assert into.result() == {"gen/reward_mean": 2.0, "gen/groups": 4.0, "gen/logp_drift_max": 0.5}
 
 
 def test_zero_steps_is_an_error():

@@ -653,3 +653,70 @@ def test_reward_scorer_per_direction_from_the_cli(tiny_toy_path, tmp_path):
     assert second["split"]["und/reward_mean"] == pytest.approx(second["frozen"]["und/reward_mean"], rel=1e-6)
     with pytest.raises(ConfigError, match="und.reward_scorer"):
         resolve(und_reward_scorer="best")
+
+
+def test_consensus_source_policy_reads_the_policy_not_the_scorer(tiny_toy, tiny_toy_path, tmp_path):
+    """``consensus_source: policy``: the caption term is the policy's own likelihood, whoever scores the image term
+    (before, it read the scorer: with ``und_reward_scorer: frozen`` it equalled ``reference``, and under
+    ``separate`` it read the other model)."""
+    import copy
+
+    images = [shapes.render(x) for x in shapes.sample_scenes(2, seed=1)]
+    t = tiny_toy.sample_text(images, num_samples=3, generator=torch.Generator().manual_seed(1))
+    moved = copy.deepcopy(tiny_toy)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ctx = rewards.RewardContext(scorer=tiny_toy, reference=tiny_toy, policy=moved)
+    image = tiny_toy.logp_image_given_text(t.images, t, policy="cond").sum()
+    caption = moved.logp_text_given_image(t, t.images).sum()
+    assert not torch.allclose(caption, tiny_toy.logp_text_given_image(t, t.images).sum(), atol=1e-2)
+    got = rewards.dsr_consensus(ctx, t, lam=0.5, source="policy")
+    assert torch.allclose(got, image + 0.5 * caption, atol=1e-4)
+    # through the trainer: with a frozen caption scorer, ``policy`` and ``reference`` agree at step 1 (one model
+    # still) and part at step 2 (the policy has moved)
+    runs = {}
+    for source in ("policy", "reference"):
+        res = _train(
+            tiny_toy_path, tmp_path / source, strategy="und", und_reward="dsr-consensus", consensus_source=source,
+            und_reward_scorer="frozen", lr=1e-2, sample_every=0,
+        )
+        runs[source] = [m["und/reward_mean"] for m in res.metrics]
+    assert runs["policy"][0] == pytest.approx(runs["reference"][0], rel=1e-6)
+    assert runs["policy"][1] != runs["reference"][1]  # one model (bit for bit the same numbers) before the fix
+
+
+def test_all_pairs_gate_on_the_pairs_not_on_best_vs_worst(tiny_toy):
+    """``simpo_*_pairs: all`` counts repeated samples once (their first reward), so a group whose best and worst
+    differ can still give no pair: tokens X Y X Y with rewards 0.5 0.5 1.0 0.0 (first X and first Y tie). Such a
+    group gives no batch (before: kept by best vs worst, zero pairs, ZeroDivisionError in pairs_per_group); a
+    group with pairs next to it trains alone."""
+    gen = torch.Generator().manual_seed(0)
+    s = tiny_toy.sample_image(["a red square", "a blue circle"], num_samples=2, generator=gen)
+    assert not torch.equal(s.tokens[0], s.tokens[1]) and not torch.equal(s.tokens[2], s.tokens[3])
+    tied = s.select([0, 1, 0, 1])
+    r = torch.tensor([0.5, 0.5, 1.0, 0.0])
+    cfg = resolve(group_size=4, simpo_gen_pairs="all")
+    batch, metrics = ALGORITHMS["simpo"].prepare(tiny_toy, Rollout("gen", tied, r, 4), cfg, None, [0])
+    assert batch is None and "gen/pairs_per_group" not in metrics
+    both = s.select([0, 1, 0, 1, 2, 3, 2, 3])
+    r2 = torch.cat([r, torch.tensor([1.0, 0.0, 0.5, 0.5])])
+    batch, metrics = ALGORITHMS["simpo"].prepare(tiny_toy, Rollout("gen", both, r2, 4), cfg, None, [0])
+    assert batch.count == 1 and metrics["gen/pairs_per_group"] == 1.0  # group 2: rows 4 > 5
+
+
+def test_grpo_inner_iterations_count_a_rollouts_tokens_once(tiny_toy_path, tmp_path):
+    """With ``grpo_iterations: 2`` the step's ``grpo/tokens`` and ``groups`` are the rollout's (before: tokens summed
+    over the inner iterations, 1,024 reported for 512), and the means stay means (the first iteration's ratio is
+    exactly 1, the second's near it; each iteration reports the KL over the same tokens)."""
+    runs = {}
+    for iterations in (1, 2):
+        res = _train(
+            tiny_toy_path, tmp_path / str(iterations), algo="grpo", strategy="gen", steps=1, grpo_iterations=iterations,
+            sample_every=0,
+        )
+        runs[iterations] = res.metrics[0]
+    one, two = runs[1], runs[2]
+    assert one["gen/grpo/tokens"] > 0 and two["gen/grpo/tokens"] == one["gen/grpo/tokens"]
+    assert two["gen/groups"] == one["gen/groups"] and two["optimizer_steps"] == 2
+    assert one["gen/grpo/ratio_mean"] == 1.0 and two["gen/grpo/ratio_mean"] == pytest.approx(1.0, abs=0.05)

@@ -1,10 +1,13 @@
 """One training update on N processes x a micro-batches of b groups, or on 1 process x N*a*b groups, from the same
-rollouts; writes the losses, learning rates, gradients and optimizer step counts it saw (rank 0) to OUT, and the
+rollouts; writes the losses, every metric of the step (as ``Trainer.train_step`` reduces them), learning rates,
+gradients before and after clipping, and optimizer step counts it saw (rank 0) to OUT, and the
 trained model (``save_pretrained`` from the trainer's whole-weights view) to OUT.final/. At the last step one group
 has equal rewards (skipped): on 2 processes it is all that rank 1 has in its first micro-batch. With sharded weights
 (FSDP2), OUT.torch/ also gets the model saved from torch's own full state dict of the same weights.
 
 ALGO is one algorithm, or GEN/UND (e.g. ``simpo/grpo``) for one per direction (``gen_algo`` / ``und_algo``).
+``SUDER_TEST_BACKWARD_SCALE`` (for testing this test) scales every backward on more than one process, as a wrong
+loss scale for N processes would.
 
     python tests/distributed_scripts/equivalence.py MODEL OUT ALGO STRATEGY                       # 1 process
     torchrun --nproc_per_node 2 tests/distributed_scripts/equivalence.py MODEL OUT ALGO STRATEGY  # 2 processes, DDP
@@ -19,8 +22,10 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+import suder.trainer
 from suder import rewards
 from suder.config import resolve
+from suder.distributed import StepMetrics
 from suder.rollout import ALGORITHMS, Rollout
 from suder.trainer import Trainer, derive_seed, plan
 from suder.worlds import shapes
@@ -58,9 +63,30 @@ cfg = resolve(
 )
 tr = Trainer(cfg)
 rank = tr.acc.process_index
+BROKEN = float(os.environ.get("SUDER_TEST_BACKWARD_SCALE", "1"))
+if BROKEN != 1 and N > 1:
+    backward = tr.acc.backward
+    tr.acc.backward = lambda loss, **kw: backward(loss * BROKEN, **kw)
+
+
+def full(grads):
+    return torch.cat([(g.full_tensor() if isinstance(g, DTensor) else g).detach().flatten().clone() for g in grads])
+
+
+unclipped = {}
+clip = suder.trainer.clip_grad_norm
+
+
+def capture_unclipped(acc, params, max_norm):  # the gradient as the backward left it, before clipping
+    unclipped["grad"] = full([p.grad for p in params])
+    return clip(acc, params, max_norm)
+
+
+suder.trainer.clip_grad_norm = capture_unclipped
 record = []
 for step in range(STEPS):
     micro = [dict() for _ in range(ACCUM)]
+    collected = StepMetrics()  # the rollouts' metrics, as Trainer.collect gathers them
     whole = tr.whole(tr.trained_keys())  # as Trainer.train_step: sharded weights gathered once for the rollouts
     whole.__enter__()
     for key, direction, scorer_key in plan(cfg, step):
@@ -83,7 +109,9 @@ for step in range(STEPS):
             rows = list(range(first * G, (first + per_micro) * G))
             roll = Rollout(direction, samples.select(rows), r[rows], G)
             seeds = [derive_seed(5, step, it) for it in range(cfg.grpo_iterations)]
-            micro[m][(key, direction)] = tr.prepare_batch(ALGORITHMS[cfg.algo_for(direction)], key, roll, seeds)[0]
+            batch, rm = tr.prepare_batch(ALGORITHMS[cfg.algo_for(direction)], key, roll, seeds)
+            micro[m][(key, direction)] = batch
+            collected.add(rm)
     whole.__exit__(None, None, None)
     norm = tr.normalizers(micro)
     entry = {"step": step}
@@ -94,18 +122,21 @@ for step in range(STEPS):
         original = inner.step
 
         def capture(*a, _orig=original, _key=key, _grads=grads, **k):
-            whole = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in tr.models[_key]["params"]]
-            _grads[_key] = torch.cat([g.detach().flatten().clone() for g in whole])
+            _grads[_key] = full([p.grad for p in tr.models[_key]["params"]])
             return _orig(*a, **k)
 
         inner.step = capture
-        metrics = tr.reduce_metrics(tr.update(key, micro, norm))
+        step_metrics = tr.update(key, micro, norm)
+        step_metrics.merge(collected)  # as Trainer.train_step: one key per step in every plan used here
+        metrics = tr.reduce_metrics(step_metrics)
         inner.step = original
         entry[key] = {
             "loss": {k: v for k, v in metrics.items() if k.endswith("/loss")},
             "lr": metrics["lr"],
             "optimizer_steps": metrics.get("optimizer_steps", 0),
             "grad": grads[key],
+            "grad_unclipped": unclipped["grad"],
+            "metrics": {k: v for k, v in metrics.items() if not k.startswith("time/")},
             "adam_steps": max(float(s["step"]) for s in inner.state.values()),
         }
     record.append(entry)

@@ -35,6 +35,7 @@ import contextlib
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,7 @@ DEFAULT_LORA: dict[str, Any] = {
     "lora_dropout": 0.0,  # dropout would break GRPO's first ratio == 1 and SimPO's paired comparison
     "target_modules": r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
 }
+REFERENCE_ADAPTER = "reference"  # JanusProLora.snapshot_reference: a frozen copy of the adapter
 
 
 # ------------------------------------------------------------------------------------------- the adapter
@@ -455,7 +457,8 @@ def _blank_image(height: int, width: int):
 
 class JanusProLora(JanusProBackbone):
     """Janus-Pro with a peft LoRA adapter on the language model; the reference policy is the adapter
-    disabled (``reference_scope()``), so no second copy of the weights is kept.
+    disabled (``reference_scope()``), so no second copy of the weights is kept; after ``snapshot_reference()``
+    it is a frozen copy of the adapter as it was then (a second adapter, ``REFERENCE_ADAPTER``).
 
     ``lora``: ``True`` for ``DEFAULT_LORA`` (r 16, alpha 32, every attention/MLP projection of the language
     model), or a dict of ``peft.LoraConfig`` fields overriding it. Adapter weights are float32 whatever the
@@ -482,7 +485,32 @@ class JanusProLora(JanusProBackbone):
         return {**super().settings(), "lora": self.lora_options}
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.model.named_parameters() if "lora_" in name]
+        """The trained adapter's weights (not the frozen reference copy)."""
+        return [p for name, p in self.model.named_parameters() if "lora_" in name and ".default." in name]
+
+    def snapshot_reference(self) -> None:
+        """Make the adapter as it is now the reference policy of ``reference_scope()``: the trainer calls this at
+        the start, so that a run from a previous LoRA run's folder scores with its initial model (the loaded
+        adapter on), not with the base under it. Nothing to copy while the adapter is still at its
+        initialisation (every ``lora_B`` zero): the adapter switched off is that same model."""
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        if REFERENCE_ADAPTER in self.model.peft_config:
+            raise BackboneError("snapshot_reference() was already called on this model.")
+        if all(not p.any() for name, p in self.model.named_parameters() if "lora_B" in name):
+            return
+        with warnings.catch_warnings():  # "Already found a peft_config attribute ... multiple adapters": on purpose
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(LoraConfig(**self.lora_options), self.model, adapter_name=REFERENCE_ADAPTER)
+        with torch.no_grad():
+            for layer in (m for m in self.model.modules() if isinstance(m, LoraLayer)):
+                for part in (layer.lora_A, layer.lora_B):
+                    part[REFERENCE_ADAPTER].weight.data = part["default"].weight.detach().clone()
+                    part[REFERENCE_ADAPTER].requires_grad_(False)
+                layer.set_adapter("default")  # peft makes the new adapter active and trainable; the trainer's stays
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
 
     def trainable_parameters(self, direction: str) -> list[nn.Parameter]:
         """Both directions train the adapter only."""
@@ -492,18 +520,26 @@ class JanusProLora(JanusProBackbone):
 
     @contextlib.contextmanager
     def reference_scope(self):
-        """Under this context every method computes the reference policy (the base model, adapter off)."""
+        """Under this context every method computes the reference policy: the base model (adapter off), or after
+        ``snapshot_reference()`` the adapter as it was then."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        flags = [(p, p.requires_grad) for p in self.lora_parameters()]
+        flags = [(p, p.requires_grad) for name, p in self.model.named_parameters() if "lora_" in name]
+        snapshot = REFERENCE_ADAPTER in self.model.peft_config
         for layer in layers:
-            layer.enable_adapters(False)
+            if snapshot:
+                layer.set_adapter(REFERENCE_ADAPTER)
+            else:
+                layer.enable_adapters(False)
         try:
             yield self
         finally:
             for layer in layers:
-                layer.enable_adapters(True)
+                if snapshot:
+                    layer.set_adapter("default")
+                else:
+                    layer.enable_adapters(True)
             for p, flag in flags:  # peft toggles requires_grad; the trainer's choice stands
                 p.requires_grad_(flag)
 
@@ -518,7 +554,7 @@ class JanusProLora(JanusProBackbone):
                 delta = module.get_delta_weight("default")
                 state[f"{name}.weight"] = (base.weight.float() + delta.float()).to(base.weight.dtype)
         for key, value in self.model.state_dict().items():
-            if "lora_" in key:
+            if "lora_" in key:  # the adapters (trained and reference) go to adapter/
                 continue
             key = key.replace(".base_layer.", ".")
             state.setdefault(key, value)
