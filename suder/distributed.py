@@ -203,7 +203,7 @@ WEIGHTED_BY = {
     **dict.fromkeys(("clip_low_frac", "clip_high_frac", "clip_frac", "ratio_mean", "kl", "mean"), "tokens"),
     **dict.fromkeys(("margin", "accuracy", "chosen_logp", "rejected_logp", "nll"), "pairs"),
     **dict.fromkeys(
-        ("reward_mean", "reward_std", "reward_spread", "distinct", "caption_words", "judge_acc", "greedy_chosen",
+        ("reward_mean", "reward_spread", "distinct", "caption_words", "judge_acc", "greedy_chosen",
          "greedy_rejected", "greedy_judge_acc"),
         "groups",
     ),
@@ -224,7 +224,8 @@ class StepMetrics:
     ``grpo/ratio_mean`` by ``grpo/tokens``, ``simpo/accuracy`` by ``simpo/pairs``, ...; 1 for others). NaN and
     empty means (count 0) report nothing; a key with no report reads NaN. Counts are added once per rollout
     (``counts=False`` for the later inner iterations over the same batch). ``state`` is plain data, merged across
-    processes.
+    processes. ``reward_std`` (a std over all rewards) is pooled from each report's ``reward_mean`` and ``groups``
+    (Chan et al.'s parallel variance; G is fixed within a direction); a single report keeps its value as it is.
     """
 
     def __init__(self) -> None:
@@ -238,6 +239,9 @@ class StepMetrics:
             elif last in COUNT_METRICS or k.endswith("/loss"):
                 if counts or last not in COUNT_METRICS:
                     self._merge(k, ("sum", float(v), 0.0))
+            elif last == "reward_std" and math.isfinite(float(v)):
+                n, mean = float(values[f"{prefix}/groups"]), float(values[f"{prefix}/reward_mean"])
+                self._merge(k, ("std", (mean, n * float(v) ** 2, float(v), 1), n))
             elif "max" in last:
                 if math.isfinite(float(v)):
                     self._merge(k, ("max", float(v), 0.0))
@@ -260,9 +264,20 @@ class StepMetrics:
             self.state[key] = ("max", max(old[1], entry[1]), 0.0)
         elif entry[0] == "mean":
             self.state[key] = ("mean", old[1] + entry[1], old[2] + entry[2])
+        elif entry[0] == "std":  # Chan et al. (1979): pooled mean and sum of squared deviations
+            (ma, m2a, _, ka), na, (mb, m2b, _, kb), nb = old[1], old[2], entry[1], entry[2]
+            n = na + nb
+            mean = ma + (mb - ma) * nb / n
+            m2 = m2a + m2b + (mb - ma) ** 2 * na * nb / n
+            self.state[key] = ("std", (mean, m2, math.sqrt(m2 / n), ka + kb), n)
 
     def result(self) -> dict[str, Any]:
         out = {}
         for k, (kind, value, weight) in sorted(self.state.items()):
-            out[k] = (value / weight if weight else float("nan")) if kind == "mean" else value
+            if kind == "mean":
+                out[k] = value / weight if weight else float("nan")
+            elif kind == "std":
+                out[k] = value[2]  # the single report's own value, or the pooled one
+            else:
+                out[k] = value
         return out

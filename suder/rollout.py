@@ -128,13 +128,13 @@ def distinct_per_group(samples: ImageSamples | TextSamples, group_size: int) -> 
 def rollout_metrics(r: Rollout, best: torch.Tensor, worst: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
     """Monitors: reward mean/std/spread, diversity, caption length, judge accuracy and reward-judge agreement.
     Means are over groups (``groups``; G is fixed, so also over rows) or decisive groups (``judge_decisive``),
-    which the trainer weighs them by (``suder.distributed.StepMetrics``); ``reward_std`` is the mean within-group
-    std (the spread GRPO normalises by), which splitting a batch into micro-batches of whole groups keeps."""
+    which the trainer weighs them by (``suder.distributed.StepMetrics``); ``reward_std`` is the std of all the
+    batch's rewards, which ``StepMetrics`` pools exactly over micro-batches and processes."""
     d, G = r.direction, r.group_size
     grouped = r.rewards.view(-1, G)
     out = {
         f"{d}/reward_mean": r.rewards.mean().item(),
-        f"{d}/reward_std": grouped.std(-1, unbiased=False).mean().item(),
+        f"{d}/reward_std": r.rewards.std(unbiased=False).item(),
         f"{d}/reward_spread": (grouped.max(-1).values - grouped.min(-1).values).mean().item(),
         f"{d}/distinct": distinct_per_group(r.samples, G),
         f"{d}/groups_skipped": float((~valid).sum().item()),

@@ -435,3 +435,30 @@ def test_step_metrics_weigh_each_report_by_its_count_and_count_once_per_rollout(
     assert out["und/grpo/ratio_mean"] == 1.0 and out["und/grpo/tokens"] == 8.0
     assert out["und/groups_within_gap"] == 3.0 and out["und/simpo/accuracy"] == 0.25 and out["und/simpo/pairs"] == 8
     assert out["und/judge_agree"] == 0.25 and out["und/loss"] == 0.75 and math.isnan(out["und/x/kl"])
+
+
+def test_step_metrics_pool_reward_std_as_one_batch_would():
+    """``reward_std`` is the std of all the step's rewards: pooled from micro-batches and processes with Chan et al.'s
+    parallel variance (each report's std, mean and group count; G fixed), it equals the std of the whole batch; a
+    single report keeps its own value exactly (a run of one micro-batch logs what it logged before)."""
+    import torch
+
+    from suder.distributed import StepMetrics
+
+    rewards = torch.tensor([0.1, -2.0, 0.7, 3.0, -0.4, 1.5, 2.2, -1.1, 0.0, 5.0, -3.0, 0.3])  # 6 groups of 2
+    whole = rewards.std(unbiased=False).item()
+
+    def report(r: torch.Tensor) -> dict:
+        return {"gen/reward_std": r.std(unbiased=False).item(), "gen/reward_mean": r.mean().item(),
+                "gen/groups": len(r) / 2}
+
+    split = StepMetrics()
+    split.add(report(rewards[:4]))
+    split.add(report(rewards[4:6]))
+    other = StepMetrics()  # another process
+    other.add(report(rewards[6:]))
+    split.merge(other.state)
+    assert split.result()["gen/reward_std"] == pytest.approx(whole, rel=1e-6)
+    one = StepMetrics()
+    one.add(report(rewards))
+    assert one.result()["gen/reward_std"] == whole
