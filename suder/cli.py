@@ -13,98 +13,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from . import console as term
 from .errors import SuderError
-
-
-def _console(stderr: bool = True):
-    """Messages are never wrapped (soft_wrap): a long path stays on one line in a log or a pipe."""
-    from rich.console import Console
-
-    return Console(stderr=stderr, soft_wrap=True)
-
-
-def _progress(console=None):
-    """A rich progress bar on a terminal; elsewhere (CI logs, pipes, files) plain lines (``LineProgress``)."""
-    console = console if console is not None else _console()
-    if not console.is_terminal:
-        return LineProgress(console)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        transient=False,
-    )
-
-
-class LineProgress:
-    """The part of ``rich.progress.Progress`` the commands use, as plain lines for consoles that are not terminals.
-
-    A bar redrawn in place turns into one truncated line (or nothing) in a CI log; this prints
-    ``description: step/total (pct%)  elapsed h:mm:ss  info`` each time a task crosses another ``every_percent`` of
-    its total, at least every ``every_seconds`` (always, for tasks without a total), and once at the end.
-    """
-
-    def __init__(self, console, every_percent: float = 10.0, every_seconds: float = 30.0, clock=None):
-        import time
-
-        self.console, self.every_percent, self.every_seconds = console, every_percent, every_seconds
-        self.clock = clock or time.monotonic
-        self.tasks: list[dict[str, Any]] = []
-
-    def __enter__(self) -> LineProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for task in self.tasks:
-            if task["visible"] and task["completed"] and task["completed"] != task["printed"]:
-                self._print(task)
-
-    def add_task(self, description: str, total: float | None = None, info: str = "", visible: bool = True, **_):
-        now = self.clock()
-        self.tasks.append(
-            dict(description=description, total=total, completed=0, info=info, visible=visible, start=now)
-        )
-        self.tasks[-1].update(last=now, bucket=0, printed=0)
-        return len(self.tasks) - 1
-
-    def update(self, task_id: int, *, total=None, completed=None, advance=None, info=None, visible=None, **_):
-        task = self.tasks[task_id]
-        for key, value in (("total", total), ("completed", completed), ("info", info), ("visible", visible)):
-            if value is not None:
-                task[key] = value
-        if advance is not None:
-            task["completed"] += advance
-        if not task["visible"]:
-            return
-        now, done, total = self.clock(), task["completed"], task["total"]
-        bucket = int(100 * done / total // self.every_percent) if total else 0
-        if bucket > task["bucket"] or (total and done >= total and task["printed"] != done):
-            self._print(task, bucket)
-        elif now - task["last"] >= self.every_seconds and done != task["printed"]:
-            self._print(task, bucket)
-
-    def _print(self, task: dict[str, Any], bucket: int | None = None) -> None:
-        now = self.clock()
-        elapsed = int(now - task["start"])
-        clock = f"{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
-        done, total = task["completed"], task["total"]
-        count = f"{done:g}/{total:g} ({100 * done / total:.0f}%)" if total else f"{done:g}"
-        line = f"{task['description']}: {count}  elapsed {clock}  {task['info']}".rstrip()
-        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
-        task.update(last=now, printed=done, bucket=task["bucket"] if bucket is None else bucket)
+from .run_options import parse_run
 
 
 def _at_least(flag: str, value: int | float | None, minimum: int, counts: str) -> None:
@@ -170,7 +81,7 @@ def cmd_backbones(args) -> None:
     for r in rows:
         if r["error"] is None:
             table.add_row(r["name"], r["summary"], r["plugin"], f"{r['distribution']} {r['version']}".strip())
-    console = _console(stderr=False)
+    console = term.console(stderr=False)
     console.print(table)
     for r in rows:  # one unwrapped line each, so the whole error can be read and searched
         if r["error"] is not None:
@@ -188,7 +99,7 @@ def cmd_world_export(args) -> None:
     _at_least("--num", args.num, 1, "the scenes to write")
     ensure_writable_dir(args.out, "--out folder", create=False)
     pairs = shapes.export(args.num, args.seed, args.out)
-    _console().print(f"Wrote {len(pairs)} images and captions.jsonl to {args.out}")
+    term.console().print(f"Wrote {len(pairs)} images and captions.jsonl to {args.out}")
 
 
 def cmd_pretrain(args) -> None:
@@ -198,21 +109,16 @@ def cmd_pretrain(args) -> None:
     _at_least("--steps", args.steps, 1, "optimizer steps")
     _known_backbone(args.backbone)
     ensure_writable_dir(args.out, "--out folder", create=False)
-    with _progress() as bar:
+    with term.progress() as bar:
         task = bar.add_task("pretrain", total=args.steps, info="")
         result = pretrain(
             args.backbone,
             out=args.out,
             steps=args.steps,
             seed=args.seed,
-            callback=lambda m: bar.update(task, total=m["total_steps"], completed=m["step"], info=_loss_info(m)),
+            callback=lambda m: bar.update(task, total=m["total_steps"], completed=m["step"], info=term.loss_info(m)),
         )
-    _console().print(f"Saved to {args.out} ({result.seconds:.0f} s, final loss {result.losses[-1]:.3f})")
-
-
-def _loss_info(m: dict) -> str:
-    """``loss 0.123``, after the phase when the pre-training reports one (``tokenizer``, ``model``)."""
-    return " ".join(filter(None, (m.get("phase"), f"loss {m['loss']:.3f}")))
+    term.console().print(f"Saved to {args.out} ({result.seconds:.0f} s, final loss {result.losses[-1]:.3f})")
 
 
 def cmd_generate(args) -> None:
@@ -232,7 +138,7 @@ def cmd_generate(args) -> None:
     model = _load(args)
     out = Path(args.out)
     size = None
-    with _progress() as bar:
+    with term.progress() as bar:
         task = bar.add_task("generate", total=len(items), info="")
         for i, item in enumerate(items):
             if args.resume and exports.is_written(args.layout, out, i, item, n):
@@ -246,7 +152,7 @@ def cmd_generate(args) -> None:
             size = images[0].size[0]
             bar.update(task, advance=1)
     scorer = exports.SCORERS[args.layout].format(out=out.resolve(), resolution=size or "<SAMPLE_SIZE>")
-    _console().print(f"Wrote {len(items)} x {n} images to {out} ({args.layout} layout). Score with: {scorer}")
+    term.console().print(f"Wrote {len(items)} x {n} images to {out} ({args.layout} layout). Score with: {scorer}")
 
 
 def cmd_caption(args) -> None:
@@ -268,7 +174,7 @@ def cmd_caption(args) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     temperature = 0.0 if args.temperature is None else args.temperature
     lines = []
-    with _progress() as bar:
+    with term.progress() as bar:
         task = bar.add_task("caption", total=len(files), info="")
         for i in range(0, len(files), args.batch_size):
             texts = model.sample_text(images[i : i + args.batch_size], generator=gen, temperature=temperature).texts
@@ -278,7 +184,7 @@ def cmd_caption(args) -> None:
             bar.update(task, advance=len(texts))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
-    _console().print(f"Wrote {len(lines)} captions to {args.out}")
+    term.console().print(f"Wrote {len(lines)} captions to {args.out}")
 
 
 def cmd_eval(args) -> None:
@@ -291,18 +197,18 @@ def cmd_eval(args) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    _console(stderr=False).print(results_table([("model", result)]))
+    term.console(stderr=False).print(results_table([("model", result)]))
 
 
 def cmd_report(args) -> None:
     from .report import watch, write_report
 
     if args.watch:
-        _console().print(f"Rewriting the report every {args.watch} s until the run finishes (Ctrl-C stops)")
+        term.console().print(f"Rewriting the report every {args.watch} s until the run finishes (Ctrl-C stops)")
         out = watch(args.run_dir, args.out, args.watch, max_grids=args.max_grids)
     else:
         out = write_report(args.run_dir, args.out, max_grids=args.max_grids)
-    _console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
+    term.console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
 
 
 def _version() -> str:
@@ -384,7 +290,7 @@ def cmd_run(argv: list[str]) -> None:
     from .trainer import preflight, train
 
     config_file, flags = parse_run(argv)
-    console = _console()
+    console = term.console()
     # fail on a bad option, data file or output folder before any expensive work
     cfg = resume_config(resolve(config_file, flags))
     preflight(cfg)
@@ -394,17 +300,17 @@ def cmd_run(argv: list[str]) -> None:
         console.print(
             f"[bold]suder run[/]: the embedded default ({cfg.backbone} backbone on ShapesWorld); cache: {cache_dir()}"
         )
-        with _progress() as bar:  # the pre-trained base is built once, on first use
+        with term.progress() as bar:  # the pre-trained base is built once, on first use
             task = bar.add_task("pretrain base (first use)", total=None, info="", visible=False)
             flags["model"] = str(
                 ensure_base(
                     cfg.backbone,
                     callback=lambda m: bar.update(
-                        task, total=m["total_steps"], completed=m["step"], info=_loss_info(m), visible=True
+                        task, total=m["total_steps"], completed=m["step"], info=term.loss_info(m), visible=True
                     )
                 )
             )
-    with _progress() as bar:
+    with term.progress() as bar:
         task = bar.add_task("dsr", total=None, info="")
 
         def on_step(m: dict) -> None:
@@ -418,203 +324,8 @@ def cmd_run(argv: list[str]) -> None:
     if result.before or result.after:
         from .report import judge_rows
 
-        _console(stderr=False).print(results_table(judge_rows(result.before, result.after)))
+        term.console(stderr=False).print(results_table(judge_rows(result.before, result.after)))
     console.print(f"Run folder: {result.output_dir}  final model: {result.final_model}")
-
-
-# ------------------------------------------------------------------------------------------- run options
-RUN_GROUPS = {  # help group of TrainConfig's fields (their ``group`` metadata) -> the group's name in --help
-    "what to train": "model", "data": "data", "length and batch": "length", "optimiser": "optimiser",
-    "SimPO": "simpo", "GRPO": "grpo", "rewards": "rewards", "sampling": "sampling", "engineering": "engineering",
-    "logging and saving": "logging",
-}
-RUN_DESCRIPTION = (
-    "Self-improve a unified multimodal model with dual self-rewards; no options: the embedded ShapesWorld default. "
-    "Every setting is an option. The defaults shown are the paper's; the toy backbone and the ShapesWorld runs of "
-    "show-o and janus-pro start from a preset over them (suder/presets/). Precedence: defaults < preset < --config "
-    "YAML < these flags; --algo, --group-size, --batch-size and --reward-scorer set both directions unless "
-    "--gen.* / --und.* say otherwise (docs/configuration.md)."
-)
-MAPPINGS = ("backbone_options", "image_logp_options")
-BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
-
-
-def _metavar(key: str, f) -> str:
-    from .config import field_type
-
-    if f.metadata.get("choices"):
-        return "{" + ",".join(f.metadata["choices"]) + "}"
-    if key in MAPPINGS:
-        return "YAML"
-    if key == "resume":
-        return "[auto]"
-    if key in ("model", "prompts", "images", "output_dir"):
-        return "PATH"
-    kind = field_type(key)
-    text = str(kind)
-    for name in ("float", "int", "list"):
-        if name in text:
-            return {"list": "NAME[,NAME]"}.get(name, name.upper())
-    return "STR"
-
-
-def _shown_default(key: str, f) -> str:
-    import dataclasses
-
-    from .config import INHERITED
-
-    section, _, name = key.rpartition(".")
-    if section and name in INHERITED:
-        return f"(default: {name})"
-    if section:
-        from .config import DIRECTION_DEFAULTS
-
-        value = getattr(DIRECTION_DEFAULTS[section](), name)
-    else:
-        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    if "(default" in f.metadata["help"]:  # the help says it
-        return ""
-    if value is None or value == {} or value == []:
-        return "(default: none)"
-    return f"(default: {str(value).lower() if isinstance(value, bool) else value})"
-
-
-def run_options() -> tuple[type, dict[str, tuple[str, bool]]]:
-    """The ``tyro`` spec of ``suder run``, generated from ``TrainConfig``'s fields: a group per help group (no
-    prefix: ``--lr``), the ``gen``/``und`` sections (``--gen.group-size``); every field is parsed as text and
-    coerced by ``suder.config.coerce`` (one-line errors naming the key), booleans are flags (``--x``/``--no-x``).
-    Also returns the option names: ``--name`` -> (dotted key, takes a value)."""
-    import dataclasses
-    from typing import Annotated, Optional
-
-    import tyro
-
-    from .config import DIRECTIONS, FIELDS
-
-    groups: dict[str, list] = {}
-    names: dict[str, tuple[str, bool]] = {"--config": ("config", True)}
-    for key, f in FIELDS.items():
-        section, _, name = key.rpartition(".")
-        group = section or RUN_GROUPS[f.metadata["group"]]
-        option = "--" + key.replace("_", "-")
-        is_flag = f.type in ("bool", bool)
-        if is_flag:
-            spec = Annotated[bool, tyro.conf.arg(help=f.metadata["help"])]
-            default = bool(f.default) if not section else False
-            names[option], names["--no-" + option[2:]] = (key, False), (key, False)
-        else:
-            aliases = ("--out",) if key == "output_dir" else None
-            hint = _shown_default(key, f)
-            spec = Annotated[Optional[str], tyro.conf.arg(  # noqa: UP045 (tyro reads the typing form)
-                help=f.metadata["help"], metavar=_metavar(key, f), help_behavior_hint=hint, aliases=aliases
-            )]
-            default = None
-            names[option] = (key, True)
-            if aliases:
-                names["--out"] = (key, True)
-        groups.setdefault(group, []).append((name, spec, dataclasses.field(default=default)))
-    fields = [("config", Annotated[Optional[str], tyro.conf.arg(  # noqa: UP045
-        help="YAML file of settings, e.g. a run's config.yaml (flags override it)", metavar="FILE")],
-        dataclasses.field(default=None))]
-    helps = {"gen": "text-to-image (gen) settings", "und": "captioning (und) settings"}
-    for group, members in groups.items():
-        cls = dataclasses.make_dataclass(group, members)
-        marks = () if group in DIRECTIONS else (tyro.conf.OmitArgPrefixes,)
-        spec = Annotated[(cls, *marks, tyro.conf.arg(help=helps.get(group, "")))]
-        fields.append((group, spec, dataclasses.field(default_factory=cls)))
-    return dataclasses.make_dataclass("suder_run", fields), names
-
-
-def _option_error(option: str, names: dict) -> None:
-    from .config import LEGACY
-    from .errors import ConfigError, closest
-
-    known = [n for n in names if not n.startswith("--no-")] + [f"--{k.replace('_', '-')}" for k in LEGACY]
-    hint = closest(option, known)
-    extra = f" Did you mean '{hint}'?" if hint else ""
-    raise ConfigError(f"Unknown option '{option}' of suder run.{extra} (`suder run --help` lists them)")
-
-
-def normalize_run_argv(argv: list[str], names: dict[str, tuple[str, bool]]) -> tuple[list[str], list[str]]:
-    """``argv`` with every option in its canonical ``--name=value`` form (legacy ``--gen-group-size`` ->
-    ``--gen.group-size``, ``--out`` -> ``--output-dir``, bare ``--resume`` -> ``--resume=true``, ``--bf16`` ->
-    ``--mixed-precision=bf16``), and the dotted keys given. Every malformed option is a one-line ``ConfigError``,
-    before the parser sees it."""
-    from .config import LEGACY
-    from .errors import ConfigError
-
-    out: list[str] = []
-    given: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        i += 1
-        if token in ("-h", "--help"):
-            out.append(token)
-            continue
-        if not token.startswith("--"):
-            raise ConfigError(f"Unexpected argument '{token}'; options look like --key value (`suder run --help`).")
-        option, eq, raw = token.partition("=")
-        if option in ("--bf16", "--fp16"):
-            option, eq, raw = "--mixed-precision", "=", option[2:]
-        legacy = LEGACY.get(option[2:].replace("-", "_"))
-        if legacy:
-            option = "--" + legacy.replace("_", "-")
-        if option == "--out":
-            option = "--output-dir"
-        if option not in names:
-            _option_error(option, names)
-        key, takes_value = names[option]
-        if not takes_value:
-            word = raw if eq else (argv[i] if i < len(argv) else "")
-            if word.lower() in BOOL_WORDS:  # the earlier `--flag true` form
-                i += 0 if eq else 1
-                on = BOOL_WORDS[word.lower()] != option.startswith("--no-")
-                option = f"--{'' if on else 'no-'}{option[5:] if option.startswith('--no-') else option[2:]}"
-            elif eq:
-                raise ConfigError(f"{option} is a flag: write {option} or --no-{option[2:]}, not {option}={raw}.")
-            out.append(option)
-        else:
-            if not eq:
-                if i < len(argv) and not argv[i].startswith("--"):
-                    raw, i = argv[i], i + 1
-                elif option == "--resume":
-                    raw = "true"
-                else:
-                    raise ConfigError(f"Option '{option}' needs a value.")
-            if key in MAPPINGS and raw.count("{") > raw.count("}"):
-                rest = argv[i] if i < len(argv) else ""
-                raise ConfigError(
-                    f"{option} got '{raw}' and '{rest}' as separate words: quote the mapping, as in "
-                    f"{option} '{raw} {rest}'." if rest else f"{option} '{raw}' is not a closed mapping."
-                )
-            out.append(f"{option}={raw}")
-        given.append(key)
-    return out, given
-
-
-def parse_run(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """``suder run``'s command line -> (``--config`` file, the flags given as {dotted key: value})."""
-    import tyro
-
-    spec, names = run_options()
-    argv, given = normalize_run_argv(argv, names)
-    parsed = tyro.cli(spec, args=argv, prog="suder run", description=RUN_DESCRIPTION)
-    flags: dict[str, Any] = {}
-    config_file = parsed.config
-    for key in given:
-        if key == "config":
-            continue
-        section, _, name = key.rpartition(".")
-        owner = getattr(parsed, section) if section else getattr(parsed, _group_of(key))
-        flags[key] = getattr(owner, name)
-    return config_file, flags
-
-
-def _group_of(key: str) -> str:
-    from .config import FIELDS
-
-    return RUN_GROUPS[FIELDS[key].metadata["group"]]
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -622,7 +333,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors as one ``Error:`` line (exit code 2) like every other error."""
 
     def error(self, message: str):
-        _console().print(f"[bold red]Error:[/] {message}; see `{self.prog} --help`.", highlight=False, soft_wrap=True)
+        line = f"[bold red]Error:[/] {message}; see `{self.prog} --help`."
+        term.console().print(line, highlight=False, soft_wrap=True)
         self.exit(2)
 
 
@@ -707,7 +419,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     from .plugins import SuderPluginWarning
 
     if issubclass(category, SuderPluginWarning):
-        _console().print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
+        term.console().print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -755,7 +467,7 @@ def _main(argv: list[str] | None = None) -> int:
                 "report": cmd_report,
             }[args.command](args)
     except SuderError as exc:
-        _console().print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+        term.console().print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130

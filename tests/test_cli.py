@@ -452,7 +452,8 @@ def _plain_console(width: int = 40):
 
 
 def test_progress_is_plain_lines_when_not_a_terminal():
-    from suder.cli import LineProgress, _progress
+    from suder.console import LineProgress
+    from suder.console import progress as _progress
 
     console = _plain_console()
     now = [0.0]
@@ -486,7 +487,7 @@ def test_progress_is_a_bar_on_a_terminal():
     from rich.console import Console
     from rich.progress import Progress
 
-    from suder.cli import _progress
+    from suder.console import progress as _progress
 
     assert isinstance(_progress(Console(force_terminal=True)), Progress)
 

@@ -32,7 +32,8 @@ def main() -> None:
     from janus_binding_probe import redraw_query_key
 
     from suder.backbones.janus_pro.shapes_world import build_shapes_base, recipe
-    from suder.cli import _loss_info, _progress
+    from suder.console import loss_info as _loss_info
+from suder.console import progress as _progress
     from suder.data import ensure_writable_dir
     from suder.errors import SuderError
     from suder.pretrain import MARKER, pretrain, write_marker
