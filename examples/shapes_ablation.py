@@ -25,12 +25,12 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "simpo-gen": ("DSR SimPO, generation only", {"strategy": "gen"}),
     "simpo-und": ("DSR SimPO, understanding only (dsr-consensus)", {"strategy": "und"}),
     "simpo-unified": ("DSR SimPO, unified (dsr-consensus): the default", {}),
-    "simpo-unified-plain": ("DSR SimPO, unified, paper's caption reward (dsr)", {"und_reward": "dsr"}),
+    "simpo-unified-plain": ("DSR SimPO, unified, paper's caption reward (dsr)", {"und": {"reward": "dsr"}}),
     "simpo-separate": ("DSR SimPO, two models alternating (dsr-consensus)", {"strategy": "separate"}),
     "grpo-unified": ("DSR GRPO, unified (dsr-consensus)", {"algo": "grpo"}),
     "judge-unified": (
         "SimPO, unified, exact judge as reward (external supervision)",
-        {"gen_reward": "shapes-judge", "und_reward": "shapes-judge"},
+        {"gen": {"reward": "shapes-judge"}, "und": {"reward": "shapes-judge"}},
     ),
 }
 FAMILIES = ("single", "pair", "count", "relation", "overall")
