@@ -300,15 +300,15 @@ def cmd_run(argv: list[str]) -> None:
         console.print(
             f"[bold]suder run[/]: the embedded default ({cfg.backbone} backbone on ShapesWorld); cache: {cache_dir()}"
         )
-        with term.progress() as bar:  # the pre-trained base is built once, on first use
+        # the pre-trained base is built once, on first use, here with a progress bar; the run then finds it in the
+        # cache (its config keeps `model: null`, the embedded default, as the user asked; run.json names the base)
+        with term.progress() as bar:
             task = bar.add_task("pretrain base (first use)", total=None, info="", visible=False)
-            flags["model"] = str(
-                ensure_base(
-                    cfg.backbone,
-                    callback=lambda m: bar.update(
-                        task, total=m["total_steps"], completed=m["step"], info=term.loss_info(m), visible=True
-                    )
-                )
+            ensure_base(
+                cfg.backbone,
+                callback=lambda m: bar.update(
+                    task, total=m["total_steps"], completed=m["step"], info=term.loss_info(m), visible=True
+                ),
             )
     with term.progress() as bar:
         task = bar.add_task("dsr", total=None, info="")

@@ -380,3 +380,28 @@ def test_metrics_over_micro_batches_average_sum_counts_and_max_maxima():
 def test_zero_steps_is_an_error():
     with pytest.raises(ConfigError, match="steps must be >= 1"):
         resolve(steps=0)
+
+
+def test_the_embedded_default_records_no_model_the_user_did_not_give(monkeypatch):
+    """`suder run` builds (or finds) the embedded default's base before training, but the flags layer holds only what
+    the user typed: config.yaml keeps `model: null` from the defaults (before: the base's cache path, recorded as a
+    flag), so re-running it asks for the embedded default again."""
+    import suder.trainer as trainer_mod
+
+    seen = {}
+
+    def fake_train(model=None, algo=None, *, config_file=None, flags=None, callback=None, **kw):
+        from suder.config import resolve
+
+        seen["flags"], seen["cfg"] = dict(flags), resolve(config_file, flags, **kw)
+        raise SystemExit(0)
+
+    built = []
+    monkeypatch.setattr(trainer_mod, "train", fake_train)
+    monkeypatch.setattr(trainer_mod, "preflight", lambda cfg: None)
+    monkeypatch.setattr(importlib.import_module("suder.pretrain"), "ensure_base", lambda *a, **kw: built.append(a))
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--steps", "1"])
+    assert built == [("toy",)]  # the base was made ready first
+    assert seen["flags"] == {"steps": "1"}  # as typed; resolve coerces it
+    assert seen["cfg"].model is None and seen["cfg"].sources["model"] == "default"
