@@ -24,10 +24,9 @@ The toy needs no recipe: its factory builds a ShapesWorld model by default (``DE
 under ``cache_dir()`` as ``{backbone}-base-{version}-steps{steps}-seed{seed}``; ``suder run --backbone NAME`` with
 no ``--model``, ``--prompts`` or ``--images`` uses it.
 
-The toy's defaults (500 steps, batch 48 + 48, AdamW lr 1e-3 with 100 warm-up steps, then cosine) give a base with
-basic but imperfect alignment, the sweet spot for self-improvement found by the prototype (about 45% T2I, 80%
-sampled captions). Self-rewards need a competent reverse direction as the judge, and room to improve: from a
-250-step base (11.5% T2I) DSR gained 3 points of T2I, from this one 15 to 20, from a 750-step base (56%) 6 to 7.
+The toy's defaults (500 steps, batch 48 + 48, AdamW lr 1e-3 with 100 warm-up steps, then cosine) aim at a base
+with basic but imperfect alignment: self-rewards need a competent reverse direction as the judge, and room to
+improve (shorter and longer bases gained less; docs/results.md).
 """
 
 from __future__ import annotations
