@@ -37,7 +37,7 @@ def _trainer(model, out, data, **kw):
 
     cfg = TrainConfig(
         backbone="janus-pro", model=str(model), algo="grpo", reward_scorer="frozen", steps=1, group_size=2,
-        gen_batch_size=1, und_batch_size=1, lr=1e-2, sample_every=0, save_every=0, output_dir=str(out),
+        gen={"batch_size": 1}, und={"batch_size": 1}, lr=1e-2, sample_every=0, save_every=0, output_dir=str(out),
         **data, **kw,
     )
     return Trainer(cfg)

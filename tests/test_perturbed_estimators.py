@@ -25,7 +25,7 @@ def _cfg(perturbation: dict, **kw) -> TrainConfig:
         algo="grpo",
         strategy="gen",
         group_size=4,
-        gen_batch_size=2,
+        gen={"batch_size": 2},
         grpo_iterations=2,
         grpo_beta=0.04,
         image_logp_options=perturbation,
