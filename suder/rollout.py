@@ -203,6 +203,39 @@ def logp_drift(
     }
 
 
+def _guidance_holder(model: Any) -> Any:
+    """Where a backbone keeps its default guidance scale: ``config``, ``settings``, else the model itself."""
+    for holder in (getattr(model, "config", None), getattr(model, "settings", None)):
+        if holder is not None and not callable(holder) and hasattr(holder, "guidance_scale"):
+            return holder
+    return model
+
+
+def read_guidance(model: Any) -> float | None:
+    """The model's default guidance scale (``store_guidance`` writes it there); ``None`` if it keeps none."""
+    scale = getattr(_guidance_holder(model), "guidance_scale", None)
+    return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+
+
+def store_guidance(model: Any, scale: float | None) -> None:
+    """Make the training guidance scale the model's default, so checkpoints carry the scale the model was
+    optimised for and ``suder generate`` uses it (gains do not carry across scales)."""
+    if scale is None:
+        return
+    try:
+        _guidance_holder(model).guidance_scale = float(scale)
+    except AttributeError:
+        pass
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (Python's ``hash`` of strings changes per process)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % 2**64
+    return h % 2**63
+
+
 # ------------------------------------------------------------------------------------------ algorithms
 class SimPO:
     """Online SimPO (SUDER eq. 4): best vs worst sample of each group by reward; with the direction's

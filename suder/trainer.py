@@ -25,9 +25,9 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -47,8 +47,20 @@ from .distributed import (
 from .engine import Dispatch, Engine, Reference, entered
 from .errors import ConfigError, SuderError, TrainingError
 from .outputs import ModelsToSave, RunWriter, TrainResult, check_writable, resume_config
+from .protocol import ImageSamples, TextSamples
 from .registry import get_reward_spec, load_backbone
-from .rollout import ALGORITHMS, Batch, Direction, Rollout, group_size, policy_logps, sample_group
+from .rollout import (
+    ALGORITHMS,
+    Batch,
+    Direction,
+    Rollout,
+    derive_seed,
+    group_size,
+    policy_logps,
+    read_guidance,
+    sample_group,
+    store_guidance,
+)
 
 
 def train(
@@ -79,17 +91,26 @@ def train(
     return Trainer(cfg, policy, callback).run()
 
 
-def plan(cfg: TrainConfig, step: int) -> list[tuple[str, str, str]]:
-    """This step's work as (trained model, direction, scoring model). ``separate`` alternates every
-    ``switch_every`` steps: one model trains while the other, frozen, provides its dual rewards."""
+class Work(NamedTuple):
+    """One direction's work in a step: the trained model (``policy``; ``gen`` or ``und`` for ``separate``), the
+    direction, and the model that scores its rewards (a trained model's key, or ``frozen``)."""
+
+    model: str
+    direction: Direction
+    scorer: str
+
+
+def plan(cfg: TrainConfig, step: int) -> list[Work]:
+    """This step's work. ``separate`` alternates every ``switch_every`` steps: one model trains while the other,
+    frozen, provides its dual rewards."""
     if cfg.strategy == "separate":
         if (step // cfg.switch_every) % 2 == 0:
-            return [("gen", "gen", "und")]
-        return [("und", "und", "gen")]
-    return [("policy", d, scorer_of(cfg, d)) for d in cfg.directions]
+            return [Work("gen", "gen", "und")]
+        return [Work("und", "und", "gen")]
+    return [Work("policy", d, scorer_of(cfg, d)) for d in cfg.directions]
 
 
-def scorer_of(cfg: TrainConfig, direction: str) -> str:
+def scorer_of(cfg: TrainConfig, direction: Direction) -> str:
     """Which model scores ``direction``'s rewards: ``frozen`` (the initial model) or ``policy``."""
     return cfg.side(direction).reward_scorer  # resolved by TrainConfig
 
@@ -276,7 +297,7 @@ class Trainer:
         """Optimizer steps model ``key`` takes in the run (``separate``: the steps of its phases), which sizes its
         learning-rate schedule."""
         total = self.max_steps()
-        return max(1, sum(1 for step in range(total) if plan(self.cfg, step)[0][0] == key))
+        return max(1, sum(1 for step in range(total) if plan(self.cfg, step)[0].model == key))
 
     @property
     def sharded(self) -> bool:
@@ -353,66 +374,72 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, Any]:
-        """One training step, the same on every process: roll out and score ``grad_accum`` micro-batches of each
-        direction this step trains (``plan``), pair them or compute advantages (the algorithm's ``prepare``),
-        update each trained model, and return the step's metrics reduced over the processes."""
+        """One training step, the same on every process: for each of ``grad_accum`` micro-batches and each direction
+        this step trains (``plan``), roll out groups, score them and pair them or compute advantages (the
+        algorithm's ``prepare``); then update each trained model and reduce the step's metrics over processes."""
         c, work = self.cfg, plan(self.cfg, step)
         self.last_rollouts, self.times = [], {}
-        t0 = time.perf_counter()
-        micro: list[dict[tuple[str, Direction], Batch | None]] = []
+        micro: list[dict[tuple[str, Direction], Batch | None]] = [{} for _ in range(c.grad_accum)]
         metrics = StepMetrics()
+        t0 = time.perf_counter()
         # sharded weights: gathered once for the whole rollout phase, scorers included (see ``whole``)
-        with self.whole({k for w in work for k in (w[0], w[2]) if k in self.engines}):
-            for m in range(c.grad_accum):
-                batches = {}
-                for key, direction, scorer_key in work:
+        with self.whole({k for w in work for k in (w.model, w.scorer) if k in self.engines}):
+            for m, batches in enumerate(micro):
+                for w in work:
                     # the same autocast as the loss pass, so that old and new log-probs agree under mixed precision
                     with self.acc.autocast():
-                        rollout = self.roll_out(key, direction, scorer_key, step, m)
+                        with self.sampling(w.model):
+                            samples = self.roll_out(w, step, m)
+                            rollout = self.score(w, samples)
                         seeds = [derive_seed(c.seed, step, m, it, 7) for it in range(c.grpo_iterations)]
-                        batches[(key, direction)], prepared = self.prepare(key, rollout, seeds)
+                        batches[(w.model, w.direction)], prepared = self.prepare(w.model, rollout, seeds)
                     metrics.add(prepared)
-                micro.append(batches)
         t1 = time.perf_counter()
         norm = self.normalizers(micro)
-        for key in sorted({k for k, _, _ in work}):
+        for key in sorted({w.model for w in work}):
             metrics.merge(self.update(key, micro, norm))
         metrics.add(self.times | {"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
         return reduce_metrics(self.acc, metrics)
 
-    def roll_out(self, key: str, direction: Direction, scorer_key: str, step: int, micro: int) -> Rollout:
-        """Sample this process's groups of ``direction`` from model ``key`` and score them (``score``)."""
-        c, engine = self.cfg, self.engines[key]
+    @contextlib.contextmanager
+    def sampling(self, key: str) -> Iterator[None]:
+        """Model ``key`` in eval mode while it samples and scores, back in train mode for the update."""
+        self.engines[key].eval()
+        yield
+        self.engines[key].train()
+
+    def roll_out(self, w: Work, step: int, micro: int) -> ImageSamples | TextSamples:
+        """This process's groups of ``w.direction``, sampled from model ``w.model``: its share of the pool's batch
+        for (``step``, ``micro``), with a generator seeded by both and the process."""
+        c = self.cfg
         index = (step * c.grad_accum + micro) * self.acc.num_processes + self.acc.process_index
-        inputs = self.pools[direction].batch(index, c.side(direction).batch_size)
+        inputs = self.pools[w.direction].batch(index, c.side(w.direction).batch_size)
         gen = torch.Generator().manual_seed(
-            derive_seed(c.seed, step, micro, direction == "und", self.acc.process_index)
+            derive_seed(c.seed, step, micro, w.direction == "und", self.acc.process_index)
         )
         t = time.perf_counter()
-        engine.eval()
-        samples = sample_group(engine, direction, inputs, c, gen)
-        t_reward = time.perf_counter()
-        rewards, judge = self.score(key, direction, scorer_key, samples)
-        engine.train()
-        greedy_first = direction == "und" and c.text_greedy_in_group
-        rollout = Rollout(direction, samples, rewards, group_size(c, direction), judge, greedy_first=greedy_first)
+        samples = sample_group(self.engines[w.model], w.direction, inputs, c, gen)
+        self._clock(f"time/{w.direction}_sample", t)
+        return samples
+
+    def score(self, w: Work, samples: ImageSamples | TextSamples) -> Rollout:
+        """The rollout: ``samples`` with their (B*G,) rewards by the direction's reward, scored by model
+        ``w.scorer``, and the exact judge's 1/0 as a monitor (ShapesWorld only)."""
+        c, t = self.cfg, time.perf_counter()
+        ctx = rewards_mod.RewardContext(
+            scorer=self.scorer(w.scorer), reference=self.reference, policy=self.engines[w.model]
+        )
+        rewards = self.rewards[w.direction](ctx, samples).detach().float().cpu()
+        judge_fn = rewards_mod.judge_generation if w.direction == "gen" else rewards_mod.judge_understanding
+        judge = judge_fn(samples) if self.judge else None
+        greedy_first = w.direction == "und" and c.text_greedy_in_group
+        rollout = Rollout(w.direction, samples, rewards, group_size(c, w.direction), judge, greedy_first=greedy_first)
         self.last_rollouts.append(rollout)
-        for phase, seconds in (("sample", t_reward - t), ("reward", time.perf_counter() - t_reward)):
-            self.times[f"time/{direction}_{phase}"] = self.times.get(f"time/{direction}_{phase}", 0) + seconds
+        self._clock(f"time/{w.direction}_reward", t)
         return rollout
 
-    def score(self, key: str, direction: Direction, scorer_key: str, samples: Any) -> tuple[torch.Tensor, Any]:
-        """(B*G,) rewards of ``samples`` by the direction's reward, scored by ``scorer_key``; and the exact
-        judge's 1/0 (a monitor, ``None`` outside ShapesWorld)."""
-        ctx = rewards_mod.RewardContext(
-            scorer=self.scorer(scorer_key), reference=self.reference, policy=self.engines[key]
-        )
-        rewards = self.rewards[direction](ctx, samples).detach().float().cpu()
-        if not self.judge:
-            return rewards, None
-        return rewards, (rewards_mod.judge_generation if direction == "gen" else rewards_mod.judge_understanding)(
-            samples
-        )
+    def _clock(self, key: str, since: float) -> None:
+        self.times[key] = self.times.get(key, 0) + time.perf_counter() - since
 
     def prepare(self, key: str, rollout: Rollout, seeds: list[int]) -> tuple[Batch | None, dict[str, float]]:
         """The direction's algorithm's ``prepare`` on model ``key``: pairs (SimPO) or advantages and old log-probs
@@ -535,36 +562,3 @@ class Trainer:
                 finally:
                     store_guidance(gen_model, run)
             return out
-
-
-def _guidance_holder(model: Any) -> Any:
-    """Where a backbone keeps its default guidance scale: ``config``, ``settings``, else the model itself."""
-    for holder in (getattr(model, "config", None), getattr(model, "settings", None)):
-        if holder is not None and not callable(holder) and hasattr(holder, "guidance_scale"):
-            return holder
-    return model
-
-
-def read_guidance(model: Any) -> float | None:
-    """The model's default guidance scale (``store_guidance`` writes it there); ``None`` if it keeps none."""
-    scale = getattr(_guidance_holder(model), "guidance_scale", None)
-    return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
-
-
-def store_guidance(model: Any, scale: float | None) -> None:
-    """Make the training guidance scale the model's default, so checkpoints carry the scale the model was
-    optimised for and ``suder generate`` uses it (gains do not carry across scales)."""
-    if scale is None:
-        return
-    try:
-        _guidance_holder(model).guidance_scale = float(scale)
-    except AttributeError:
-        pass
-
-
-def derive_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (Python's ``hash`` of strings changes per process)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % 2**64
-    return h % 2**63

@@ -454,7 +454,7 @@ def test_a_run_at_another_scale_also_judges_the_base_at_its_own(tiny_toy_path, t
     T2I at its own scale, the very numbers a run at that scale starts from."""
     import suder.evaluate
     from suder import cli
-    from suder.trainer import read_guidance
+    from suder.rollout import read_guidance
 
     judged, real = [], suder.evaluate.evaluate
 
@@ -488,7 +488,7 @@ def test_a_separate_run_at_another_scale_judges_the_base_at_its_own(tiny_toy_pat
     """strategy separate: the image model is judged at the base's own scale too, and after at the run's again."""
     import suder.evaluate
     from suder import cli
-    from suder.trainer import read_guidance
+    from suder.rollout import read_guidance
 
     judged, real = [], suder.evaluate.evaluate
 

@@ -26,8 +26,8 @@ import suder.trainer
 from suder import rewards
 from suder.config import resolve
 from suder.distributed import StepMetrics, reduce_metrics
-from suder.rollout import Rollout
-from suder.trainer import Trainer, derive_seed, plan
+from suder.rollout import Rollout, derive_seed
+from suder.trainer import Trainer, plan
 from suder.worlds import shapes
 
 model, out, algo, strategy = sys.argv[1:5]
