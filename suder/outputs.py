@@ -39,9 +39,12 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, TrainingError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 RUN_FILES = ("metrics.jsonl", "run.json", "before.json")
 RUN_DIRS = ("checkpoints", "samples", "final", "logs")
@@ -159,7 +162,9 @@ def _disk_full(exc: OSError) -> bool:
 
 
 class RunWriter:
-    """The run folder: decides fresh start or resume, writes metrics, checkpoints and the final model."""
+    """The run folder: decides fresh start or resume, writes metrics, checkpoints and the final model. It is given
+    records (the config, metrics, the models to save as ``ModelsToSave``, the accelerator whose state a checkpoint
+    holds), never the trainer."""
 
     def __init__(self, out: Path, main: bool):
         self.out, self.main = Path(out), main
@@ -175,7 +180,7 @@ class RunWriter:
         found += [n + "/" for n in RUN_DIRS if (self.out / n).is_dir() and any((self.out / n).iterdir())]
         return found
 
-    def plan_start(self, cfg: Any) -> Path | None:
+    def plan_start(self, cfg: TrainConfig) -> Path | None:
         """The checkpoint to resume from, or None for a fresh start; a one-line ``ConfigError`` when the folder
         and ``resume``/``overwrite`` disagree. Reads only; safe to call before any expensive work."""
         if self.out.exists() and not self.out.is_dir():
@@ -200,7 +205,7 @@ class RunWriter:
             )
         return None
 
-    def start(self, cfg: Any, extra: dict[str, Any], resume_from: Path | None) -> None:
+    def start(self, cfg: TrainConfig, extra: dict[str, Any], resume_from: Path | None) -> None:
         """Clear a replaced run (fresh start) and write ``config.yaml``."""
         self.extra = extra
         if not self.main:
@@ -339,7 +344,7 @@ class RunWriter:
         return final
 
     # ------------------------------------------------------------------ monitoring
-    def heldout(self, cfg: Any, gen_model: Any, und_model: Any) -> tuple[dict[str, float], float]:
+    def heldout(self, cfg: TrainConfig, gen_model: Any, und_model: Any) -> tuple[dict[str, float], float]:
         """Judge a small held-out slice (``gen_model`` draws, ``und_model`` captions): the metrics and the score
         early stopping watches."""
         from .evaluate import evaluate, headline
@@ -375,7 +380,7 @@ class RunWriter:
     # ------------------------------------------------------------------ the end
     def finish(
         self,
-        cfg: Any,
+        cfg: TrainConfig,
         before: dict[str, Any],
         after: dict[str, Any],
         history: list[dict[str, Any]],
@@ -471,7 +476,7 @@ CONFIG_HEADER = """\
 """
 
 
-def config_yaml(cfg: Any) -> str:
+def config_yaml(cfg: TrainConfig) -> str:
     """``config.yaml``: the resolved values (sections nested), the preset, ``sources`` and ``history``."""
     import yaml
 
@@ -482,7 +487,7 @@ def config_yaml(cfg: Any) -> str:
     return CONFIG_HEADER + yaml.safe_dump(data, sort_keys=False)
 
 
-def resume_config(cfg: Any) -> Any:
+def resume_config(cfg: TrainConfig) -> TrainConfig:
     """The config a ``--resume`` continues with: the run's saved ``config.yaml``, with the changes the new command
     asks for that ``MAY_CHANGE_ON_RESUME`` allows (recorded in ``history``); ``cfg`` itself when there is nothing
     to resume (``plan_start`` then decides). A change to any other setting is a one-line ``ConfigError``."""
