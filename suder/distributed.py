@@ -281,3 +281,23 @@ class StepMetrics:
             else:
                 out[k] = value
         return out
+
+
+def reduce_metrics(acc: Any, metrics: StepMetrics) -> dict[str, Any]:
+    """The same metrics on every process, as one process with the whole batch would read them (``StepMetrics``:
+    counts summed, ``*max*`` keys maxed, means weighted by their items)."""
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        everyone = gather_object([metrics.state])
+        metrics = StepMetrics()
+        for state in everyone:
+            metrics.merge(state)
+    return metrics.result()
+
+
+def sum_over_processes(acc: Any, local: torch.Tensor) -> torch.Tensor:
+    """``local`` (on the CPU) summed over every process."""
+    if acc.num_processes > 1:
+        return acc.reduce(local.to(acc.device), reduction="sum").cpu()
+    return local

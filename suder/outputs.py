@@ -35,11 +35,16 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, TrainingError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 RUN_FILES = ("metrics.jsonl", "run.json", "before.json")
 RUN_DIRS = ("checkpoints", "samples", "final", "logs")
@@ -63,6 +68,17 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     stopped_early: bool = False
+
+
+@dataclass
+class ModelsToSave:
+    """What a checkpoint or the final folder saves: ``views`` maps each trained model's subfolder (``""`` for the
+    one model of a run, ``gen``/``und`` for the separate strategy) to its whole-weights view (entered by every
+    process; sharded weights need them all); ``marker``: the ShapesWorld marker's fields
+    (``suder.pretrain.write_marker``), ``None`` to write none."""
+
+    views: dict[str, Callable[[], AbstractContextManager[Any]]]
+    marker: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -146,7 +162,9 @@ def _disk_full(exc: OSError) -> bool:
 
 
 class RunWriter:
-    """The run folder: decides fresh start or resume, writes metrics, checkpoints and the final model."""
+    """The run folder: decides fresh start or resume, writes metrics, checkpoints and the final model. It is given
+    records (the config, metrics, the models to save as ``ModelsToSave``, the accelerator whose state a checkpoint
+    holds), never the trainer."""
 
     def __init__(self, out: Path, main: bool):
         self.out, self.main = Path(out), main
@@ -162,7 +180,7 @@ class RunWriter:
         found += [n + "/" for n in RUN_DIRS if (self.out / n).is_dir() and any((self.out / n).iterdir())]
         return found
 
-    def plan_start(self, cfg: Any) -> Path | None:
+    def plan_start(self, cfg: TrainConfig) -> Path | None:
         """The checkpoint to resume from, or None for a fresh start; a one-line ``ConfigError`` when the folder
         and ``resume``/``overwrite`` disagree. Reads only; safe to call before any expensive work."""
         if self.out.exists() and not self.out.is_dir():
@@ -187,7 +205,7 @@ class RunWriter:
             )
         return None
 
-    def start(self, cfg: Any, extra: dict[str, Any], resume_from: Path | None) -> None:
+    def start(self, cfg: TrainConfig, extra: dict[str, Any], resume_from: Path | None) -> None:
         """Clear a replaced run (fresh start) and write ``config.yaml``."""
         self.extra = extra
         if not self.main:
@@ -221,20 +239,18 @@ class RunWriter:
         return json.loads(path.read_text()) if path.exists() else None
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_models(self, trainer: Any, folder: Path) -> None:
+    def save_models(self, models: ModelsToSave, folder: Path) -> None:
         """``save_pretrained`` of each trained model (main process), from a view with whole weights: called by
         every process, since gathering sharded weights (ZeRO-3, FSDP) needs them all."""
-        keys = ["gen", "und"] if trainer.cfg.strategy == "separate" else ["policy"]
-        for key in keys:
-            target = folder if key == "policy" else folder / key
-            with trainer.gathered(key) as backbone:
+        for sub, view in models.views.items():
+            target = folder / sub if sub else folder
+            with view() as backbone:
                 if self.main:
                     backbone.save_pretrained(str(target))
-                    if trainer.cfg.shapes_world and trainer.cfg.backbone != "toy":  # still a ShapesWorld model
+                    if models.marker is not None:  # still a ShapesWorld model
                         from .pretrain import write_marker
 
-                        info = {"backbone": trainer.cfg.backbone, "trained_from": trainer.base_path}
-                        write_marker(target, info | {"run": str(self.out)})
+                        write_marker(target, models.marker | {"run": str(self.out)})
 
     def _guarded(self, what: str, tmp: Path, write) -> None:
         """Run ``write``; on a full disk remove the partial ``tmp`` and raise a ``TrainingError``."""
@@ -251,8 +267,9 @@ class RunWriter:
                 "--resume."
             ) from exc
 
-    def checkpoint(self, trainer: Any, step: int) -> Path:
-        acc = trainer.acc
+    def checkpoint(self, acc: Any, models: ModelsToSave, step: int, save_total_limit: int) -> Path:
+        """``checkpoints/step-N/``: the accelerator's state (``acc.save_state``), ``models`` and ``step.json``;
+        every process calls it."""
         final = self.out / "checkpoints" / f"step-{step:06d}"
         tmp = self.out / "checkpoints" / f".step-{step:06d}.tmp"
         if self.main:
@@ -268,7 +285,7 @@ class RunWriter:
             self._guarded(f"checkpoint {step}", tmp, lambda: acc.save_state(str(tmp / "state")))
         finally:
             quiet.setLevel(level)
-        self._guarded(f"checkpoint {step}", tmp, lambda: self._save_models(trainer, tmp / "model"))
+        self._guarded(f"checkpoint {step}", tmp, lambda: self.save_models(models, tmp / "model"))
         acc.wait_for_everyone()  # every process has written its part (its RNG state) before the folder is renamed
         if self.main:
             state = {"step": step, "best": self.best, "bad_evals": self.bad_evals}
@@ -278,7 +295,7 @@ class RunWriter:
                 atomic_replace(tmp, final)
 
             self._guarded(f"checkpoint {step}", tmp, write)
-            self.prune(trainer.cfg.save_total_limit)
+            self.prune(save_total_limit)
         acc.wait_for_everyone()
         return final
 
@@ -299,10 +316,10 @@ class RunWriter:
             for old in self.checkpoints()[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def restore(self, trainer: Any, last: Path) -> tuple[int, list[dict[str, Any]]]:
+    def restore(self, acc: Any, last: Path) -> tuple[int, list[dict[str, Any]]]:
         """Load ``last``'s model/optimizer/scheduler/RNG state; returns the step to continue from and the metrics
         logged up to it (later lines, from after the checkpoint, are cut so that each step is logged once)."""
-        trainer.acc.load_state(str(last / "state"))
+        acc.load_state(str(last / "state"))
         state = json.loads((last / "step.json").read_text())
         step = int(state["step"])
         self.best, self.bad_evals = state.get("best"), int(state.get("bad_evals", 0))
@@ -312,29 +329,28 @@ class RunWriter:
             tmp = log.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, log)
-        trainer.acc.wait_for_everyone()
+        acc.wait_for_everyone()
         return step, kept
 
-    def save_final(self, trainer: Any) -> Path:
+    def save_final(self, acc: Any, models: ModelsToSave) -> Path:
         final = self.out / "final"
         tmp = self.out / ".final.tmp"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        self._guarded("the final model", tmp, lambda: self._save_models(trainer, tmp))
+        self._guarded("the final model", tmp, lambda: self.save_models(models, tmp))
         if self.main:
             self._guarded("the final model", tmp, lambda: atomic_replace(tmp, final))
-        trainer.acc.wait_for_everyone()
+        acc.wait_for_everyone()
         return final
 
     # ------------------------------------------------------------------ monitoring
-    def heldout(self, trainer: Any) -> tuple[dict[str, float], float]:
-        """Judge a small held-out slice: the metrics and the score early stopping watches."""
+    def heldout(self, cfg: TrainConfig, gen_model: Any, und_model: Any) -> tuple[dict[str, float], float]:
+        """Judge a small held-out slice (``gen_model`` draws, ``und_model`` captions): the metrics and the score
+        early stopping watches."""
         from .evaluate import evaluate, headline
 
-        cfg = trainer.cfg
-        models = ("gen", "und") if cfg.strategy == "separate" else ("policy", "policy")
-        t2i = evaluate(trainer.eval_model(models[0]), num=cfg.early_stopping_num, seed=4242, what=("t2i",))
-        cap = evaluate(trainer.eval_model(models[1]), num=cfg.early_stopping_num, seed=4242, what=("caption",))
+        t2i = evaluate(gen_model, num=cfg.early_stopping_num, seed=4242, what=("t2i",))
+        cap = evaluate(und_model, num=cfg.early_stopping_num, seed=4242, what=("caption",))
         h = headline(t2i | cap)
         score = (h["t2i"] if "gen" in cfg.directions else 0) + (h["caption_greedy"] if "und" in cfg.directions else 0)
         return {"heldout/t2i": h["t2i"], "heldout/caption_greedy": h["caption_greedy"]}, score
@@ -362,11 +378,19 @@ class RunWriter:
                 self.tracking.log_images(step, {f"samples/{r.direction}": grid})
 
     # ------------------------------------------------------------------ the end
-    def finish(self, trainer, before, after, history, final, stopped) -> TrainResult:
-        cfg = trainer.cfg
+    def finish(
+        self,
+        cfg: TrainConfig,
+        before: dict[str, Any],
+        after: dict[str, Any],
+        history: list[dict[str, Any]],
+        final: Path,
+        stopped: bool,
+    ) -> TrainResult:
+        """``run.json`` and the ``TrainResult``; ``base_model`` is the one ``start`` was given."""
         result = TrainResult(
             output_dir=str(self.out),
-            base_model=trainer.base_path,
+            base_model=self.extra.get("base_model"),
             final_model=str(final),
             before=before,
             after=after,
@@ -452,7 +476,7 @@ CONFIG_HEADER = """\
 """
 
 
-def config_yaml(cfg: Any) -> str:
+def config_yaml(cfg: TrainConfig) -> str:
     """``config.yaml``: the resolved values (sections nested), the preset, ``sources`` and ``history``."""
     import yaml
 
@@ -463,7 +487,7 @@ def config_yaml(cfg: Any) -> str:
     return CONFIG_HEADER + yaml.safe_dump(data, sort_keys=False)
 
 
-def resume_config(cfg: Any) -> Any:
+def resume_config(cfg: TrainConfig) -> TrainConfig:
     """The config a ``--resume`` continues with: the run's saved ``config.yaml``, with the changes the new command
     asks for that ``MAY_CHANGE_ON_RESUME`` allows (recorded in ``history``); ``cfg`` itself when there is nothing
     to resume (``plan_start`` then decides). A change to any other setting is a one-line ``ConfigError``."""

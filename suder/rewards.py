@@ -42,7 +42,7 @@ class RewardContext:
 
     ``scorer``: the model that computes self-rewards (the policy, a frozen snapshot of it, or in the ``separate``
     strategy the other, frozen model). ``reference``: the frozen initial policy (``None`` when the run keeps
-    none; for LoRA backbones the policy with its initial adapter, ``suder.rollout.ReferenceScope``). ``policy``:
+    none; for LoRA backbones the policy with its initial adapter, ``suder.engine.Reference``). ``policy``:
     the model being trained, whoever scores (``None``: the scorer is the policy).
     """
 

@@ -19,7 +19,7 @@ Departures from the paper, on purpose:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -27,12 +27,17 @@ from . import losses
 from .errors import TrainingError
 from .protocol import ImageSamples, TextSamples, TokenLogProbs, join_groups
 
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+Direction = Literal["gen", "und"]  # text-to-image generation, image-to-text understanding
+
 
 @dataclass
 class Rollout:
     """One direction's sampled groups with their rewards. ``samples`` and ``rewards`` have B*G rows."""
 
-    direction: str
+    direction: Direction
     samples: ImageSamples | TextSamples
     rewards: torch.Tensor
     group_size: int
@@ -44,7 +49,7 @@ class Rollout:
 class Batch:
     """What one loss call needs: the selected samples and the no-grad tensors computed before the update."""
 
-    direction: str
+    direction: Direction
     samples: ImageSamples | TextSamples
     count: int  # pairs (SimPO) or rows (GRPO)
     tokens: int  # real target tokens in ``samples``
@@ -57,7 +62,7 @@ class Batch:
 
 
 # ------------------------------------------------------------------------------------------ directions
-def sample_group(model: Any, direction: str, inputs: list[Any], cfg: Any, generator: torch.Generator):
+def sample_group(model: Any, direction: Direction, inputs: list[Any], cfg: TrainConfig, generator: torch.Generator):
     """Sample the direction's group size (``cfg.side(direction).group_size``) outputs per input (no grad)."""
     size = group_size(cfg, direction)
     if direction == "gen":
@@ -76,13 +81,13 @@ def sample_group(model: Any, direction: str, inputs: list[Any], cfg: Any, genera
     return model.sample_text(inputs, num_samples=size, generator=generator, temperature=cfg.text_temperature)
 
 
-def group_size(cfg: Any, direction: str) -> int:
+def group_size(cfg: TrainConfig, direction: Direction) -> int:
     """G of a direction: ``gen.group_size`` or ``und.group_size`` (each ``group_size`` unless set)."""
     return cfg.side(direction).group_size
 
 
 def policy_logps(
-    model: Any, direction: str, samples: ImageSamples | TextSamples, cfg: Any, seed: int | None = None
+    model: Any, direction: Direction, samples: ImageSamples | TextSamples, cfg: TrainConfig, seed: int | None = None
 ) -> TokenLogProbs:
     """log pi(output | input) of the policy on its own samples: (rows, N) images or (rows, T) captions.
 
@@ -104,7 +109,7 @@ def policy_logps(
     return model.logp_text_given_image(samples, samples.images, temperature=cfg.text_temperature or 1.0)
 
 
-def _remasks(cfg: Any) -> bool:
+def _remasks(cfg: TrainConfig) -> bool:
     """Whether the image estimator is randomly perturbed (Show-o's re-masking or prompt drop): one seed per
     inner iteration then."""
     options = cfg.image_logp_options
@@ -175,7 +180,9 @@ def _share_equal(rewards: torch.Tensor, rejected: torch.Tensor, valid: torch.Ten
     return (hit.float().mean().item() if hit.numel() else float("nan")), float(hit.numel())
 
 
-def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: TokenLogProbs, cfg: Any) -> dict:
+def logp_drift(
+    direction: Direction, samples: ImageSamples | TextSamples, scored: TokenLogProbs, cfg: TrainConfig
+) -> dict:
     """Monitors ``{direction}/logp_drift_max`` and ``_mean``: |sampled ``.logps`` - teacher-forced log-probs|
     over the real tokens. The same tokens under the same policy: float rounding in float32, more in bf16
     (``ImageSamples.logps``). None where they differ on purpose: estimates (Show-o's images), and guided
@@ -196,15 +203,51 @@ def logp_drift(direction: str, samples: ImageSamples | TextSamples, scored: Toke
     }
 
 
+def _guidance_holder(model: Any) -> Any:
+    """Where a backbone keeps its default guidance scale: ``config``, ``settings``, else the model itself."""
+    for holder in (getattr(model, "config", None), getattr(model, "settings", None)):
+        if holder is not None and not callable(holder) and hasattr(holder, "guidance_scale"):
+            return holder
+    return model
+
+
+def read_guidance(model: Any) -> float | None:
+    """The model's default guidance scale (``store_guidance`` writes it there); ``None`` if it keeps none."""
+    scale = getattr(_guidance_holder(model), "guidance_scale", None)
+    return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+
+
+def store_guidance(model: Any, scale: float | None) -> None:
+    """Make the training guidance scale the model's default, so checkpoints carry the scale the model was
+    optimised for and ``suder generate`` uses it (gains do not carry across scales)."""
+    if scale is None:
+        return
+    try:
+        _guidance_holder(model).guidance_scale = float(scale)
+    except AttributeError:
+        pass
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (Python's ``hash`` of strings changes per process)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % 2**64
+    return h % 2**63
+
+
 # ------------------------------------------------------------------------------------------ algorithms
 class SimPO:
-    """Online SimPO (SUDER eq. 4): best vs worst sample of each group by reward; with ``simpo_{direction}_pairs:
-    all``, every ordered pair of the group's distinct samples (``losses.ordered_pairs``), each group weight 1."""
+    """Online SimPO (SUDER eq. 4): best vs worst sample of each group by reward; with the direction's
+    ``simpo_pairs: all`` (``cfg.side(direction)``), every ordered pair of the group's distinct samples
+    (``losses.ordered_pairs``), each group weight 1."""
 
     name = "simpo"
     iterations_field = None
 
-    def prepare(self, policy, rollout: Rollout, cfg, reference, seeds: list[int]) -> tuple[Batch | None, dict]:
+    def prepare(
+        self, policy: Any, rollout: Rollout, cfg: TrainConfig, reference: Any, seeds: list[int]
+    ) -> tuple[Batch | None, dict]:
         best, worst, valid = losses.best_worst(rollout.rewards, rollout.group_size)
         metrics = rollout_metrics(rollout, best, worst, valid)
         pairs = cfg.side(rollout.direction).simpo_pairs
@@ -255,7 +298,7 @@ class SimPO:
         batch.pairs = (where[chosen], where[rejected], weights)
         return batch
 
-    def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], iteration: int):
+    def loss(self, policy: Any, batch: Batch, cfg: TrainConfig, normalizer: dict[str, float], iteration: int):
         lp = policy_logps(policy, batch.direction, batch.samples, cfg, batch.seeds[0])
         mean = lp.mean()
         P = batch.count
@@ -287,7 +330,9 @@ class GRPO:
 
     name = "grpo"
 
-    def prepare(self, policy, rollout: Rollout, cfg, reference, seeds: list[int]) -> tuple[Batch | None, dict]:
+    def prepare(
+        self, policy: Any, rollout: Rollout, cfg: TrainConfig, reference: Any, seeds: list[int]
+    ) -> tuple[Batch | None, dict]:
         advantages, valid = losses.group_advantages(rollout.rewards, rollout.group_size)
         best, worst, _ = losses.best_worst(rollout.rewards, rollout.group_size)
         metrics = rollout_metrics(rollout, best, worst, valid)
@@ -307,7 +352,7 @@ class GRPO:
             batch.ref_logps = [_no_grad_logps(reference, rollout.direction, samples, cfg, s) for s in per_iteration]
         return batch, metrics
 
-    def loss(self, policy: Any, batch: Batch, cfg: Any, normalizer: dict[str, float], iteration: int):
+    def loss(self, policy: Any, batch: Batch, cfg: TrainConfig, normalizer: dict[str, float], iteration: int):
         k = iteration if len(batch.old_logps) > 1 else 0
         lp = policy_logps(policy, batch.direction, batch.samples, cfg, batch.seeds[k])
         adv = batch.advantages.to(lp.values.device)
@@ -336,26 +381,9 @@ class GRPO:
 ALGORITHMS: dict[str, Any] = {"simpo": SimPO(), "grpo": GRPO()}
 
 
-class ReferenceScope:
-    """A frozen reference computed by the policy itself under ``reference_scope()``: for LoRA backbones the
-    adapter switched off, or a frozen copy of the adapter the run started from (``snapshot_reference()``)."""
-
-    def __init__(self, policy: Any):
-        self.policy = policy
-
-    def __getattr__(self, name: str):
-        method = getattr(self.policy, name)
-        if not callable(method):
-            return method
-
-        def call(*args, **kwargs):
-            with self.policy.reference_scope():
-                return method(*args, **kwargs)
-
-        return call
-
-
-def _no_grad_logps(model: Any, direction: str, samples: Any, cfg: Any, seed: int | None = None) -> torch.Tensor:
+def _no_grad_logps(
+    model: Any, direction: Direction, samples: Any, cfg: TrainConfig, seed: int | None = None
+) -> torch.Tensor:
     if model is None:
         raise TrainingError("A reference model is needed (KL or consensus) but none was built.")
     with torch.no_grad():

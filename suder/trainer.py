@@ -1,27 +1,33 @@
-"""The one DSR training loop, on accelerate: rollout -> reward -> pairs/groups -> update.
+"""The one DSR training loop, on accelerate: roll out -> score -> pair or advantage -> update -> log.
 
-Read it top to bottom: ``train`` resolves the config and builds the models, ``Trainer.run`` evaluates the base,
-loops over steps and evaluates the result. Strategies differ only in ``plan`` (which model trains which
-direction this step, and who scores it); algorithms differ only in ``rollout.ALGORITHMS``.
+Read it top to bottom: ``train`` resolves the config and builds a ``Trainer``; ``Trainer.run`` evaluates the base,
+calls ``Trainer.step`` for each step, logs it and evaluates the result. ``step`` names its phases, each a method:
+``roll_out`` (sample groups), ``score`` (rewards, judge monitors), ``prepare`` (the algorithm's pairs or
+advantages), ``update`` (``micro_loss``, backward, ``optimizer_step``: clip and step), then the metrics reduced
+over processes. Strategies differ only in ``plan`` (which model trains which direction this step, and who scores
+it); algorithms differ only in ``rollout.ALGORITHMS``, looked up by name.
 
 Scaling is accelerate's: ``accelerate launch`` / ``torchrun`` give DDP, DeepSpeed ZeRO-2/ZeRO-3 or FSDP2
-(``docs/scaling.md``). Every loss goes through the prepared module's ``forward`` (``Dispatch``), so the engine's
-hooks see exactly one forward per backward. The no-grad calls (sampling, rewards, old and reference log-probs) go
-through it too under DDP and ZeRO-2 (``Routed``); with sharded weights (ZeRO-3, FSDP2) they run on a whole-weights
-view that every process gathers once per rollout phase (``Trainer.whole``), and a process whose groups were all
-skipped trains on a zero-weight stand-in, so that every process runs the same sharded forwards.
+(``docs/scaling.md``). Each trained model is one ``suder.engine.Engine``: every loss goes through its prepared
+module's ``forward`` (``Engine.loss_forward``), so the engine's hooks see exactly one forward per backward; the
+no-grad calls (sampling, rewards, old and reference log-probs) go through it too under DDP and ZeRO-2, and with
+sharded weights (ZeRO-3, FSDP2) run on a whole-weights view that every process gathers once per rollout phase
+(``Trainer.whole``); a process whose groups were all skipped trains on a zero-weight stand-in, so that every
+process runs the same sharded forwards. The run folder is ``outputs.RunWriter``'s: it gets records (metrics, the
+models' whole-weights views), never the trainer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,56 +39,28 @@ from .distributed import (
     StepMetrics,
     check_engine,
     clip_grad_norm,
-    compute_dtype,
     is_sharded,
     launched_engine,
-    whole_weights,
+    reduce_metrics,
+    sum_over_processes,
 )
-from .errors import SuderError, TrainingError
-from .outputs import RunWriter, TrainResult, check_writable, resume_config
+from .engine import Dispatch, Engine, Reference, entered
+from .errors import ConfigError, SuderError, TrainingError
+from .outputs import ModelsToSave, RunWriter, TrainResult, check_writable, resume_config
+from .protocol import ImageSamples, TextSamples
 from .registry import get_reward_spec, load_backbone
-from .rollout import ALGORITHMS, Batch, ReferenceScope, Rollout, group_size, policy_logps, sample_group
-
-
-class Dispatch(nn.Module):
-    """``forward(fn) = fn(backbone)``: routes any backbone method through the (DDP/ZeRO/FSDP-)wrapped forward."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        # what accelerate's FSDP ``TRANSFORMER_BASED_WRAP`` shards layer by layer when the config names no class
-        present = {type(m).__name__ for m in backbone.modules()}
-        self._no_split_modules = sorted(
-            {n for m in backbone.modules() for n in getattr(m, "_no_split_modules", None) or [] if n in present}
-        )
-
-    def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
-        return fn(self.backbone)
-
-
-class Routed:
-    """A backbone seen through its wrapped module, for the no-grad calls (sampling, rewards, old and reference
-    log-probs): ``routed.sample_image(...)`` runs inside ``wrapped.forward``, so DDP and ZeRO-2 see every use; with
-    sharded weights (``gather=True``: ZeRO-3, FSDP2) it runs on a whole-weights view instead (``whole_weights``),
-    since samplers call layers one by one and read weights outside any module's forward. The trainer enters that
-    view once per rollout phase (``Trainer.whole``), which makes each call's own gathering a no-op. Attributes that
-    are not methods come from the backbone itself."""
-
-    def __init__(self, wrapped: nn.Module, backbone: nn.Module, gather: bool = False):
-        self._wrapped, self._backbone, self._gather = wrapped, backbone, gather
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._backbone, name)
-        if not callable(attr) or name in ("train", "eval", "reference_scope"):
-            return attr
-        if self._gather:
-
-            def gathered_call(*args, **kwargs):
-                with whole_weights(self._wrapped, self._backbone) as whole:
-                    return getattr(whole, name)(*args, **kwargs)
-
-            return gathered_call
-        return lambda *args, **kwargs: self._wrapped(lambda m: getattr(m, name)(*args, **kwargs))
+from .rollout import (
+    ALGORITHMS,
+    Batch,
+    Direction,
+    Rollout,
+    derive_seed,
+    group_size,
+    policy_logps,
+    read_guidance,
+    sample_group,
+    store_guidance,
+)
 
 
 def train(
@@ -113,17 +91,26 @@ def train(
     return Trainer(cfg, policy, callback).run()
 
 
-def plan(cfg: TrainConfig, step: int) -> list[tuple[str, str, str]]:
-    """This step's work as (trained model, direction, scoring model). ``separate`` alternates every
-    ``switch_every`` steps: one model trains while the other, frozen, provides its dual rewards."""
+class Work(NamedTuple):
+    """One direction's work in a step: the trained model (``policy``; ``gen`` or ``und`` for ``separate``), the
+    direction, and the model that scores its rewards (a trained model's key, or ``frozen``)."""
+
+    model: str
+    direction: Direction
+    scorer: str
+
+
+def plan(cfg: TrainConfig, step: int) -> list[Work]:
+    """This step's work. ``separate`` alternates every ``switch_every`` steps: one model trains while the other,
+    frozen, provides its dual rewards."""
     if cfg.strategy == "separate":
         if (step // cfg.switch_every) % 2 == 0:
-            return [("gen", "gen", "und")]
-        return [("und", "und", "gen")]
-    return [("policy", d, scorer_of(cfg, d)) for d in cfg.directions]
+            return [Work("gen", "gen", "und")]
+        return [Work("und", "und", "gen")]
+    return [Work("policy", d, scorer_of(cfg, d)) for d in cfg.directions]
 
 
-def scorer_of(cfg: TrainConfig, direction: str) -> str:
+def scorer_of(cfg: TrainConfig, direction: Direction) -> str:
     """Which model scores ``direction``'s rewards: ``frozen`` (the initial model) or ``policy``."""
     return cfg.side(direction).reward_scorer  # resolved by TrainConfig
 
@@ -144,7 +131,9 @@ def preflight(cfg: TrainConfig) -> Path | None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, policy: Any = None, callback=None):
+    """One run: ``run`` evaluates the base, calls ``step`` for each training step and saves the result."""
+
+    def __init__(self, cfg: TrainConfig, policy: Any = None, callback: Callable[[dict], None] | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
 
@@ -171,7 +160,7 @@ class Trainer:
         self.writer = RunWriter(self.out, self.acc.is_main_process)
         # data and output folder are checked before the base model is built or loaded
         self.resume_from = self.decide(lambda: preflight(cfg))
-        self.pools = {}
+        self.pools: dict[Direction, Any] = {}
         if "gen" in cfg.directions:
             self.pools["gen"] = prompt_pool(cfg.prompts, cfg.seed)
         if "und" in cfg.directions:
@@ -189,9 +178,11 @@ class Trainer:
         store_guidance(policy, cfg.guidance_scale)
         self.judge = cfg.shapes_world
         self.rewards = {d: self._reward(d) for d in cfg.directions}
-        self.models = self._build_models(policy)
+        self.engines, self.reference = self._build(policy)
+        self.last_rollouts: list[Rollout] = []  # the last step's, for the sample grids
+        self.times: dict[str, float] = {}  # the last step's phase times
 
-    def decide(self, fn: Callable[[], Any], whole: tuple[str, ...] = ()) -> Any:
+    def decide(self, fn: Callable[[], Any], whole: Iterable[str] = ()) -> Any:
         """Run ``fn`` on the main process and give its result, or its ``SuderError``, to every process, so that
         no rank waits forever for a decision (or an error) that only rank 0 saw. ``whole``: the models ``fn`` reads,
         whose sharded weights every process gathers first (``Trainer.whole``)."""
@@ -211,12 +202,10 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ setup
-    def _reward(self, direction: str):
+    def _reward(self, direction: Direction) -> Callable[[Any, Any], torch.Tensor]:
         name = self.cfg.side(direction).reward
         spec = get_reward_spec(name)
         if direction not in spec.directions:
-            from .errors import ConfigError
-
             raise ConfigError(
                 f"Reward '{name}' does not score the {direction} direction (it scores {spec.directions})."
             )
@@ -235,45 +224,54 @@ class Trainer:
         grpo_kl = c.grpo_beta > 0 and any(c.algo_for(d) == "grpo" for d in c.directions)
         return grpo_kl or c.simpo_kl_beta > 0 or und_ref or frozen_scorer
 
-    def _build_models(self, policy: nn.Module) -> dict[str, Any]:
+    def _build(self, policy: nn.Module) -> tuple[dict[str, Engine], Reference | None]:
+        """The trained models, one ``Engine`` each (``policy``; ``gen`` and ``und`` for ``separate``), and the
+        frozen reference (``None`` when nothing reads it)."""
         from trl.trainer.utils import disable_dropout_in_model
 
         c = self.cfg
         disable_dropout_in_model(policy)  # GRPO's first ratio must be exactly 1; SimPO pairs must be comparable
         if c.gradient_checkpointing and hasattr(policy, "gradient_checkpointing_enable"):
             policy.gradient_checkpointing_enable()
-        frozen = None
-        if self._needs_reference():
-            if callable(getattr(policy, "reference_scope", None)):
-                if callable(getattr(policy, "snapshot_reference", None)):  # e.g. a previous LoRA run's adapter
-                    policy.snapshot_reference()  # the reference is the run's initial model, not the base under it
-                frozen = ReferenceScope(policy)
-            else:
-                frozen = copy.deepcopy(policy).eval().requires_grad_(False)
-                frozen.to(self.acc.device)
+        reference = self._reference(policy) if self._needs_reference() else None
         keys = {"gen": ("gen",), "und": ("und",)} if c.strategy == "separate" else {"policy": c.directions}
-        models: dict[str, Any] = {"frozen": frozen, "reference": frozen}
         # copies first: FSDP shards a module in place when it is prepared, and a sharded module cannot be copied
         copies = [policy] + [copy.deepcopy(policy) for _ in list(keys)[1:]]
-        for m, (key, directions) in zip(copies, keys.items()):
-            trainable = {id(p) for d in directions for p in m.trainable_parameters(d)}
-            for p in m.parameters():
-                p.requires_grad_(id(p) in trainable)
-            trained = [p for p in m.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(trained, lr=c.lr, weight_decay=c.weight_decay)
-            # the scheduler is ours, not prepared: accelerate's steps it num_processes times per step (it assumes
-            # the data grew with the processes; here max_steps already divides by them). One step per training
-            # step, on the torch optimizer whose param_groups every engine (DDP, ZeRO) reads its lr from.
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda(self._steps_for(key)))
-            wrapped, opt = self.acc.prepare(Dispatch(m), opt)
-            self.acc.register_for_checkpointing(sched)
-            # the parameters as the engine holds them after prepare (FSDP replaces them with sharded ones)
-            params = [p for p in wrapped.parameters() if p.requires_grad]
-            models[key] = {"wrapped": wrapped, "opt": opt, "sched": sched, "params": params}
-        if isinstance(frozen, ReferenceScope) and self.sharded:  # the policy's own weights, on a gathered view
-            first = next(iter(keys))
-            models["frozen"] = models["reference"] = ReferenceScope(self.routed_from(models[first]["wrapped"]))
-        return models
+        engines = {key: self._prepare(m, key, dirs) for m, (key, dirs) in zip(copies, keys.items())}
+        if reference is not None and reference.scope is not None and self.sharded:
+            first = engines[next(iter(keys))]  # the policy's own weights, on its gathered view
+            reference = Reference(first, scope=first.backbone)
+        return engines, reference
+
+    def _reference(self, policy: nn.Module) -> Reference:
+        """The initial policy, frozen: for LoRA backbones the policy under ``reference_scope()`` (a previous LoRA
+        run's adapter snapshotted first: the reference is the run's initial model, not the base under it), else a
+        deep copy."""
+        if callable(getattr(policy, "reference_scope", None)):
+            if callable(getattr(policy, "snapshot_reference", None)):
+                policy.snapshot_reference()
+            return Reference(policy, scope=policy)
+        frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+        frozen.to(self.acc.device)
+        return Reference(frozen)
+
+    def _prepare(self, model: nn.Module, key: str, directions: tuple[Direction, ...]) -> Engine:
+        """``model`` trained on ``directions``' parameters, with AdamW and its schedule, prepared by accelerate."""
+        c = self.cfg
+        trainable = {id(p) for d in directions for p in model.trainable_parameters(d)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trained, lr=c.lr, weight_decay=c.weight_decay)
+        # the scheduler is ours, not prepared: accelerate's steps it num_processes times per step (it assumes
+        # the data grew with the processes; here max_steps already divides by them). One step per training
+        # step, on the torch optimizer whose param_groups every engine (DDP, ZeRO) reads its lr from.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda(self._steps_for(key)))
+        wrapped, opt = self.acc.prepare(Dispatch(model), opt)
+        self.acc.register_for_checkpointing(sched)
+        # the parameters as the engine holds them after prepare (FSDP replaces them with sharded ones)
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        return Engine(self.acc, wrapped, opt, sched, params, sharded=self.sharded)
 
     def _lr_lambda(self, total: int) -> Callable[[int], float]:
         warm, cosine = self.cfg.warmup_steps, self.cfg.lr_schedule == "cosine"
@@ -291,59 +289,39 @@ class Trainer:
         c = self.cfg
         if c.steps is not None:
             return int(c.steps)
-        sizes = []
-        if "gen" in c.directions:
-            sizes.append(len(self.pools["gen"]) / (c.gen.batch_size * c.grad_accum * self.acc.num_processes))
-        if "und" in c.directions:
-            sizes.append(len(self.pools["und"]) / (c.und.batch_size * c.grad_accum * self.acc.num_processes))
+        per_step = c.grad_accum * self.acc.num_processes
+        sizes = [len(self.pools[d]) / (c.side(d).batch_size * per_step) for d in ("gen", "und") if d in c.directions]
         return max(1, math.ceil(c.epochs * max(sizes)))
 
     def _steps_for(self, key: str) -> int:
         """Optimizer steps model ``key`` takes in the run (``separate``: the steps of its phases), which sizes its
         learning-rate schedule."""
         total = self.max_steps()
-        return max(1, sum(1 for step in range(total) if plan(self.cfg, step)[0][0] == key))
-
-    def unwrapped(self, key: str) -> Any:
-        return self.acc.unwrap_model(self.models[key]["wrapped"]).backbone
-
-    def routed(self, key: str) -> Routed:
-        return self.routed_from(self.models[key]["wrapped"])
-
-    def routed_from(self, wrapped: nn.Module) -> Routed:
-        return Routed(wrapped, self.acc.unwrap_model(wrapped).backbone, gather=self.sharded)
-
-    def scorer(self, key: str) -> Any:
-        return self.models["frozen"] if key == "frozen" else self.routed(key)
+        return max(1, sum(1 for step in range(total) if plan(self.cfg, step)[0].model == key))
 
     @property
     def sharded(self) -> bool:
         """Weights are sharded across processes (ZeRO-3, FSDP): every read of them needs every process."""
         return is_sharded(self.acc)
 
-    def eval_model(self, key: str) -> Any:
-        """The model evaluation reads (main process), inside ``whole`` where the weights are sharded."""
-        return self.unwrapped(key)
+    def scorer(self, key: str) -> Engine | Reference | None:
+        """The model that computes self-rewards: ``frozen`` (the reference) or a trained model's key."""
+        return self.reference if key == "frozen" else self.engines[key]
 
-    def gathered(self, key: str):
-        """A view of model ``key`` with whole weights, for saving; entered by every process."""
-        return whole_weights(self.models[key]["wrapped"], self.unwrapped(key))
-
-    def trained_keys(self) -> tuple[str, ...]:
-        return tuple(k for k in self.models if k not in ("frozen", "reference"))
-
-    @contextlib.contextmanager
-    def whole(self, keys: tuple[str, ...] | list[str] | set[str]):
+    def whole(self, keys: Iterable[str]) -> contextlib.AbstractContextManager[None]:
         """With sharded weights (ZeRO-3, FSDP2), every process enters: the weights of models ``keys`` are gathered
         once, and inside each process calls them as often as its own samples need, with no collectives (captions
         end at different lengths on different processes). TRL gathers once per generation the same way. Without
         sharding, nothing to do."""
-        with contextlib.ExitStack() as stack:
-            if self.sharded:
-                dtype = compute_dtype(self.acc)
-                for key in sorted(set(keys)):
-                    stack.enter_context(whole_weights(self.models[key]["wrapped"], self.unwrapped(key), dtype))
-            yield
+        return entered([self.engines[key].whole() for key in sorted(set(keys))])
+
+    def saved_models(self) -> ModelsToSave:
+        """What a checkpoint or the final folder saves: each trained model's whole-weights view."""
+        c = self.cfg
+        views = {"": self.engines["policy"].gathered} if "policy" in self.engines else {}
+        views |= {key: self.engines[key].gathered for key in ("gen", "und") if key in self.engines}
+        shapes = c.shapes_world and c.backbone != "toy"  # still a ShapesWorld model (``pretrain.write_marker``)
+        return ModelsToSave(views, {"backbone": c.backbone, "trained_from": self.base_path} if shapes else None)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -353,28 +331,28 @@ class Trainer:
         writer.start(c, {"base_model": self.base_path, "num_processes": self.acc.num_processes}, self.resume_from)
         writer.tracking = Tracking(self.acc, c)  # report_to (tracking.py); after start(), which clears logs/
         before = self.before()
-        start, history = writer.restore(self, self.resume_from) if self.resume_from else (0, [])
+        start, history = writer.restore(self.acc, self.resume_from) if self.resume_from else (0, [])
         total = self.max_steps()
         stopped = False
         for step in range(start, total):
-            metrics = self.train_step(step)
+            metrics = self.step(step)
             metrics["step"] = step + 1
             if self.judge and c.eval_every and (step + 1) % c.eval_every == 0:
-                held, stopped = self.decide(self._heldout, whole=self.trained_keys())
+                held, stopped = self.decide(self._heldout, whole=self.engines)
                 metrics.update(held)
             history.append(metrics)
             writer.log(metrics)
             if self.callback:
                 self.callback(metrics | {"total_steps": total})
             if c.sample_every and (step + 1) % c.sample_every == 0:
-                writer.sample_grids(step + 1, self._last_rollouts)
+                writer.sample_grids(step + 1, self.last_rollouts)
             if stopped:
                 break
             if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < total:
-                writer.checkpoint(self, step + 1)
-        final = writer.save_final(self)
+                writer.checkpoint(self.acc, self.saved_models(), step + 1, c.save_total_limit)
+        final = writer.save_final(self.acc, self.saved_models())
         after = self.evaluate("after") if self.judge else {}
-        return writer.finish(self, before, after, history, final, stopped)
+        return writer.finish(c, before, after, history, final, stopped)
 
     def before(self) -> dict[str, Any]:
         """The base model's scores: evaluated once at the fresh start and kept in ``before.json``; a resumed run
@@ -390,53 +368,91 @@ class Trainer:
         return before
 
     def _heldout(self) -> tuple[dict[str, float], bool]:
-        held, score = self.writer.heldout(self)
+        keys = ("gen", "und") if self.cfg.strategy == "separate" else ("policy", "policy")
+        held, score = self.writer.heldout(self.cfg, *(self.engines[k].backbone for k in keys))
         return held, self.writer.should_stop(score, self.cfg.early_stopping_patience)
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        c = self.cfg
-        work = plan(c, step)
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int) -> dict[str, Any]:
+        """One training step, the same on every process: for each of ``grad_accum`` micro-batches and each direction
+        this step trains (``plan``), roll out groups, score them and pair them or compute advantages (the
+        algorithm's ``prepare``); then update each trained model and reduce the step's metrics over processes."""
+        c, work = self.cfg, plan(self.cfg, step)
+        self.last_rollouts, self.times = [], {}
+        micro: list[dict[tuple[str, Direction], Batch | None]] = [{} for _ in range(c.grad_accum)]
+        metrics = StepMetrics()
         t0 = time.perf_counter()
-        self._last_rollouts = []
-        self._phase_times: dict[str, float] = {}
         # sharded weights: gathered once for the whole rollout phase, scorers included (see ``whole``)
-        with self.whole({k for w in work for k in (w[0], w[2]) if k in self.trained_keys()}):
-            micro, metrics = self.collect(work, step)
+        with self.whole({k for w in work for k in (w.model, w.scorer) if k in self.engines}):
+            for m, batches in enumerate(micro):
+                for w in work:
+                    # the same autocast as the loss pass, so that old and new log-probs agree under mixed precision
+                    with self.acc.autocast():
+                        with self.sampling(w.model):
+                            samples = self.roll_out(w, step, m)
+                            rollout = self.score(w, samples)
+                        seeds = [derive_seed(c.seed, step, m, it, 7) for it in range(c.grpo_iterations)]
+                        batches[(w.model, w.direction)], prepared = self.prepare(w.model, rollout, seeds)
+                    metrics.add(prepared)
         t1 = time.perf_counter()
         norm = self.normalizers(micro)
-        for key in sorted({k for k, _, _ in work}):
+        for key in sorted({w.model for w in work}):
             metrics.merge(self.update(key, micro, norm))
-        metrics.add({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
-        return self.reduce_metrics(metrics)
+        metrics.add(self.times | {"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
+        return reduce_metrics(self.acc, metrics)
 
-    def collect(self, work: list[tuple[str, str, str]], step: int) -> tuple[list[dict], StepMetrics]:
-        """This step's ``grad_accum`` micro-batches: rollouts, rewards and prepared batches, with their metrics."""
+    @contextlib.contextmanager
+    def sampling(self, key: str) -> Iterator[None]:
+        """Model ``key`` in eval mode while it samples and scores, back in train mode for the update."""
+        self.engines[key].eval()
+        yield
+        self.engines[key].train()
+
+    def roll_out(self, w: Work, step: int, micro: int) -> ImageSamples | TextSamples:
+        """This process's groups of ``w.direction``, sampled from model ``w.model``: its share of the pool's batch
+        for (``step``, ``micro``), with a generator seeded by both and the process."""
         c = self.cfg
-        micro: list[dict[tuple[str, str], Any]] = []
-        metrics = StepMetrics()
-        for m in range(c.grad_accum):
-            batches = {}
-            for key, direction, scorer_key in work:
-                # the same autocast as the loss pass, so that old and new log-probs agree under mixed precision
-                with self.acc.autocast():
-                    rollout = self.rollout(key, direction, scorer_key, step, m)
-                    seeds = [derive_seed(c.seed, step, m, it, 7) for it in range(c.grpo_iterations)]
-                    batch, rm = self.prepare_batch(ALGORITHMS[c.algo_for(direction)], key, rollout, seeds)
-                metrics.add(rm)
-                batches[(key, direction)] = batch
-            micro.append(batches)
-        return micro, metrics
+        index = (step * c.grad_accum + micro) * self.acc.num_processes + self.acc.process_index
+        inputs = self.pools[w.direction].batch(index, c.side(w.direction).batch_size)
+        gen = torch.Generator().manual_seed(
+            derive_seed(c.seed, step, micro, w.direction == "und", self.acc.process_index)
+        )
+        t = time.perf_counter()
+        samples = sample_group(self.engines[w.model], w.direction, inputs, c, gen)
+        self._clock(f"time/{w.direction}_sample", t)
+        return samples
 
-    def prepare_batch(self, algo: Any, key: str, rollout: Rollout, seeds: list[int]) -> tuple[Batch | None, dict]:
-        """``algo.prepare`` on model ``key``. With sharded weights every process must run the same layers' forwards
-        in the update (each gathers its shards from all processes): where all of this process's groups were
-        skipped, a stand-in (one sample, weight zero, ``count == 0``) takes the batch's place."""
-        batch, metrics = algo.prepare(self.routed(key), rollout, self.cfg, self.models["reference"], seeds)
+    def score(self, w: Work, samples: ImageSamples | TextSamples) -> Rollout:
+        """The rollout: ``samples`` with their (B*G,) rewards by the direction's reward, scored by model
+        ``w.scorer``, and the exact judge's 1/0 as a monitor (ShapesWorld only)."""
+        c, t = self.cfg, time.perf_counter()
+        ctx = rewards_mod.RewardContext(
+            scorer=self.scorer(w.scorer), reference=self.reference, policy=self.engines[w.model]
+        )
+        rewards = self.rewards[w.direction](ctx, samples).detach().float().cpu()
+        judge_fn = rewards_mod.judge_generation if w.direction == "gen" else rewards_mod.judge_understanding
+        judge = judge_fn(samples) if self.judge else None
+        greedy_first = w.direction == "und" and c.text_greedy_in_group
+        rollout = Rollout(w.direction, samples, rewards, group_size(c, w.direction), judge, greedy_first=greedy_first)
+        self.last_rollouts.append(rollout)
+        self._clock(f"time/{w.direction}_reward", t)
+        return rollout
+
+    def _clock(self, key: str, since: float) -> None:
+        self.times[key] = self.times.get(key, 0) + time.perf_counter() - since
+
+    def prepare(self, key: str, rollout: Rollout, seeds: list[int]) -> tuple[Batch | None, dict[str, float]]:
+        """The direction's algorithm's ``prepare`` on model ``key``: pairs (SimPO) or advantages and old log-probs
+        (GRPO). With sharded weights every process must run the same layers' forwards in the update (each gathers
+        its shards from all processes): where all of this process's groups were skipped, a stand-in (one sample,
+        weight zero, ``count == 0``) takes the batch's place."""
+        algo = ALGORITHMS[self.cfg.algo_for(rollout.direction)]
+        batch, metrics = algo.prepare(self.engines[key], rollout, self.cfg, self.reference, seeds)
         if batch is None and self.sharded:
             batch = Batch(rollout.direction, rollout.samples.select([0]), count=0, tokens=0, seeds=seeds)
         return batch, metrics
 
-    def normalizers(self, micro: list[dict[tuple[str, str], Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    def normalizers(self, micro: list[dict[tuple[str, Direction], Any]]) -> dict[tuple[str, str], dict[str, float]]:
         """Pairs/rows and target tokens of the whole accumulated batch, summed over micro-batches and processes
         (the loss of each process is divided by the global count, docs/algorithms.md)."""
         keys = sorted(micro[0])
@@ -444,121 +460,80 @@ class Trainer:
             [[sum(b[kd].count for b in micro if b[kd]), sum(b[kd].tokens for b in micro if b[kd])] for kd in keys],
             dtype=torch.float64,
         )
-        if self.acc.num_processes > 1:
-            local = self.acc.reduce(local.to(self.acc.device), reduction="sum").cpu()
-        return {kd: {"count": float(local[i, 0]), "tokens": float(local[i, 1])} for i, kd in enumerate(keys)}
-
-    def reduce_metrics(self, metrics: StepMetrics) -> dict[str, Any]:
-        """The same metrics on every process, as one process with the whole batch would read them
-        (``StepMetrics``: counts summed, ``*max*`` keys maxed, means weighted by their items)."""
-        if self.acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            everyone = gather_object([metrics.state])
-            metrics = StepMetrics()
-            for state in everyone:
-                metrics.merge(state)
-        return metrics.result()
-
-    def rollout(self, key: str, direction: str, scorer_key: str, step: int, micro: int) -> Rollout:
-        c = self.cfg
-        size = c.side(direction).batch_size
-        index = (step * c.grad_accum + micro) * self.acc.num_processes + self.acc.process_index
-        inputs = self.pools[direction].batch(index, size)
-        gen = torch.Generator().manual_seed(
-            derive_seed(c.seed, step, micro, direction == "und", self.acc.process_index)
-        )
-        policy = self.unwrapped(key)
-        t = time.perf_counter()
-        policy.eval()
-        samples = sample_group(self.routed(key), direction, inputs, c, gen)
-        ctx = rewards_mod.RewardContext(
-            scorer=self.scorer(scorer_key), reference=self.models["reference"], policy=self.routed(key)
-        )
-        t_reward = time.perf_counter()
-        rewards = self.rewards[direction](ctx, samples).detach().float().cpu()
-        judge = None
-        if self.judge:
-            judge = (rewards_mod.judge_generation if direction == "gen" else rewards_mod.judge_understanding)(samples)
-        policy.train()
-        greedy_first = direction == "und" and c.text_greedy_in_group
-        G = group_size(c, direction)
-        rollout = Rollout(direction, samples, rewards, G, judge, greedy_first=greedy_first)
-        self._last_rollouts.append(rollout)
-        self._phase_times[f"time/{direction}_sample"] = (
-            self._phase_times.get(f"time/{direction}_sample", 0) + t_reward - t
-        )
-        self._phase_times[f"time/{direction}_reward"] = (
-            self._phase_times.get(f"time/{direction}_reward", 0) + time.perf_counter() - t_reward
-        )
-        return rollout
+        total = sum_over_processes(self.acc, local)
+        return {kd: {"count": float(total[i, 0]), "tokens": float(total[i, 1])} for i, kd in enumerate(keys)}
 
     def update(self, key: str, micro: list[dict], norm: dict) -> StepMetrics:
         """``grpo_iterations`` optimizer steps over the collected micro-batches (1 for SimPO), then one scheduler
         step. Each process's loss is its share of the global sum (normalised by the global count, times the number
         of processes, since DDP/ZeRO/FSDP average gradients); ``acc.accumulate`` syncs (and lets DeepSpeed step)
         only at the last micro-batch, and ``acc.backward``'s division by ``grad_accum`` is undone."""
-        c, model = self.cfg, self.models[key]
-        wrapped, opt, sched = model["wrapped"], model["opt"], model["sched"]
-        weights = {d: c.side(d).loss_weight for d in ("gen", "und")}
-        metrics: dict[str, Any] = {"lr": sched.get_last_lr()[0]}  # the rate this step uses
-        parts_seen = StepMetrics()  # the losses' metrics, over micro-batches and inner iterations
+        engine = self.engines[key]
+        metrics: dict[str, Any] = {"lr": engine.scheduler.get_last_lr()[0]}  # the rate this step uses
+        seen = StepMetrics()  # the losses' metrics, over micro-batches and inner iterations
         mine = [kd for kd in norm if kd[0] == key]
         if all(norm[kd]["count"] == 0 for kd in mine):  # every group of every process was skipped: no update
             with warnings.catch_warnings():  # "scheduler stepped before the optimizer": on purpose here
                 warnings.simplefilter("ignore", UserWarning)
-                sched.step()
-            parts_seen.add(metrics | {f"{kd[1]}/update_skipped": 1.0 for kd in mine})
-            return parts_seen
+                engine.scheduler.step()
+            seen.add(metrics | {f"{kd[1]}/update_skipped": 1.0 for kd in mine})
+            return seen
         scale = self.acc.num_processes * self.acc.gradient_accumulation_steps
-        iterations = c.grpo_iterations  # 1 unless every trained direction uses GRPO (config checks)
-        for it in range(iterations):
+        for it in range(self.cfg.grpo_iterations):  # 1 unless every trained direction uses GRPO (config checks)
             for batches in micro:
                 part = {kd: b for kd, b in batches.items() if kd[0] == key}
-
-                def step_loss(backbone, part=part, it=it):
-                    if self.sharded:  # stand-ins keep every process in the same forwards and backward
-                        total = torch.zeros((), device=self.acc.device)
-                    else:  # keeps every rank in DDP's backward
-                        total = sum(p.sum() for p in model["params"]) * 0.0
-                    parts = {}
-                    for (_, d), b in part.items():
-                        if b is None or norm[(key, d)]["count"] == 0:
-                            continue
-                        if b.count == 0:  # a stand-in (sharded weights): the same forward, weight zero
-                            seed = b.seeds[min(it, len(b.seeds) - 1)]  # a perturbed estimator needs one
-                            total = total + policy_logps(backbone, d, b.samples, c, seed).values.sum() * 0.0
-                            continue
-                        loss, lm = ALGORITHMS[c.algo_for(d)].loss(backbone, b, c, norm[(key, d)], it)
-                        total = total + weights[d] * loss
-                        # each micro-batch's loss is its share of the whole batch's: summed (StepMetrics), and
-                        # averaged over the inner iterations
-                        parts.update({f"{d}/{k}": v for k, v in lm.items()} | {f"{d}/loss": loss.item() / iterations})
-                    return total, parts
-
-                with self.acc.accumulate(wrapped):
-                    loss, parts = wrapped(step_loss)
+                with self.acc.accumulate(engine.wrapped):
+                    loss, parts = engine.loss_forward(functools.partial(self.micro_loss, key, part, norm, it))
                     self.acc.backward(loss * scale)
-                parts_seen.add(parts, counts=it == 0)  # tokens and pairs of one rollout: counted once
-            norm_value = clip_grad_norm(self.acc, model["params"], c.max_grad_norm or float("inf"))
-            if norm_value is not None:
-                norm_value = float(norm_value)
-                if not math.isfinite(norm_value):  # the same on every process: gradients are all-reduced
-                    raise TrainingError(
-                        f"The gradient of {key} is not finite at this step (norm {norm_value}); losses "
-                        f"{ {k: v for k, v in parts_seen.result().items() if k.endswith('/loss')} }. Lower lr or check "
-                        "the rewards."
-                    )
-                metrics["grad_norm"] = norm_value
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                seen.add(parts, counts=it == 0)  # tokens and pairs of one rollout: counted once
+            metrics |= self.optimizer_step(key, seen)
             metrics["optimizer_steps"] = metrics.get("optimizer_steps", 0) + 1
-        if hasattr(wrapped, "global_steps"):  # DeepSpeed steps inside backward: its own count, for the record
-            metrics["engine_steps"] = float(wrapped.global_steps)
-        sched.step()
-        metrics.update(getattr(self, "_phase_times", {}))
-        parts_seen.add(metrics)
-        return parts_seen
+        if hasattr(engine.wrapped, "global_steps"):  # DeepSpeed steps inside backward: its own count, for the record
+            metrics["engine_steps"] = float(engine.wrapped.global_steps)
+        engine.scheduler.step()
+        seen.add(metrics)
+        return seen
+
+    def micro_loss(
+        self, key: str, part: dict[tuple[str, Direction], Batch | None], norm: dict, it: int, backbone: nn.Module
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Model ``key``'s loss on one micro-batch at inner iteration ``it`` (run as the engine's training forward
+        on ``backbone``): the directions' losses weighted by ``loss_weight``, and their metrics. Each micro-batch's
+        loss is its share of the whole batch's: summed (``StepMetrics``), and averaged over the inner iterations."""
+        c = self.cfg
+        if self.sharded:  # stand-ins keep every process in the same forwards and backward
+            total = torch.zeros((), device=self.acc.device)
+        else:  # keeps every rank in DDP's backward
+            total = sum(p.sum() for p in self.engines[key].params) * 0.0
+        parts = {}
+        for (_, d), b in part.items():
+            if b is None or norm[(key, d)]["count"] == 0:
+                continue
+            if b.count == 0:  # a stand-in (sharded weights): the same forward, weight zero
+                seed = b.seeds[min(it, len(b.seeds) - 1)]  # a perturbed estimator needs one
+                total = total + policy_logps(backbone, d, b.samples, c, seed).values.sum() * 0.0
+                continue
+            loss, lm = ALGORITHMS[c.algo_for(d)].loss(backbone, b, c, norm[(key, d)], it)
+            total = total + c.side(d).loss_weight * loss
+            parts.update({f"{d}/{k}": v for k, v in lm.items()} | {f"{d}/loss": loss.item() / c.grpo_iterations})
+        return total, parts
+
+    def optimizer_step(self, key: str, seen: StepMetrics) -> dict[str, float]:
+        """Clip model ``key``'s gradient (its norm, checked finite, is the result) and step its optimizer."""
+        engine, out = self.engines[key], {}
+        norm_value = clip_grad_norm(self.acc, engine.params, self.cfg.max_grad_norm or float("inf"))
+        if norm_value is not None:
+            norm_value = float(norm_value)
+            if not math.isfinite(norm_value):  # the same on every process: gradients are all-reduced
+                raise TrainingError(
+                    f"The gradient of {key} is not finite at this step (norm {norm_value}); losses "
+                    f"{ {k: v for k, v in seen.result().items() if k.endswith('/loss')} }. Lower lr or check "
+                    "the rewards."
+                )
+            out["grad_norm"] = norm_value
+        engine.optimizer.step()
+        engine.optimizer.zero_grad(set_to_none=True)
+        return out
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, when: str) -> dict[str, Any]:
@@ -566,15 +541,15 @@ class Trainer:
         from .evaluate import evaluate
 
         c = self.cfg
-        with self.whole(self.trained_keys()):
+        with self.whole(self.engines):
             if not self.acc.is_main_process:
                 return {}
             if c.strategy == "separate":
-                gen_model = self.eval_model("gen")
+                gen_model = self.engines["gen"].backbone
                 out = evaluate(gen_model, num=c.eval_num, what=("t2i",))
-                out |= evaluate(self.eval_model("und"), num=c.eval_num, what=("caption",))
+                out |= evaluate(self.engines["und"].backbone, num=c.eval_num, what=("caption",))
             else:
-                gen_model = self.eval_model("policy")
+                gen_model = self.engines["policy"].backbone
                 out = evaluate(gen_model, num=c.eval_num)
             base, run = self.base_guidance, c.guidance_scale
             if when == "before" and base is not None and run is not None and float(run) != float(base):
@@ -587,36 +562,3 @@ class Trainer:
                 finally:
                     store_guidance(gen_model, run)
             return out
-
-
-def _guidance_holder(model: Any) -> Any:
-    """Where a backbone keeps its default guidance scale: ``config``, ``settings``, else the model itself."""
-    for holder in (getattr(model, "config", None), getattr(model, "settings", None)):
-        if holder is not None and not callable(holder) and hasattr(holder, "guidance_scale"):
-            return holder
-    return model
-
-
-def read_guidance(model: Any) -> float | None:
-    """The model's default guidance scale (``store_guidance`` writes it there); ``None`` if it keeps none."""
-    scale = getattr(_guidance_holder(model), "guidance_scale", None)
-    return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
-
-
-def store_guidance(model: Any, scale: float | None) -> None:
-    """Make the training guidance scale the model's default, so checkpoints carry the scale the model was
-    optimised for and ``suder generate`` uses it (gains do not carry across scales)."""
-    if scale is None:
-        return
-    try:
-        _guidance_holder(model).guidance_scale = float(scale)
-    except AttributeError:
-        pass
-
-
-def derive_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (Python's ``hash`` of strings changes per process)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % 2**64
-    return h % 2**63

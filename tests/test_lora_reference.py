@@ -37,7 +37,7 @@ def _trainer(model, out, data, **kw):
 
     cfg = TrainConfig(
         backbone="janus-pro", model=str(model), algo="grpo", reward_scorer="frozen", steps=1, group_size=2,
-        gen_batch_size=1, und_batch_size=1, lr=1e-2, sample_every=0, save_every=0, output_dir=str(out),
+        gen={"batch_size": 1}, und={"batch_size": 1}, lr=1e-2, sample_every=0, save_every=0, output_dir=str(out),
         **data, **kw,
     )
     return Trainer(cfg)
@@ -61,19 +61,19 @@ def test_a_run_from_a_lora_run_scores_with_its_initial_adapter(tmp_path, data):
     assert (initial - base).abs().max() > 1e-2  # the previous run learned something
 
     tr = _trainer(tmp_path / "previous", tmp_path / "run", data)
-    policy = tr.unwrapped("policy")
-    for scorer in (tr.models["frozen"], tr.models["reference"]):
+    policy = tr.engines["policy"].backbone
+    for scorer in (tr.scorer("frozen"), tr.reference):
         assert (_captions(scorer, pics) - initial).abs().max() <= 1e-5
     assert (_captions(policy, pics) - initial).abs().max() <= 1e-5
     trained = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" in n}
     assert any(".reference." in n for n in trained) and all(
         p.requires_grad == (".default." in n) for n, p in policy.model.named_parameters() if "lora_" in n
     )
-    tr.train_step(0)
+    tr.step(0)
     moved = [n for n, p in policy.model.named_parameters() if "lora_" in n and not torch.equal(p, trained[n])]
     assert moved and all(".default." in n for n in moved)
     assert (_captions(policy, pics) - initial).abs().max() > 1e-4
-    assert (_captions(tr.models["frozen"], pics) - initial).abs().max() <= 1e-5
+    assert (_captions(tr.scorer("frozen"), pics) - initial).abs().max() <= 1e-5
 
     # the saved run holds the trained adapter only, and loads with it on
     import suder
@@ -89,6 +89,6 @@ def test_a_fresh_adapter_keeps_no_copy(tmp_path, data):
     second adapter."""
     tiny_backbone(lora={"r": 4}).save_pretrained(tmp_path / "fresh")
     tr = _trainer(tmp_path / "fresh", tmp_path / "run", data)
-    policy = tr.unwrapped("policy")
+    policy = tr.engines["policy"].backbone
     assert list(policy.model.peft_config) == ["default"]
     assert not any(".reference." in n for n, _ in policy.model.named_parameters())

@@ -25,7 +25,7 @@ def _cfg(perturbation: dict, **kw) -> TrainConfig:
         algo="grpo",
         strategy="gen",
         group_size=4,
-        gen_batch_size=2,
+        gen={"batch_size": 2},
         grpo_iterations=2,
         grpo_beta=0.04,
         image_logp_options=perturbation,
@@ -68,7 +68,7 @@ def test_sharded_stand_in_forward_passes_the_iterations_seed(tmp_path, monkeypat
     cfg = _cfg(perturbation, steps=1, lr=1e-3, sample_every=0, save_every=0)
     cfg = TrainConfig(**(cfg.to_dict() | {"output_dir": str(tmp_path / "run"), "grpo_beta": 0.0}))
     tr = Trainer(cfg, tiny_backbone())
-    policy = tr.unwrapped("policy")
+    policy = tr.engines["policy"].backbone
     seen = []
     original = ShowOBackbone.logp_image_given_text
 
@@ -78,10 +78,10 @@ def test_sharded_stand_in_forward_passes_the_iterations_seed(tmp_path, monkeypat
 
     roll = _rollout(policy, cfg)
     batch, _ = ALGORITHMS["grpo"].prepare(policy, roll, cfg, None, [21, 22])
-    # this process: all groups skipped, a stand-in (as Trainer.prepare_batch builds it with sharded weights)
+    # this process: all groups skipped, a stand-in (as Trainer.prepare builds it with sharded weights)
     monkeypatch.setattr(type(tr), "sharded", property(lambda self: True))
     flat = Rollout("gen", roll.samples, torch.zeros(len(roll.samples)), 4)
-    stand_in, _ = tr.prepare_batch(ALGORITHMS["grpo"], "policy", flat, [21, 22])
+    stand_in, _ = tr.prepare("policy", flat, [21, 22])  # cfg.algo is grpo
     assert stand_in.count == 0
     monkeypatch.setattr(ShowOBackbone, "logp_image_given_text", spy)
     # the other processes have groups: the global count is not zero, so this one runs the stand-in forward

@@ -338,12 +338,12 @@ def test_a_step_where_every_group_is_skipped_does_not_move_the_weights(tiny_toy_
         model=tiny_toy_path, steps=2, group_size=4, gen_batch_size=2, und_batch_size=2, output_dir="unused", lr=1e-3
     )
     tr = Trainer(cfg)
-    tr.train_step(0)  # a real update: AdamW now has momentum
-    before = [p.detach().clone() for p in tr.unwrapped("policy").parameters()]
+    tr.step(0)  # a real update: AdamW now has momentum
+    before = [p.detach().clone() for p in tr.engines["policy"].backbone.parameters()]
     tr.rewards = {d: (lambda ctx, s: torch.zeros(len(s))) for d in tr.rewards}  # every group has zero spread
-    m = tr.train_step(1)
+    m = tr.step(1)
     assert m["gen/update_skipped"] == 1.0 and m["und/update_skipped"] == 1.0 and "optimizer_steps" not in m
-    for a, b in zip(before, tr.unwrapped("policy").parameters()):
+    for a, b in zip(before, tr.engines["policy"].backbone.parameters()):
         assert torch.equal(a, b)
 
 

@@ -118,7 +118,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_toy_path, algo):
     for split in (1, 2):
         torch.manual_seed(0)
         tr = Trainer(cfg)
-        policy = tr.unwrapped("policy")
+        policy = tr.engines["policy"].backbone
         gen = torch.Generator().manual_seed(3)
         prompts = ["a red square", "two blue circles", "a white triangle", "a green circle above a red square"]
         samples = sample_group(policy, "gen", prompts, cfg, gen)
@@ -383,8 +383,8 @@ def test_two_processes_hold_identical_weights(tiny_toy_path, tmp_path):
         "from suder.trainer import Trainer\nfrom suder.config import resolve\n"
         f"cfg = resolve(None, None, backbone='toy', model={tiny_toy_path!r}, output_dir={str(tmp_path / 'run')!r},"
         " steps=2, group_size=4, gen_batch_size=2, und_batch_size=2, sample_every=0, save_every=0)\n"
-        "tr = Trainer(cfg)\nfor step in range(2):\n    m = tr.train_step(step)\n"
-        "vec = torch.cat([p.detach().flatten() for p in tr.unwrapped('policy').parameters()])\n"
+        "tr = Trainer(cfg)\nfor step in range(2):\n    m = tr.step(step)\n"
+        "vec = torch.cat([p.detach().flatten() for p in tr.engines['policy'].backbone.parameters()])\n"
         "gathered = [torch.zeros_like(vec) for _ in range(2)]\ndist.all_gather(gathered, vec)\n"
         "assert tr.acc.num_processes == 2\n"
         "assert torch.equal(gathered[0], gathered[1]), (gathered[0] - gathered[1]).abs().max()\n"
@@ -454,7 +454,7 @@ def test_a_run_at_another_scale_also_judges_the_base_at_its_own(tiny_toy_path, t
     T2I at its own scale, the very numbers a run at that scale starts from."""
     import suder.evaluate
     from suder import cli
-    from suder.trainer import read_guidance
+    from suder.rollout import read_guidance
 
     judged, real = [], suder.evaluate.evaluate
 
@@ -488,7 +488,7 @@ def test_a_separate_run_at_another_scale_judges_the_base_at_its_own(tiny_toy_pat
     """strategy separate: the image model is judged at the base's own scale too, and after at the run's again."""
     import suder.evaluate
     from suder import cli
-    from suder.trainer import read_guidance
+    from suder.rollout import read_guidance
 
     judged, real = [], suder.evaluate.evaluate
 

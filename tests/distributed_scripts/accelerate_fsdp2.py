@@ -40,23 +40,18 @@ from torch.distributed.fsdp import FSDPModule  # noqa: E402
 
 from suder.trainer import Trainer  # noqa: E402
 
-_build_models = Trainer._build_models
+_build = Trainer._build
 
 
 def build_and_count(self, policy):
-    models = _build_models(self, policy)
-    units = sum(
-        isinstance(m, FSDPModule)
-        for k in models
-        if k not in ("frozen", "reference")
-        for m in models[k]["wrapped"].modules()
-    )
+    engines, reference = _build(self, policy)
+    units = sum(isinstance(m, FSDPModule) for engine in engines.values() for m in engine.wrapped.modules())
     if self.acc.is_main_process:
         print("FSDP2_UNITS", units, flush=True)
-    return models
+    return engines, reference
 
 
-Trainer._build_models = build_and_count
+Trainer._build = build_and_count
 target, sys.argv = sys.argv[1], sys.argv[1:]
 if target.endswith(".py"):
     runpy.run_path(target, run_name="__main__")

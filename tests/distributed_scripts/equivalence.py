@@ -1,5 +1,5 @@
 """One training update on N processes x a micro-batches of b groups, or on 1 process x N*a*b groups, from the same
-rollouts; writes the losses, every metric of the step (as ``Trainer.train_step`` reduces them), learning rates,
+rollouts; writes the losses, every metric of the step (as ``Trainer.step`` reduces them), learning rates,
 gradients before and after clipping, and optimizer step counts it saw (rank 0) to OUT, and the
 trained model (``save_pretrained`` from the trainer's whole-weights view) to OUT.final/. At the last step one group
 has equal rewards (skipped): on 2 processes it is all that rank 1 has in its first micro-batch. With sharded weights
@@ -25,9 +25,9 @@ from torch.distributed.tensor import DTensor
 import suder.trainer
 from suder import rewards
 from suder.config import resolve
-from suder.distributed import StepMetrics
-from suder.rollout import ALGORITHMS, Rollout
-from suder.trainer import Trainer, derive_seed, plan
+from suder.distributed import StepMetrics, reduce_metrics
+from suder.rollout import Rollout, derive_seed
+from suder.trainer import Trainer, plan
 from suder.worlds import shapes
 
 model, out, algo, strategy = sys.argv[1:5]
@@ -86,11 +86,11 @@ suder.trainer.clip_grad_norm = capture_unclipped
 record = []
 for step in range(STEPS):
     micro = [dict() for _ in range(ACCUM)]
-    collected = StepMetrics()  # the rollouts' metrics, as Trainer.collect gathers them
-    whole = tr.whole(tr.trained_keys())  # as Trainer.train_step: sharded weights gathered once for the rollouts
+    collected = StepMetrics()  # the rollouts' metrics, as Trainer.step gathers them
+    whole = tr.whole(tr.engines)  # as Trainer.step: sharded weights gathered once for the rollouts
     whole.__enter__()
     for key, direction, scorer_key in plan(cfg, step):
-        policy = tr.routed(key)  # whole weights on every process, whatever the engine shards
+        policy = tr.engines[key]  # whole weights on every process, whatever the engine shards
         policy.eval()
         gen = torch.Generator().manual_seed(derive_seed(11, step, direction == "und"))
         if direction == "gen":
@@ -109,26 +109,26 @@ for step in range(STEPS):
             rows = list(range(first * G, (first + per_micro) * G))
             roll = Rollout(direction, samples.select(rows), r[rows], G)
             seeds = [derive_seed(5, step, it) for it in range(cfg.grpo_iterations)]
-            batch, rm = tr.prepare_batch(ALGORITHMS[cfg.algo_for(direction)], key, roll, seeds)
+            batch, rm = tr.prepare(key, roll, seeds)  # the algorithm is cfg.algo_for(direction)
             micro[m][(key, direction)] = batch
             collected.add(rm)
     whole.__exit__(None, None, None)
     norm = tr.normalizers(micro)
     entry = {"step": step}
     for key in sorted({k for k, _, _ in plan(cfg, step)}):
-        opt = tr.models[key]["opt"]
+        opt = tr.engines[key].optimizer
         inner = getattr(opt, "optimizer", opt)
         grads = {}
         original = inner.step
 
         def capture(*a, _orig=original, _key=key, _grads=grads, **k):
-            _grads[_key] = full([p.grad for p in tr.models[_key]["params"]])
+            _grads[_key] = full([p.grad for p in tr.engines[_key].params])
             return _orig(*a, **k)
 
         inner.step = capture
         step_metrics = tr.update(key, micro, norm)
-        step_metrics.merge(collected)  # as Trainer.train_step: one key per step in every plan used here
-        metrics = tr.reduce_metrics(step_metrics)
+        step_metrics.merge(collected)  # as Trainer.step: one key per step in every plan used here
+        metrics = reduce_metrics(tr.acc, step_metrics)
         inner.step = original
         entry[key] = {
             "loss": {k: v for k, v in metrics.items() if k.endswith("/loss")},
@@ -142,14 +142,14 @@ for step in range(STEPS):
     record.append(entry)
 if rank == 0:
     torch.save(record, out)
-tr.writer._save_models(tr, Path(out + ".final"))
+tr.writer.save_models(tr.saved_models(), Path(out + ".final"))
 if tr.sharded:  # the same weights through torch's own full state dict, saved by an unsharded model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     import suder
 
-    for key in [k for k in ("policy", "gen", "und") if k in tr.models]:
-        full = get_model_state_dict(tr.models[key]["wrapped"], options=StateDictOptions(full_state_dict=True))
+    for key in tr.engines:
+        full = get_model_state_dict(tr.engines[key].wrapped, options=StateDictOptions(full_state_dict=True))
         if rank == 0:
             plain = suder.load_backbone("toy", model=model)
             plain.load_state_dict({k.removeprefix("backbone."): v for k, v in full.items()})

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 import suder
 from suder.distributed import whole_weights
-from suder.trainer import Dispatch
+from suder.engine import Dispatch
 from suder.worlds import shapes
 
 model_path, out = sys.argv[1:3]
