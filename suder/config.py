@@ -32,7 +32,7 @@ with ``--group-size 4`` gives 16 and 4.
 **Legacy keys.** The flat keys of earlier versions still load from YAML and as keywords, mapped to their section:
 ``gen_algo``/``und_algo`` -> ``gen.algo``/``und.algo``, likewise ``*_batch_size``, ``*_group_size``, ``*_reward``,
 ``*_reward_scorer``, ``*_loss_weight``; ``simpo_gen_pairs`` -> ``gen.simpo_pairs``, ``simpo_gen_min_gap`` ->
-``gen.simpo_min_gap`` (and ``und``). Reading ``cfg.gen_group_size`` still works, for code written against them.
+``gen.simpo_min_gap`` (and ``und``). They are names to set values by; code reads ``cfg.side(d)`` (``cfg.gen``).
 
 Unknown keys are errors with the closest valid key suggested.
 """
@@ -257,12 +257,6 @@ class TrainConfig:
             raise ConfigError(
                 f"The {self.backbone} backbone needs --images DIR (a folder of images) to train 'und'.{self._base_hint}"
             )
-
-    def __getattr__(self, name: str) -> Any:
-        """Legacy flat names (``cfg.gen_group_size``) read their section's field (module docstring)."""
-        if name in LEGACY and "und" in self.__dict__:
-            return self._get(LEGACY[name])
-        raise AttributeError(f"'TrainConfig' object has no attribute '{name}'")
 
     def _get(self, key: str) -> Any:
         """A value by dotted key: ``lr``, ``gen.group_size``."""

@@ -180,7 +180,8 @@ def test_per_direction_algo_defaults_to_algo():
     split = resolve(und_algo="grpo")
     assert (split.algo_for("gen"), split.algo_for("und")) == ("simpo", "grpo")
     assert split.side("und") is split.und and split["gen"] is split.gen
-    assert split.und_algo == "grpo"  # the legacy flat name still reads
+    with pytest.raises(AttributeError):  # flat names are input aliases only (YAML, keywords, flags), never read
+        split.und_algo  # noqa: B018
     # one direction trained: the other's algorithm does not block GRPO's inner iterations
     assert resolve(strategy="und", und_algo="grpo", grpo_iterations=2).grpo_iterations == 2
 

@@ -238,15 +238,15 @@ def test_run_defaults_yield_to_what_the_user_passes():
     cfg = resolve(backbone="janus-pro")
     assert (cfg.guidance_scale, cfg.cfg_policy, cfg.gen.reward_scorer, cfg.und.reward_scorer) == (
         2.0, "guided", "policy", "frozen")
-    assert resolve(backbone="janus-pro", reward_scorer="policy").und_reward_scorer == "policy"
-    assert resolve(backbone="janus-pro", reward_scorer="frozen").gen_reward_scorer == "frozen"
-    assert resolve(backbone="janus-pro", und_reward_scorer="policy").und_reward_scorer == "policy"
+    assert resolve(backbone="janus-pro", reward_scorer="policy").und.reward_scorer == "policy"
+    assert resolve(backbone="janus-pro", reward_scorer="frozen").gen.reward_scorer == "frozen"
+    assert resolve(backbone="janus-pro", und_reward_scorer="policy").und.reward_scorer == "policy"
     assert resolve(backbone="janus-pro", guidance_scale=1.0).guidance_scale == 1.0
     # 16 images per prompt, 8 captions per image, unless the user says: --group-size decides both directions
     assert (cfg.group_size, cfg.gen.group_size, cfg.und.group_size) == (8, 16, 8)
     given = resolve(backbone="janus-pro", group_size=4)
     assert (given.gen.group_size, given.und.group_size) == (4, 4)
-    assert resolve(backbone="janus-pro", gen_group_size=8).gen_group_size == 8
-    assert resolve(backbone="janus-pro", und_group_size=4).gen_group_size == 16
+    assert resolve(backbone="janus-pro", gen_group_size=8).gen.group_size == 8
+    assert resolve(backbone="janus-pro", und_group_size=4).gen.group_size == 16
     real = resolve(backbone="janus-pro", model="deepseek-community/Janus-Pro-1B", prompts="p.txt", images="i")
-    assert real.und_reward_scorer == "policy" and real.guidance_scale is None  # released checkpoints: the paper's
+    assert real.und.reward_scorer == "policy" and real.guidance_scale is None  # released checkpoints: the paper's
