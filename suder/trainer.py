@@ -61,6 +61,7 @@ from .rollout import (
     sample_group,
     store_guidance,
 )
+from .worlds.judge import judge_generation, judge_understanding
 
 
 def train(
@@ -430,7 +431,7 @@ class Trainer:
             scorer=self.scorer(w.scorer), reference=self.reference, policy=self.engines[w.model]
         )
         rewards = self.rewards[w.direction](ctx, samples).detach().float().cpu()
-        judge_fn = rewards_mod.judge_generation if w.direction == "gen" else rewards_mod.judge_understanding
+        judge_fn = judge_generation if w.direction == "gen" else judge_understanding
         judge = judge_fn(samples) if self.judge else None
         greedy_first = w.direction == "und" and c.text_greedy_in_group
         rollout = Rollout(w.direction, samples, rewards, group_size(c, w.direction), judge, greedy_first=greedy_first)
