@@ -5,17 +5,21 @@ Public API only; importing suder does not import transformers or load weights.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SuderError
 from .hookspecs import hookimpl
 from .protocol import ImageSamples, TextSamples, TokenLogProbs, UnifiedLMM
 from .registry import list_backbones, load_backbone
 
+if TYPE_CHECKING:  # imported on first use (``__getattr__`` below)
+    from .pretrain import ShapesRecipe
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ImageSamples",
+    "ShapesRecipe",
     "SuderError",
     "TextSamples",
     "TokenLogProbs",
@@ -44,3 +48,11 @@ def pretrain(model: Any = "toy", /, **options: Any):
     from .pretrain import pretrain as _pretrain
 
     return _pretrain(model, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ShapesRecipe":  # the ShapesWorld recipe a backbone registers (suder.pretrain; docs/writing-a-plugin.md)
+        from .pretrain import ShapesRecipe
+
+        return ShapesRecipe
+    raise AttributeError(f"module 'suder' has no attribute '{name}'")

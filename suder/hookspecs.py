@@ -24,10 +24,15 @@ hookimpl = pluggy.HookimplMarker("suder")
 
 @hookspec
 def register_backbones(register):
-    """Register backbones: ``register(name, factory, summary="...")``.
+    """Register backbones: ``register(name, factory, summary="...", shapes_recipe=None)``.
 
     ``factory(**kwargs)`` returns an object satisfying ``suder.UnifiedLMM``. Keep imports of heavy
     libraries (transformers, weights) inside the factory so ``suder backbones`` stays fast.
+
+    ``shapes_recipe`` declares the backbone's embedded ShapesWorld default (what ``suder run --backbone NAME``
+    pre-trains and self-improves with no data): a ``suder.ShapesRecipe``, or a callable with no arguments returning
+    one, called when first needed (so a recipe module with heavy imports stays out of ``suder backbones``). Its
+    fields are described in ``suder.pretrain``; ``suder.testing.check_shapes_recipe`` checks it.
     """
 
 

@@ -5,24 +5,29 @@ methods, so any backbone that implements ``UnifiedLMM`` pre-trains the same way.
 prompt) for ``cond_dropout`` of the text-to-image rows, which is what classifier-free guidance needs.
 
 **ShapesWorld base recipes.** What differs between backbones is how the untrained ShapesWorld-sized model is built
-(its size, its own image tokenizer, trained first) and the hyper-parameters. A backbone opts in by giving its
-registered factory an attribute ``shapes_recipe``: a callable returning a ``ShapesRecipe``:
+(its size, its own image tokenizer, trained first) and the hyper-parameters. A backbone package, built-in or
+third-party, opts in when it registers the backbone: ``register(name, factory, summary=..., shapes_recipe=recipe)``
+(``suder.hookspecs.register_backbones``), where ``recipe`` is a ``ShapesRecipe`` (exported as
+``suder.ShapesRecipe``) or a callable with no arguments returning one, called when first needed so that the
+recipe's module (and what it imports) stays out of ``suder backbones``. Its fields:
 
 - ``build(seed=, callback=, **options)``: the untrained model at ShapesWorld scale, its image tokenizer already
   trained (``callback`` receives ``{"step", "total_steps", "loss"}`` of that phase); ``options`` are the
-  ``backbone_options`` of ``pretrain`` (tests pass tiny sizes);
+  ``backbone_options`` of ``pretrain`` (tests pass tiny sizes). None: ``load_backbone(name, **options)`` (the
+  toy's factory builds a ShapesWorld model by default);
 - ``version``: part of the cache folder's name; bump it when the recipe changes;
-- ``pretrain``: defaults of ``pretrain``'s keywords (``steps``, ``seed``, ``batch_size``, ``lr``, ``warmup_steps``,
-  ...);
+- ``pretrain``: defaults of ``pretrain``'s keywords (``PRETRAIN_KEYS``: ``steps``, ``seed``, ``batch_size``,
+  ``caption_batch_size``, ``lr``, ``warmup_steps``, ``cond_dropout``) over ``PRETRAIN_DEFAULTS``;
 - ``image_logp_options(rng)``: optional keyword arguments of ``logp_image_given_text`` per step (Show-o: a random
   mask ratio, its mask-token-prediction objective);
-- ``preset``: the name of the preset file (``suder/presets/NAME.yaml``, or a path to a YAML file) whose settings
-  ``suder run`` uses on this base over the paper's defaults (``suder.config``).
+- ``preset``: the run defaults ``suder run`` uses on this base over the paper's defaults (``suder.config``): the
+  name of a preset shipped with suder (``suder/presets/NAME.yaml``) or the path of a YAML file the package ships.
 
-The toy needs no recipe: its factory builds a ShapesWorld model by default (``DEFAULT_RECIPE``). Show-o's is
-``suder/backbones/show_o/shapes_world.py``. ``ensure_base(backbone)`` builds a backbone's base once and caches it
-under ``cache_dir()`` as ``{backbone}-base-{version}-steps{steps}-seed{seed}``; ``suder run --backbone NAME`` with
-no ``--model``, ``--prompts`` or ``--images`` uses it.
+The recipes: the toy's in ``suder/backbones/toy.py``, Show-o's in ``suder/backbones/show_o/shapes_world.py``,
+Janus-Pro's in ``suder/backbones/janus_pro/shapes_world.py``; ``suder.testing.check_shapes_recipe`` is the
+conformance check. ``ensure_base(backbone)`` builds a backbone's base once and caches it under ``cache_dir()`` as
+``{backbone}-base-{version}-steps{steps}-seed{seed}``; ``suder run --backbone NAME`` with no ``--model``,
+``--prompts`` or ``--images`` uses it.
 
 The toy's defaults (500 steps, batch 48 + 48, AdamW lr 1e-3 with 100 warm-up steps, then cosine) aim at a base
 with basic but imperfect alignment: self-rewards need a competent reverse direction as the judge, and room to
@@ -34,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -58,34 +64,65 @@ class PretrainResult:
     cpu_seconds: float = 0.0
 
 
+PRETRAIN_KEYS = (*PRETRAIN_DEFAULTS, "caption_batch_size")
+
+
 @dataclass
 class ShapesRecipe:
-    """How a backbone builds and pre-trains its ShapesWorld base (see the module docstring)."""
+    """How a backbone builds and pre-trains its ShapesWorld base, and the run defaults on it (the fields are
+    described in the module docstring); a package declares it with ``register(..., shapes_recipe=...)``."""
 
     build: Callable[..., Any] | None = None  # None: ``load_backbone(name, **options)``
     version: str = BASE_VERSION
     pretrain: dict[str, Any] = field(default_factory=dict)
     image_logp_options: Callable[[random.Random], dict[str, Any]] | None = None
-    preset: str | None = None
+    preset: str | os.PathLike | None = None
 
+    def __post_init__(self) -> None:
+        from .errors import BackboneError, closest
 
-DEFAULT_RECIPE = ShapesRecipe(preset="toy")
+        for key in self.pretrain:
+            if key not in PRETRAIN_KEYS:
+                hint = closest(key, PRETRAIN_KEYS)
+                raise BackboneError(
+                    f"ShapesRecipe.pretrain has an unknown key '{key}'"
+                    + (f" (did you mean '{hint}'?)" if hint else "")
+                    + f"; use {', '.join(PRETRAIN_KEYS)}."
+                )
+        if not (isinstance(self.version, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.version)):
+            raise BackboneError(
+                f"ShapesRecipe.version must be letters, digits, '.', '_' or '-' (it names the cache folder), got "
+                f"{self.version!r}."
+            )
+        if isinstance(self.preset, os.PathLike):
+            self.preset = os.fspath(self.preset)
+        if self.preset is not None and not (isinstance(self.preset, str) and self.preset):
+            raise BackboneError(
+                f"ShapesRecipe.preset must be a preset name or the path of a YAML file, got {self.preset!r}."
+            )
+        if self.preset is not None and os.sep in self.preset and not self.preset.endswith((".yaml", ".yml")):
+            raise BackboneError(f"ShapesRecipe.preset '{self.preset}' is a path; name a .yaml or .yml file.")
 
 
 def shapes_recipe(backbone: str) -> ShapesRecipe | None:
-    """The ShapesWorld recipe of a registered backbone (its factory's ``shapes_recipe``), ``DEFAULT_RECIPE`` for
-    the toy, None when it has none (or the name is unknown)."""
-    from .errors import SuderError
+    """The ShapesWorld recipe a registered backbone declared (``register(..., shapes_recipe=...)``), None when it
+    has none (or the name is unknown)."""
+    from .errors import BackboneError, SuderError
     from .registry import get_backbone_spec
 
-    if backbone == "toy":
-        return DEFAULT_RECIPE
     try:
-        factory = get_backbone_spec(backbone).factory
+        spec = get_backbone_spec(backbone)
     except SuderError:
         return None
-    make = getattr(factory, "shapes_recipe", None)
-    return make() if make is not None else None
+    if spec.shapes_recipe is None:
+        return None
+    recipe = spec.shapes_recipe() if callable(spec.shapes_recipe) else spec.shapes_recipe
+    if not isinstance(recipe, ShapesRecipe):
+        raise BackboneError(
+            f"The {backbone} backbone (plugin '{spec.plugin}') declares a shapes_recipe that gives "
+            f"{type(recipe).__name__}, not a suder.ShapesRecipe; return one from it."
+        )
+    return recipe
 
 
 def pretrain(
@@ -132,7 +169,7 @@ def pretrain(
     if isinstance(model, str):
         if recipe is not None and recipe.build is not None:
             model = recipe.build(seed=seed, callback=report, **backbone_options)
-        elif recipe is None and not backbone_options and model != "toy":
+        elif recipe is None and not backbone_options:
             raise BackboneError(
                 f"The {model} backbone has no ShapesWorld recipe to pre-train from scratch; pass a model object "
                 "to suder.pretrain.pretrain, or fine-tune a released checkpoint with `suder run --model`."
@@ -224,7 +261,7 @@ def ensure_base(
         )
     steps = steps or recipe.pretrain.get("steps", PRETRAIN_DEFAULTS["steps"])
     seed = recipe.pretrain.get("seed", PRETRAIN_DEFAULTS["seed"]) if seed is None else seed
-    version = BASE_VERSION if backbone == "toy" else recipe.version
+    version = recipe.version
     target = cache_dir() / f"{backbone}-base-{version}-steps{steps}-seed{seed}"
     if is_shapes_base(target) or (target / "model.safetensors").is_file():
         return target

@@ -21,6 +21,8 @@ class BackboneSpec:
     summary: str
     plugin: str
     distribution: str
+    # a suder.ShapesRecipe, or a callable with no arguments returning one; see hookspecs.register_backbones
+    shapes_recipe: Any = None
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ def _collect(hook_name: str, make: Callable[..., Any]) -> dict[str, Any]:
     return found
 
 
-def _backbone_spec(name, factory, summary="", *, plugin, distribution) -> BackboneSpec:
-    return BackboneSpec(name, factory, summary, plugin, distribution)
+def _backbone_spec(name, factory, summary="", *, plugin, distribution, shapes_recipe=None) -> BackboneSpec:
+    return BackboneSpec(name, factory, summary, plugin, distribution, shapes_recipe)
 
 
 def _reward_spec(

@@ -40,6 +40,8 @@ The contracts (tensor shapes as in ``suder.protocol``):
   trainer sets them), the direction's log-prob sends a gradient to each of them.
 - **the trainer runs**: ``suder.train(model, ...)`` takes 2 steps in every strategy with both algorithms, with
   finite losses, changing some trainable parameter.
+- **the ShapesWorld recipe works** (``check_shapes_recipe``, for a backbone that registers one): its preset loads,
+  it builds and pre-trains a few steps, the saved base loads back scoring alike, and samples in both directions.
 
 This module imports neither pytest nor transformers.
 """
@@ -363,6 +365,60 @@ def check_trainer_runs(
 
 
 # ------------------------------------------------------------------------------------------ the pytest class
+def check_shapes_recipe(
+    backbone_name: str,
+    path: str | os.PathLike,
+    *,
+    steps: int = 2,
+    batch_size: int = 2,
+    num_samples: int = 2,
+    atol: float = ATOL,
+    **build_options: Any,
+) -> Any:
+    """The ShapesWorld recipe the backbone registers (``register(..., shapes_recipe=...)``) works end to end, at the
+    size ``build_options`` give (they go to the recipe's ``build``; tests pass tiny sizes): its preset loads;
+    ``suder.pretrain.pretrain`` builds the model and takes ``steps`` steps with finite losses; the folder it saves
+    at ``path`` is marked as a ShapesWorld base and ``load_backbone(name, model=path)`` scores both directions as the
+    trained model does; the loaded model samples ShapesWorld-sized images for prompts and captions for images, with
+    finite ``.logps``. Returns the loaded model."""
+    from .config import load_preset
+    from .pretrain import MARKER, is_shapes_base, pretrain, shapes_recipe
+    from .registry import load_backbone
+    from .worlds import shapes
+
+    recipe = shapes_recipe(backbone_name)
+    assert recipe is not None, f"backbone {backbone_name!r} registers no shapes_recipe"
+    if recipe.preset is not None:
+        load_preset(recipe.preset)  # a missing file or an unknown setting raises ConfigError
+    result = pretrain(backbone_name, out=str(path), steps=steps, seed=0, batch_size=batch_size, warmup_steps=1,
+                      **build_options)
+    losses = torch.tensor(result.losses)
+    assert len(losses) == steps and bool(torch.isfinite(losses).all()), f"pre-training losses: {result.losses}"
+    assert is_shapes_base(path), f"pretrain(out={str(path)!r}) wrote no {MARKER}: not marked as a ShapesWorld base"
+    trained, pairs = result.model, shapes.t2i_pairs(2, seed=1)
+    prompts, images = [p for p, _ in pairs], [shapes.render(scene) for _, scene in pairs]
+    captions = [c for _, c in shapes.caption_pairs(2, seed=2)]
+    with torch.no_grad():
+        codes = trained.sample_image(prompts, generator=_gen(4)).tokens
+    want_i, want_t = _image_logps(trained, codes, prompts), _text_logps(trained, captions, images)
+    again = load_backbone(backbone_name, model=str(path))
+    assert again.name == trained.name, f"loaded backbone is named {again.name!r}, trained {trained.name!r}"
+    _assert_close("logp_image_given_text of the loaded base", _image_logps(again, codes, prompts).values,
+                  want_i.values, want_i.mask, atol)
+    got_t = _text_logps(again, captions, images)
+    _assert_close("logp_text_given_image of the loaded base", got_t.values, want_t.values, want_t.mask, atol)
+    with torch.no_grad():
+        img = again.sample_image(prompts, num_samples=num_samples, generator=_gen(5))
+        txt = again.sample_text(images, num_samples=num_samples, generator=_gen(6))
+    _assert_finite("sample_image(...).logps of the loaded base", img.logps)
+    _assert_finite("sample_text(...).logps of the loaded base", txt.logps, txt.mask)
+    size = images[0].size
+    sizes = [im.size for im in img.images]
+    assert sizes == [size] * len(prompts) * num_samples, f"sampled images are {sizes}, ShapesWorld's are {size}"
+    assert len(txt.texts) == len(images) * num_samples and all(isinstance(t, str) for t in txt.texts), txt.texts
+    return again
+
+
 def random_images(n: int, size: int = 32, seed: int = 0) -> list[Any]:
     """``n`` random RGB PIL images of ``size`` x ``size`` pixels."""
     import numpy as np

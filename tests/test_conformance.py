@@ -7,6 +7,8 @@ and 2 trainer steps in every strategy with both algorithms) on a tiny model of t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -196,3 +198,131 @@ def test_the_trainable_check_leaves_the_model_as_it_found_it(toy, toy_images):
     check_trainable_parameters(toy, TOY_PROMPTS, toy_images)
     assert not toy.lm.model.embed_tokens.weight.requires_grad and not toy.training
     assert all(p.grad is None for p in toy.parameters())
+
+
+# ------------------------------------------------------------------------------------------ ShapesWorld recipes
+TINY_RECIPE_OPTIONS = {
+    "toy": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+    "show-o": dict(
+        llm=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        vq=dict(ch=32, encoder_ch_mult=(1, 1, 1, 1), encoder_num_res_blocks=(1, 1, 1, 1),
+                decoder_ch_mult=(1, 1, 1, 1), decoder_num_res_blocks=(1, 1, 1, 1)),
+        tokenizer_steps=2,
+        tokenizer_batch_size=4,
+    ),
+    "janus-pro": dict(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2),
+        vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0),
+        vq=dict(base_channels=32, latent_channels=32, channel_multiplier=[1, 1, 1, 1], num_res_blocks=0,
+                num_embeddings=64),
+        tokenizer_steps=2,
+        tokenizer_batch_size=4,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_RECIPE_OPTIONS))
+def test_builtin_recipes_pass_the_recipe_check(name, tmp_path):
+    """Each built-in backbone declares its ShapesWorld default through the public registration and passes the
+    same check a third-party recipe runs: build tiny, pre-train 2 steps, save, reload, sample both ways."""
+    from suder import registry
+    from suder.testing import check_shapes_recipe
+
+    assert registry.get_backbone_spec(name).shapes_recipe is not None  # declared where it is registered
+    check_shapes_recipe(name, tmp_path / "base", **TINY_RECIPE_OPTIONS[name])
+
+
+def _recipe_plugin(name: str, recipe, load=None):
+    """A third-party backbone ``name`` (a small toy under its own name) registering ``recipe`` through the hook."""
+    import types
+
+    from suder import hookimpl, plugins
+    from suder.backbones.toy import ToyConfig, ToyUnifiedLM
+
+    backbone_cls = type("MiniBackbone", (ToyUnifiedLM,), {"name": name})
+
+    def build(model=None, **config):
+        if model is not None and load is None:
+            return backbone_cls.from_pretrained(model)
+        return (load or backbone_cls)(ToyConfig(**{**TINY_RECIPE_OPTIONS["toy"], **config}))
+
+    mod = types.ModuleType(f"suder_{name}")
+
+    @hookimpl
+    def register_backbones(register):
+        register(name, build, summary="a third-party backbone with a ShapesWorld recipe", shapes_recipe=recipe)
+
+    mod.register_backbones = register_backbones
+    plugins.register_plugin(mod, name=name)
+
+
+@pytest.fixture
+def fresh_plugins():
+    from suder import plugins
+
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+def test_a_plugin_recipe_with_its_own_preset_file_is_the_embedded_default(tmp_path, fresh_plugins, monkeypatch):
+    """A third party's recipe, with a preset YAML file it ships, is what `suder run --backbone NAME` uses: the
+    config takes the file's values on a ShapesWorld run, ensure_base names the cache after its version and seed,
+    and the recipe passes the check."""
+    import importlib
+
+    import suder
+    from suder.config import resolve
+    from suder.testing import check_shapes_recipe
+
+    preset = tmp_path / "mini.yaml"
+    preset.write_text("lr: 0.000123\ngen:\n  group_size: 3\n")
+    recipe = suder.ShapesRecipe(version="mini-v2", pretrain=dict(steps=4, seed=5, batch_size=2), preset=preset)
+    _recipe_plugin("mini", recipe)
+    pretrain_mod = importlib.import_module("suder.pretrain")
+    assert pretrain_mod.shapes_recipe("mini") is recipe and recipe.preset == str(preset)
+    cfg = resolve(backbone="mini")
+    assert cfg.preset == str(preset) and cfg.lr == 0.000123 and cfg.gen.group_size == 3
+    assert cfg.sources["lr"] == "preset"
+    assert resolve(backbone="mini", strategy="gen", prompts=str(tmp_path / "p.txt")).preset is None  # real data
+
+    calls = []
+
+    def fake(model, *, out, steps, seed, callback):
+        calls.append((model, steps, seed))
+        Path(out).mkdir(parents=True)
+        return pretrain_mod.PretrainResult(None, out, 1.0, [0.5], 0.5)
+
+    with monkeypatch.context() as m:
+        m.setattr(pretrain_mod, "pretrain", fake)
+        assert pretrain_mod.ensure_base("mini").name == "mini-base-mini-v2-steps4-seed5" and calls == [("mini", 4, 5)]
+    check_shapes_recipe("mini", tmp_path / "base")
+
+
+def test_a_base_that_does_not_load_back_fails_the_recipe_check(tmp_path, fresh_plugins):
+    """A factory that ignores ``model=`` (a fresh random model instead of the saved base) fails the reload."""
+    import suder
+    from suder.backbones.toy import ToyUnifiedLM
+    from suder.testing import check_shapes_recipe
+
+    fresh = type("Fresh", (ToyUnifiedLM,), {"name": "fresh"})
+    _recipe_plugin("fresh", lambda: suder.ShapesRecipe(version="v1"), load=fresh)
+    with pytest.raises(AssertionError, match="of the loaded base"):
+        check_shapes_recipe("fresh", tmp_path / "base")
+
+
+def test_a_recipe_is_checked_where_it_is_declared(fresh_plugins):
+    import suder
+    from suder.errors import BackboneError
+    from suder.pretrain import shapes_recipe
+
+    with pytest.raises(BackboneError, match="unknown key 'step'.*did you mean 'steps'"):
+        suder.ShapesRecipe(pretrain=dict(step=3))
+    with pytest.raises(BackboneError, match="names the cache folder"):
+        suder.ShapesRecipe(version="v1/../x")
+    with pytest.raises(BackboneError, match="name a .yaml or .yml file"):
+        suder.ShapesRecipe(preset="/etc/presets/mine")
+    _recipe_plugin("wrong", lambda: {"version": "v1"})
+    with pytest.raises(BackboneError, match="gives dict, not a suder.ShapesRecipe"):
+        shapes_recipe("wrong")

@@ -118,10 +118,13 @@ def test_image_logp_options_follow_the_cosine_mask_schedule():
 
 @pytest.fixture
 def no_janus_recipe(monkeypatch):
-    """janus-pro as a backbone without a ShapesWorld recipe, whether or not it has one."""
-    from suder.registry import get_backbone_spec
+    """janus-pro as a backbone registered without a ShapesWorld recipe, whether or not it has one."""
+    import dataclasses
 
-    monkeypatch.delattr(get_backbone_spec("janus-pro").factory, "shapes_recipe", raising=False)
+    from suder import registry
+
+    spec = registry.get_backbone_spec("janus-pro")
+    monkeypatch.setitem(registry.backbones(), "janus-pro", dataclasses.replace(spec, shapes_recipe=None))
 
 
 def test_a_backbone_without_a_recipe_has_no_shapes_world_default(no_janus_recipe):

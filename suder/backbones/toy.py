@@ -507,6 +507,15 @@ def build_toy(model: str | None = None, device: str | None = None, **config: Any
     return built.to(device) if device else built
 
 
+def shapes_recipe():
+    """The toy's ShapesWorld recipe: its factory builds a ShapesWorld model by default, pre-trained with
+    ``suder.pretrain.PRETRAIN_DEFAULTS``; ``suder/presets/toy.yaml`` holds its run defaults."""
+    from ..pretrain import ShapesRecipe
+
+    return ShapesRecipe(version="v1", preset="toy")
+
+
 @hookimpl
 def register_backbones(register):
-    register("toy", build_toy, summary="Tiny Llama over ShapesWorld words and patch codes (the reference backbone)")
+    register("toy", build_toy, summary="Tiny Llama over ShapesWorld words and patch codes (the reference backbone)",
+             shapes_recipe=shapes_recipe)

@@ -9,7 +9,7 @@ pieces, each importable on its own:
   ``JanusProLora``;
 - ``sampling``: the image samplers (``IMAGE_SAMPLERS``) and token draws;
 - ``shapes_world``: Janus-Pro's ShapesWorld default (a small Janus-Pro trained here: ``suder run --backbone
-  janus-pro`` with no ``--model``), the recipe ``suder.pretrain`` finds as ``build_janus_pro.shapes_recipe``.
+  janus-pro`` with no ``--model``), the recipe registered with the backbone (``register(..., shapes_recipe=...)``).
 
 See ``docs/backbones/janus-pro.md``.
 """
@@ -17,7 +17,7 @@ See ``docs/backbones/janus-pro.md``.
 from __future__ import annotations
 
 from ...hookspecs import hookimpl
-from .backbone import DEFAULT_MODEL, build_janus_pro, default_dtype, resolve_device, resolve_dtype
+from .backbone import DEFAULT_MODEL, build_janus_pro, default_dtype, resolve_device, resolve_dtype, shapes_recipe
 from .modeling import JanusProBackbone, JanusProLora
 
 __all__ = ["DEFAULT_MODEL", "JanusProBackbone", "JanusProLora", "build_janus_pro", "default_dtype",
@@ -27,4 +27,5 @@ __all__ = ["DEFAULT_MODEL", "JanusProBackbone", "JanusProLora", "build_janus_pro
 @hookimpl
 def register_backbones(register):
     register("janus-pro", build_janus_pro,
-             summary="Janus-Pro-1B/7B (transformers JanusForConditionalGeneration): images, captions, LoRA")
+             summary="Janus-Pro-1B/7B (transformers JanusForConditionalGeneration): images, captions, LoRA",
+             shapes_recipe=shapes_recipe)

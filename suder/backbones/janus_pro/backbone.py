@@ -131,10 +131,8 @@ def build_janus_pro(model: Any = DEFAULT_MODEL, *, processor: Any = None, dtype:
     return backbone
 
 
-def _shapes_recipe():
+def shapes_recipe():
+    """Janus-Pro's ShapesWorld recipe (``shapes_world.recipe``), imported when first needed."""
     from .shapes_world import recipe
 
     return recipe()
-
-
-build_janus_pro.shapes_recipe = _shapes_recipe  # suder.pretrain's ShapesWorld base (``shapes_world``)

@@ -13,7 +13,7 @@ diffusers. The pieces, each importable on its own:
 - ``backbone``: the ``UnifiedLMM`` adapter, ``ShowOBackbone``;
 - ``factory``: ``build_show_o`` (loading a release or a saved folder) and ``from_parts``;
 - ``shapes_world``: Show-o's ShapesWorld default (a small model and its MAGVIT-v2 trained here), the recipe
-  ``suder.pretrain`` finds as ``build_show_o.shapes_recipe``.
+  registered with the backbone (``register(..., shapes_recipe=...)``).
 
 See ``docs/backbones/show-o.md``.
 """
@@ -32,13 +32,11 @@ def build_show_o(**kwargs: Any):
     return build(**kwargs)
 
 
-def _shapes_recipe():
+def shapes_recipe():
+    """Show-o's ShapesWorld recipe (``shapes_world.recipe``), imported when first needed."""
     from .shapes_world import recipe
 
     return recipe()
-
-
-build_show_o.shapes_recipe = _shapes_recipe  # suder.pretrain's ShapesWorld base recipe (module docstring)
 
 
 def expected_state_dict_shapes(which: str = "showlab/show-o") -> dict[str, tuple[int, ...]]:
@@ -72,4 +70,5 @@ def register_backbones(register):
         "show-o",
         build_show_o,
         summary="Show-o 1.3B (Phi-1.5 + MAGVIT-v2): MaskGIT images, autoregressive captions",
+        shapes_recipe=shapes_recipe,
     )
