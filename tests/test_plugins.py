@@ -125,16 +125,20 @@ def test_hello_plugin_installs_and_is_discovered(tmp_path):
         text=True,
     )
     assert pip.returncode == 0, pip.stderr
-    env = {"PYTHONPATH": str(target)}
+    env = {"PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}  # this checkout's suder beside the plugin
     rows = {r["name"]: r for r in json.loads(_cli("backbones", "--json", env_extra=env).stdout)}
     assert rows["hello"]["distribution"] == "suder-hello" and rows["hello"]["plugin"] == "hello"
     code = (
         "import suder, json; from suder import registry; m = suder.load_backbone('hello');"
-        "print(json.dumps([m.name, m.config.hidden_size, 'hello-brevity' in registry.rewards()]))"
+        "from suder.config import resolve; c = resolve(backbone='hello');"
+        f"from suder.testing import check_shapes_recipe; check_shapes_recipe('hello', {str(tmp_path / 'base')!r});"
+        "print(json.dumps([m.name, m.config.hidden_size, 'hello-brevity' in registry.rewards(), c.lr, c.sources['lr'],"
+        " __import__('os').path.basename(c.preset)]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, **env))
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["hello", 64, True]
+    # its ShapesWorld recipe's preset, a file shipped in the package, sets the run defaults
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["hello", 64, True, 3e-5, "preset", "shapes.yaml"]
 
 
 def test_cheap_imports():

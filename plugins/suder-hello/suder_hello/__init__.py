@@ -21,6 +21,17 @@ def build_hello(model: str | None = None, device: str | None = None):
     return built.to(device) if device else built
 
 
+def hello_recipe():
+    """hello's ShapesWorld default (``suder.ShapesRecipe``): ``suder run --backbone hello`` with no data pre-trains
+    a base (the factory's model, 300 steps) and self-improves it with the run defaults of ``shapes.yaml``, a preset
+    file shipped in this package."""
+    from pathlib import Path
+
+    from suder import ShapesRecipe
+
+    return ShapesRecipe(version="v1", pretrain=dict(steps=300), preset=Path(__file__).with_name("shapes.yaml"))
+
+
 def build_brevity(direction: str, **options):
     """A reward factory: returns ``reward(ctx, samples) -> (B*G,) tensor``."""
     import torch
@@ -33,7 +44,7 @@ def build_brevity(direction: str, **options):
 
 @hookimpl
 def register_backbones(register):
-    register("hello", build_hello, summary="Half-width toy transformer (example plugin)")
+    register("hello", build_hello, summary="Half-width toy transformer (example plugin)", shapes_recipe=hello_recipe)
 
 
 @hookimpl
