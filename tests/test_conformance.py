@@ -274,6 +274,7 @@ def test_a_plugin_recipe_with_its_own_preset_file_is_the_embedded_default(tmp_pa
 
     import suder
     from suder.config import resolve
+    from suder.errors import ConfigError
     from suder.testing import check_shapes_recipe
 
     preset = tmp_path / "mini.yaml"
@@ -298,6 +299,10 @@ def test_a_plugin_recipe_with_its_own_preset_file_is_the_embedded_default(tmp_pa
         m.setattr(pretrain_mod, "pretrain", fake)
         assert pretrain_mod.ensure_base("mini").name == "mini-base-mini-v2-steps4-seed5" and calls == [("mini", 4, 5)]
     check_shapes_recipe("mini", tmp_path / "base")
+    preset.write_text("lr: 0.000123\ngroup_sise: 3\n")  # a misspelt setting: the check reads the preset first
+    with pytest.raises(ConfigError, match="group_sise"):
+        check_shapes_recipe("mini", tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_a_base_that_does_not_load_back_fails_the_recipe_check(tmp_path, fresh_plugins):
