@@ -113,3 +113,16 @@ def test_offline_mode_is_restored_after_loading(monkeypatch):
     with registry._hub_offline():
         assert constants.is_offline_mode() and os.environ["HF_HUB_OFFLINE"] == "1"
     assert not constants.is_offline_mode() and "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_a_deepspeed_launch_without_deepspeed_names_the_extra(monkeypatch):
+    from suder.distributed import launched_engine
+    from suder.errors import ConfigError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    if importlib.util.find_spec("deepspeed") is not None:
+        assert launched_engine() == "deepspeed"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'suder\[deepspeed\]'"):
+        launched_engine()
