@@ -12,6 +12,7 @@ under ZeRO-3. FSDP version 1 (flat parameters) is refused at start.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 from typing import Any
@@ -26,6 +27,9 @@ from .errors import ConfigError
 def launched_engine() -> str:
     """What ``accelerate launch`` asked for: ``deepspeed``, ``fsdp`` or ``ddp`` (also plain torchrun, 1 process)."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if importlib.util.find_spec("deepspeed") is None:  # the user install leaves it out: an extra
+            raise ConfigError("The launch config asks for DeepSpeed, which is not installed: pip install "
+                              "'suder[deepspeed]', or launch with a DDP or FSDP2 config (see docs/scaling.md).")
         return "deepspeed"
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return "fsdp"

@@ -63,8 +63,16 @@ class Engine:
 
     @property
     def backbone(self) -> nn.Module:
-        """The backbone itself (with sharded weights, its parameters are shards outside ``whole``)."""
-        return self.acc.unwrap_model(self.wrapped).backbone
+        """The backbone itself (with sharded weights, its parameters are shards outside ``whole``).
+
+        Unwrapped by hand rather than with ``accelerator.unwrap_model``: that imports DeepSpeed whenever it is
+        installed (to test for its engine class), which costs seconds and prints DeepSpeed's "Setting accelerator"
+        warning in runs that never launch it. DDP and DeepSpeed's engine hold our ``Dispatch`` as ``.module``;
+        FSDP2 shards it in place (a subclass of ``Dispatch``)."""
+        module = self.wrapped
+        while not isinstance(module, Dispatch):
+            module = module.module
+        return module.backbone
 
     @property
     def name(self) -> str:

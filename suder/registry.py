@@ -6,11 +6,15 @@ plugins (and distributions) that claim it, and a hook that raises skips only its
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+import os
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DuplicateNameError, unknown
+from .errors import BackboneError, DuplicateNameError, unknown
 from .plugins import generation, get_plugin_manager, plugin_info, record_failure
 
 
@@ -143,6 +147,76 @@ def load_backbone(name: str, **kwargs: Any):
     """Build the backbone registered as ``name`` (``kwargs`` go to its factory, e.g. ``model=PATH``)."""
     from .protocol import check_backbone
 
-    model = get_backbone_spec(name).factory(**kwargs)
+    factory = get_backbone_spec(name).factory
+    host = _unreachable_hub() if _may_download(kwargs.get("model")) else None
+    if host is None:
+        model = factory(**kwargs)
+    else:
+        try:
+            with _hub_offline():
+                model = factory(**kwargs)
+        except BackboneError as exc:
+            raise BackboneError(f"{str(exc).rstrip('.')} (the Hugging Face Hub at {host} cannot be reached, so "
+                                "only the local cache was searched).") from exc
     check_backbone(model)
     return model
+
+
+# ------------------------------------------------------------------ a missing checkpoint with no network
+# With the Hub unreachable and HF_HUB_OFFLINE unset, huggingface_hub retries each file with backoff (about three
+# minutes before a factory sees the error); one short connection attempt first, and the factory then runs in
+# offline mode (the Hugging Face cache only), so a missing checkpoint is its one-line error within seconds.
+HUB_CONNECT_TIMEOUT = 3.0  # seconds
+
+
+def _may_download(model: Any) -> bool:
+    """Whether a factory may ask the Hub: ``model`` is an ``owner/name`` id (or None: the backbone's default),
+    not a path, and HF_HUB_OFFLINE is unset."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if model is None:
+        return True
+    text = str(model)
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not os.path.exists(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _unreachable_hub() -> str | None:
+    """The Hub's host (``HF_ENDPOINT``) when one TCP connection to it, or to the proxy for it, fails within
+    ``HUB_CONNECT_TIMEOUT``; None when it answers. Asked once per process."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    target = url
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        target = urlsplit(proxy if "//" in proxy else f"http://{proxy}")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError:
+        return url.netloc
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub (and transformers through it) in offline mode meanwhile. huggingface_hub reads
+    HF_HUB_OFFLINE once, at import, and has no setter, so its ``constants.HF_HUB_OFFLINE`` is set here (what
+    ``constants.is_offline_mode()`` returns); the environment variable too, for code that reads it."""
+    from huggingface_hub import constants
+
+    before, env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env

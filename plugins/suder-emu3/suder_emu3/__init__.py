@@ -65,7 +65,7 @@ def _load_parts(model: str, dtype: Any, model_only: bool = False) -> tuple[Any, 
         image_processor = Emu3ImageProcessor.from_pretrained(model)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = "offline (HF_HUB_OFFLINE=1)" if offline else "here"
+        where = "offline" if offline else "here"
         raise BackboneError(
             f"Emu3 weights '{model}' are not available {where}: download them with `hf download {model}` "
             f"on a machine with internet, or pass model=FOLDER ({type(exc).__name__})."

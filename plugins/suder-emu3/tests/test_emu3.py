@@ -4,6 +4,7 @@ BAAI's processor, top-k, the saved folder, registration and the one-line error w
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,32 @@ def test_missing_weights_offline_is_one_line(tmp_path):
     lines = [x for x in done.stderr.strip().splitlines() if x.strip()]
     assert "BAAI/Emu3-Gen-hf" in done.stderr and "hf download" in done.stderr and "Traceback" not in done.stderr
     assert len(lines) == 1, done.stderr
+
+
+def test_missing_weights_with_no_hub_fail_fast_without_hf_hub_offline(tmp_path):
+    """HF_HUB_OFFLINE unset and the Hub refusing connections (a local port, never a real network): the same one
+    line within seconds, not minutes of huggingface_hub's retries."""
+    code = (
+        "import sys, time\n"
+        "import transformers, suder\n"
+        "from suder.errors import BackboneError\n"
+        "start = time.perf_counter()\n"
+        "try:\n"
+        "    suder.load_backbone('emu3', model='BAAI/Emu3-Gen-hf', device='cpu')\n"
+        "except BackboneError as exc:\n"
+        "    print(f'{time.perf_counter() - start:.2f}')\n"
+        "    print(exc)\n"
+    )
+    drop = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused at once
+        env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}", HF_HOME=str(tmp_path / "hf"))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr
+    assert float(lines[0]) < 10, f"{lines[0]} s to fail"
+    assert "BAAI/Emu3-Gen-hf" in lines[1] and "hf download" in lines[1] and "cannot be reached" in lines[1]
 
 
 def test_missing_folder_is_a_backbone_error(tmp_path):

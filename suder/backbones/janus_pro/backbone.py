@@ -83,7 +83,7 @@ def load_pretrained(model: str, dtype: Any = None, device: Any = None, cache_dir
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise BackboneError(f"'{model}' is not a Janus-Pro model folder ({first}).") from exc
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        where = "offline (HF_HUB_OFFLINE=1) and not in the Hugging Face cache" if offline else "downloadable"
+        where = "offline and not in the Hugging Face cache" if offline else "here"
         raise BackboneError(f"Janus-Pro weights '{model}' are not available {where}; download them on a "
                             f"connected machine with `hf download {model}` (then copy the cache) or pass "
                             "model=/path/to/local/folder.") from exc
