@@ -211,6 +211,22 @@ def cmd_report(args) -> None:
     term.console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
 
 
+def cmd_push(args) -> None:
+    """Upload a run's final model (or a checkpoint's) with its model card to the Hugging Face Hub."""
+    from .hub import push_run
+
+    url = push_run(
+        args.run_dir,
+        args.repo_id,
+        checkpoint=args.checkpoint,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        token=args.token,
+    )
+    term.console().print(f"Pushed to https://huggingface.co/{args.repo_id} ({url})", highlight=False, soft_wrap=True)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -326,6 +342,8 @@ def cmd_run(argv: list[str]) -> None:
 
         term.console(stderr=False).print(results_table(judge_rows(result.before, result.after)))
     console.print(f"Run folder: {result.output_dir}  final model: {result.final_model}")
+    if result.hub_url:
+        console.print(f"Pushed to the Hub: {result.hub_url}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -403,6 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch", type=int, metavar="SECONDS", help="rewrite every SECONDS until the run ends; the page reloads"
     )
 
+    pu = sub.add_parser("push", help="upload a run's final model (or a checkpoint) and its model card to the Hub")
+    pu.add_argument("run_dir", help="the --output-dir of a finished `suder run`")
+    pu.add_argument(
+        "--repo-id", required=True, help="the Hub model repository: NAME or OWNER/NAME (created if missing)",
+    )
+    pu.add_argument("--checkpoint", metavar="step-N", help="push checkpoints/step-N/model instead of final/")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--revision", "--branch", dest="revision", help="the branch to push to (created if missing)")
+    pu.add_argument("--commit-message", help="default: 'suder: final model of RUN' (or the checkpoint's step)")
+    pu.add_argument("--token", help="a Hugging Face token with write access (default: HF_TOKEN or `hf auth login`)")
+
     # parsed by ``parse_run`` (options generated from the config); listed here for `suder --help`
     sub.add_parser(
         "run",
@@ -465,6 +494,7 @@ def _main(argv: list[str] | None = None) -> int:
                 "caption": cmd_caption,
                 "eval": cmd_eval,
                 "report": cmd_report,
+                "push": cmd_push,
             }[args.command](args)
     except SuderError as exc:
         term.console().print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)

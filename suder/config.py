@@ -177,6 +177,11 @@ class TrainConfig:
     resume: bool | str = _opt(False, "continue from the last checkpoint (auto: if there is one)",
                               group="logging and saving")
     overwrite: bool = _opt(False, "replace a previous run in output_dir", group="logging and saving")
+    push_to_hub: bool = _opt(False, "at the end, upload final/ and its model card to the Hub (hub_repo_id)",
+                             group="logging and saving")
+    hub_repo_id: str | None = _opt(None, "the Hub model repository push_to_hub uploads to: NAME or OWNER/NAME",
+                                   group="logging and saving")
+    hub_private: bool = _opt(False, "push_to_hub creates the repository private", group="logging and saving")
     gen: DirectionConfig = _opt(help="text-to-image settings", factory=_gen)
     und: DirectionConfig = _opt(help="captioning settings", factory=_und)
 
@@ -218,6 +223,11 @@ class TrainConfig:
             self._check_mapping(key)
         self.report_to = parse_report_to(self.report_to)
         check_installed(self.report_to)
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ConfigError(
+                "push_to_hub needs hub_repo_id, the repository to push to: pass --hub-repo-id OWNER/NAME, or leave "
+                "push_to_hub off and push later with `suder push RUN --repo-id OWNER/NAME`."
+            )
         self._check_numbers()
 
     def _check_numbers(self) -> None:

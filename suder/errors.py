@@ -42,6 +42,10 @@ class TrainingError(SuderError, RuntimeError):
     """A training invariant failed (for example the first GRPO importance ratio is not 1)."""
 
 
+class HubError(SuderError):
+    """A push to the Hugging Face Hub cannot start (offline, no token, a bad repository id) or failed."""
+
+
 def closest(name: str, options: Iterable[str]) -> str | None:
     """The closest option to ``name``, for 'did you mean' hints."""
     hits = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)

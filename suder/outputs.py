@@ -7,9 +7,10 @@
     metrics.jsonl            one JSON object per training step (held-out scores merged into their step)
     before.json              the judge's scores of the base model (kept for --resume)
     samples/step-000050-gen.png, -und.png   prompts with their images; images with their captions
-    checkpoints/step-000100/ model/ (save_pretrained; gen/ and und/ for the separate strategy), state/
-                             (accelerate's optimizer, scheduler and RNG state) and step.json
-    final/                   save_pretrained folder(s) of the trained model
+    checkpoints/step-000100/ model/ (save_pretrained; gen/ and und/ for the separate strategy; its model card),
+                             state/ (accelerate's optimizer, scheduler and RNG state) and step.json
+    final/                   save_pretrained folder(s) of the trained model, README.md (its model card in the Hub's
+                             format, ``suder.hub``) and samples.png (the last sample grids), ready for ``suder push``
     run.json                 {"base_model", "final_model", "before", "after", "steps", ...}
     logs/                    experiment-tracker files when report_to is set (TensorBoard: logs/suder/)
 
@@ -51,7 +52,8 @@ RUN_DIRS = ("checkpoints", "samples", "final", "logs")
 # what a resumed run may change: how long it runs, what it logs and how often it samples, saves and evaluates
 MAY_CHANGE_ON_RESUME = (
     "steps", "epochs", "report_to", "sample_every", "save_every", "save_total_limit", "eval_every", "eval_num",
-    "early_stopping_patience", "early_stopping_num", "gradient_checkpointing",
+    "early_stopping_patience", "early_stopping_num", "gradient_checkpointing", "push_to_hub", "hub_repo_id",
+    "hub_private",
 )
 RUN_CONTROL = ("resume", "overwrite", "output_dir")  # how the command treats the folder, not run settings
 
@@ -68,6 +70,7 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     stopped_early: bool = False
+    hub_url: str | None = None  # the commit that push_to_hub made
 
 
 @dataclass
@@ -203,6 +206,10 @@ class RunWriter:
                 f"Output folder '{self.out}' already holds a run ({', '.join(self.holds_run())}); pass --resume to "
                 "continue it, --overwrite to replace it, or choose another --output-dir."
             )
+        if cfg.push_to_hub:  # a repo id, the network and a token, known before the run rather than after it
+            from .hub import check_push
+
+            check_push(cfg.hub_repo_id)
         return None
 
     def start(self, cfg: TrainConfig, extra: dict[str, Any], resume_from: Path | None) -> None:
@@ -291,6 +298,9 @@ class RunWriter:
             state = {"step": step, "best": self.best, "bad_evals": self.bad_evals}
 
             def write() -> None:
+                from .hub import write_card
+
+                write_card(self.out, tmp / "model", step=step)
                 (tmp / "step.json").write_text(json.dumps(state))
                 atomic_replace(tmp, final)
 
@@ -417,9 +427,28 @@ class RunWriter:
                     **self.extra,
                 },
             )
+            from .hub import write_card
+
+            write_card(self.out, final, repo_id=cfg.hub_repo_id if cfg.push_to_hub else None)
+            if cfg.push_to_hub:
+                result.hub_url = self._push(cfg, final, history[-1]["step"] if history else 0)
         if self.tracking:
             self.tracking.end(before, after, history[-1]["step"] if history else 0)
         return result
+
+    def _push(self, cfg: TrainConfig, final: Path, steps: int) -> str:
+        """push_to_hub: upload ``final/``; a failure says that the run is saved and how to push it later."""
+        from .errors import HubError
+        from .hub import push_folder
+
+        try:
+            return push_folder(final, cfg.hub_repo_id, private=cfg.hub_private,
+                               commit_message=f"suder: final model after {steps} steps")
+        except HubError as exc:
+            raise HubError(
+                f"{str(exc).rstrip('.')}; the run is saved in '{self.out}': push it with `suder push {self.out} "
+                f"--repo-id {cfg.hub_repo_id}`."
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------- grids
