@@ -222,7 +222,9 @@ def model_card(run_dir: str | Path, step: int | None = None, repo_id: str | None
     tags = ["suder", "dual-self-rewards", *algos, backbone]
     tags += ["shapes-world"] if record.shapes_world else []
     tags += [{"gen": "text-to-image", "und": "image-to-text"}[d] for d in record.directions]
+    name = repo_id.rpartition("/")[2] if repo_id else Path(run_dir).resolve().name
     data = ModelCardData(
+        model_name=name,
         base_model=base.hub_id,
         library_name=LIBRARY.get(backbone, "suder"),
         pipeline_tag="any-to-any",
@@ -230,7 +232,7 @@ def model_card(run_dir: str | Path, step: int | None = None, repo_id: str | None
         **base.license,
     )
     sections = [
-        _intro(record, base, step),
+        _intro(record, base, step, name),
         _method(record, step),
         _command_section(record),
         _judge_section(record) if step is None else _heldout_section(record, step),
@@ -242,11 +244,11 @@ def model_card(run_dir: str | Path, step: int | None = None, repo_id: str | None
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
 
-def _intro(record: RunRecord, base: Base, step: int | None) -> str:
+def _intro(record: RunRecord, base: Base, step: int | None, name: str) -> str:
     backbone = record.values.get("backbone", "toy")
     what = "final model" if step is None else f"checkpoint at step {step}"
     lines = [
-        f"# {backbone} self-improved with dual self-rewards ({what})",
+        f"# Model Card for {name}",
         "",
         f"This is the {what} of a suder run: a `{backbone}` unified "
         f"multimodal model, started from {base.text}, trained with dual self-rewards (each direction rewarded by "

@@ -83,6 +83,7 @@ def test_a_run_writes_a_hub_card_in_final_and_each_checkpoint(pushed_run):
     card = ModelCard.load(out / "final" / "README.md")  # huggingface_hub parses the metadata and the text
     assert card.data.base_model is None  # --model was a local folder: on no Hub
     assert card.data.library_name == "suder" and card.data.pipeline_tag == "any-to-any"
+    assert card.data.model_name == "toy-dsr" and card.text.startswith("\n# Model Card for toy-dsr\n")
     assert {"suder", "dual-self-rewards", "simpo", "toy", "shapes-world", "text-to-image"} <= set(card.data.tags)
     assert card.data.license is None and "License: not stated" in card.text  # the tiny base has no card
     run = json.loads((out / "run.json").read_text())
@@ -246,6 +247,7 @@ def test_suder_push_of_a_checkpoint_names_this_repo_in_an_untouched_card(run_cop
     assert kw["folder_path"] == str(folder) and kw["revision"] is None
     assert kw["commit_message"] == "suder: checkpoint at step 1 of run"
     assert 'snapshot_download("me/ckpt")' in FakeApi.uploaded["README.md"]  # untouched: rewritten for this repo
+    assert ModelCard(FakeApi.uploaded["README.md"]).data.model_name == "ckpt"
 
     edited = (folder / "README.md").read_text().replace("## Method", "## Method\n\nMy notes.")
     (folder / "README.md").write_text(edited)
