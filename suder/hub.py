@@ -389,12 +389,12 @@ def _latest_samples(run_dir: Path, upto: int | None) -> tuple[int, dict[str, Pat
 def sample_grid(run_dir: str | Path, upto: int | None = None):
     """The run's last sample grids (at most step ``upto``), text-to-image above captioning, as one image; None
     when the run drew none (``sample_every 0``, or no sample step yet)."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
     found = _latest_samples(Path(run_dir), upto)
     if not found:
         return None
+    from diffusers.utils import make_image_grid  # imported only when there are grids to join (seconds)
+    from PIL import Image
+
     images = [Image.open(p).convert("RGB") for p in found[1].values()]
     w, h = max(im.width for im in images), max(im.height for im in images)
     padded = []
