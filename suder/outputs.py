@@ -430,10 +430,10 @@ class RunWriter:
             from .hub import write_card
 
             write_card(self.out, final, repo_id=cfg.hub_repo_id if cfg.push_to_hub else None)
-            if cfg.push_to_hub:
-                result.hub_url = self._push(cfg, final, history[-1]["step"] if history else 0)
         if self.tracking:
             self.tracking.end(before, after, history[-1]["step"] if history else 0)
+        if self.main and cfg.push_to_hub:  # last: a refused upload leaves every file of the run written
+            result.hub_url = self._push(cfg, final, history[-1]["step"] if history else 0)
         return result
 
     def _push(self, cfg: TrainConfig, final: Path, steps: int) -> str:

@@ -213,6 +213,21 @@ def test_push_to_hub_uploads_final_at_the_end_of_the_run(pushed_run):
     assert uploaded["README.md"] == (out / "final" / "README.md").read_text()  # the card was written before
 
 
+def test_a_push_refused_at_the_end_of_a_run_says_the_run_is_saved(tiny_toy_path, tmp_path, monkeypatch):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    import suder
+
+    _online(monkeypatch)
+    FakeApi.fail = HfHubHTTPError("403 Forbidden", response=SimpleNamespace(headers={}, request=None))
+    out = tmp_path / "r"
+    with pytest.raises(HubError) as exc:
+        suder.train("toy", model=tiny_toy_path, output_dir=str(out), steps=1, group_size=4, gen_batch_size=2,
+                    und_batch_size=2, eval_num=4, sample_every=0, save_every=0, push_to_hub=True, hub_repo_id=REPO)
+    assert "403 Forbidden" in str(exc.value) and f"`suder push {out} --repo-id {REPO}`" in str(exc.value)
+    assert (out / "run.json").is_file() and (out / "final" / "README.md").is_file()
+
+
 @pytest.fixture
 def run_copy(pushed_run, tmp_path):
     """A copy of the tiny run whose cards a test may rewrite."""
