@@ -311,17 +311,19 @@ def cmd_run(argv: list[str]) -> None:
     cfg = resume_config(resolve(config_file, flags))
     preflight(cfg)
     if cfg.model is None and (cfg.backbone == "toy" or cfg.shapes_world):
-        from .pretrain import cache_dir, ensure_base
+        from .pretrain import cache_dir, ensure_base, shipped_base
 
-        console.print(
-            f"[bold]suder run[/]: the embedded default ({cfg.backbone} backbone on ShapesWorld); cache: {cache_dir()}"
-        )
-        # the pre-trained base is built once, on first use, here with a progress bar; the run then finds it in the
-        # cache (its config keeps `model: null`, the embedded default, as the user asked; run.json names the base)
+        shipped = None if cfg.rebuild_base else shipped_base(cfg.backbone)
+        where = f"base: {shipped}" if shipped else f"cache: {cache_dir()}"
+        console.print(f"[bold]suder run[/]: the embedded default ({cfg.backbone} backbone on ShapesWorld); {where}")
+        # the shipped base is checked here; one built here is built once, on first use, with a progress bar; the
+        # run then finds it (its config keeps `model: null`, the embedded default, as the user asked; run.json names
+        # the base)
         with term.progress() as bar:
             task = bar.add_task("pretrain base (first use)", total=None, info="", visible=False)
             ensure_base(
                 cfg.backbone,
+                rebuild=cfg.rebuild_base,
                 callback=lambda m: bar.update(
                     task, total=m["total_steps"], completed=m["step"], info=term.loss_info(m), visible=True
                 ),

@@ -109,6 +109,8 @@ class TrainConfig:
                              group="what to train")
     backbone_options: dict[str, Any] = _opt(help="options of the backbone's factory, as YAML: '{lora: true}'",
                                             factory=dict, group="what to train")
+    rebuild_base: bool = _opt(False, "ShapesWorld default: pre-train its base here (cached) instead of the shipped one",
+                              group="what to train")
     strategy: str = _opt("unified", "unified (one model, both directions), gen, und, or separate (two models)",
                          choices=STRATEGIES, group="what to train")
     algo: str = _opt("simpo", "the algorithm of both directions unless gen.algo / und.algo say otherwise",

@@ -21,13 +21,18 @@ recipe's module (and what it imports) stays out of ``suder backbones``. Its fiel
 - ``image_logp_options(rng)``: optional keyword arguments of ``logp_image_given_text`` per step (Show-o: a random
   mask ratio, its mask-token-prediction objective);
 - ``preset``: the run defaults ``suder run`` uses on this base over the paper's defaults (``suder.config``): the
-  name of a preset shipped with suder (``suder/presets/NAME.yaml``) or the path of a YAML file the package ships.
+  name of a preset shipped with suder (``suder/presets/NAME.yaml``) or the path of a YAML file the package ships;
+- ``shipped``: the folder of a base the package ships (written by ``suder pretrain``: the model, its
+  ``pretrain.json`` and its ``SHA256SUMS``), or None. When its ``pretrain.json`` names this recipe's version, steps
+  and seed, runs start from it after checking every file's SHA-256, on every machine the same weights; otherwise
+  (or with ``rebuild=True``, the run setting ``rebuild_base``) the base is pre-trained here and cached.
 
 The recipes: the toy's in ``suder/backbones/toy.py``, Show-o's in ``suder/backbones/show_o/shapes_world.py``,
 Janus-Pro's in ``suder/backbones/janus_pro/shapes_world.py``; ``suder.testing.check_shapes_recipe`` is the
 conformance check. ``ensure_base(backbone)`` builds a backbone's base once and caches it under ``cache_dir()`` as
-``{backbone}-base-{version}-steps{steps}-seed{seed}``; ``suder run --backbone NAME`` with no ``--model``,
-``--prompts`` or ``--images`` uses it.
+``{backbone}-base-{version}-steps{steps}-seed{seed}``, unless the recipe ships that base (``shipped``; suder's
+own are under ``suder/bases/``); ``suder run --backbone NAME`` with no ``--model``, ``--prompts`` or ``--images``
+uses it.
 
 The toy's defaults (500 steps, batch 48 + 48, AdamW lr 1e-3 with 100 warm-up steps, then cosine) aim at a base
 with basic but imperfect alignment: self-rewards need a competent reverse direction as the judge, and room to
@@ -77,6 +82,7 @@ class ShapesRecipe:
     pretrain: dict[str, Any] = field(default_factory=dict)
     image_logp_options: Callable[[random.Random], dict[str, Any]] | None = None
     preset: str | os.PathLike | None = None
+    shipped: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         from .errors import BackboneError, closest
@@ -96,6 +102,10 @@ class ShapesRecipe:
             )
         if isinstance(self.preset, os.PathLike):
             self.preset = os.fspath(self.preset)
+        if self.shipped is not None:
+            if not isinstance(self.shipped, (str, os.PathLike)) or not os.fspath(self.shipped):
+                raise BackboneError(f"ShapesRecipe.shipped must be the path of a folder, got {self.shipped!r}.")
+            self.shipped = os.fspath(self.shipped)
         if self.preset is not None and not (isinstance(self.preset, str) and self.preset):
             raise BackboneError(
                 f"ShapesRecipe.preset must be a preset name or the path of a YAML file, got {self.preset!r}."
@@ -215,11 +225,26 @@ def pretrain(
         name = model_name if isinstance(model_name, str) else getattr(model, "name", None)
         info = {"backbone": name, "steps": steps, "seed": seed, "seconds": seconds, "cpu_seconds": cpu}
         info |= {"final_loss": losses[-1] if losses else None, "version": recipe.version if recipe else None}
+        info["built_with"] = {"torch": torch.__version__, "cpu": _cpu_name(), "threads": torch.get_num_threads()}
         write_marker(out, info)
+        write_checksums(out)
     return PretrainResult(model, out, seconds, losses, cpu)
 
 
 MARKER = "pretrain.json"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (a base depends on the CPU that builds it: docs/results.md)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_marker(folder: str | Path, info: dict[str, Any]) -> None:
@@ -235,6 +260,90 @@ def is_shapes_base(folder: str | Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
+CHECKSUMS = "SHA256SUMS"
+SHIPPED = Path(__file__).resolve().parent / "bases"  # the ShapesWorld bases shipped with suder
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != CHECKSUMS and "__pycache__" not in p.parts
+    )
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: str | Path) -> Path:
+    """Write ``SHA256SUMS`` for every file of a base folder, in ``sha256sum``'s format (``sha256sum -c
+    SHA256SUMS`` checks it too); a package that ships a base ships this file with it."""
+    folder = Path(folder)
+    lines = [f"{_sha256(folder / name)}  {name}\n" for name in _files(folder)]
+    (folder / CHECKSUMS).write_text("".join(lines))
+    return folder / CHECKSUMS
+
+
+def verify_checksums(folder: str | Path) -> str:
+    """Check a base folder against its ``SHA256SUMS``: every listed file present with its digest, no file
+    unlisted. Gives the SHA-256 of ``SHA256SUMS`` itself (one digest naming the whole base); a mismatch is a
+    one-line ``BackboneError``."""
+    from .errors import BackboneError
+
+    folder = Path(folder)
+    sums = folder / CHECKSUMS
+    fix = "reinstall suder (or the package that ships it), or set rebuild_base (--rebuild-base) to pre-train one"
+    if not sums.is_file():
+        raise BackboneError(f"The base at {folder} has no {CHECKSUMS} to verify it against; {fix}.")
+    listed: dict[str, str] = {}
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if line.strip():
+            listed[name.strip()] = digest.strip()
+    for name, digest in listed.items():
+        path = folder / name
+        if not path.is_file():
+            raise BackboneError(f"The base at {folder} is missing {name} (listed in its {CHECKSUMS}); {fix}.")
+        if _sha256(path) != digest:
+            raise BackboneError(f"The base at {folder} fails its checksum: {name} differs from {CHECKSUMS}; {fix}.")
+    extra = [name for name in _files(folder) if name not in listed]
+    if extra:
+        raise BackboneError(f"The base at {folder} has a file its {CHECKSUMS} does not list ({extra[0]}); {fix}.")
+    return _sha256(sums)
+
+
+def base_digest(folder: str | Path | None) -> str | None:
+    """The SHA-256 of a base folder's ``SHA256SUMS`` (one digest naming the whole base), None without one."""
+    sums = Path(folder) / CHECKSUMS if folder else None
+    return _sha256(sums) if sums is not None and sums.is_file() else None
+
+
+def shipped_base(backbone: str, steps: int | None = None, seed: int | None = None) -> Path | None:
+    """The base a backbone's recipe ships (``ShapesRecipe.shipped``) when it is the recipe's (version, steps,
+    seed), else None; its files are not checked here (``verify_checksums``)."""
+    import json
+
+    recipe = shapes_recipe(backbone)
+    if recipe is None or recipe.shipped is None:
+        return None
+    steps = steps or recipe.pretrain.get("steps", PRETRAIN_DEFAULTS["steps"])
+    seed = recipe.pretrain.get("seed", PRETRAIN_DEFAULTS["seed"]) if seed is None else seed
+    folder = Path(recipe.shipped)
+    try:
+        info = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = {"backbone": backbone, "version": recipe.version, "steps": steps, "seed": seed}
+    return folder if all(info.get(k) == v for k, v in wanted.items()) else None
+
+
 def cache_dir() -> Path:
     """``$SUDER_CACHE``, else ``$XDG_CACHE_HOME/suder``, else ``~/.cache/suder``."""
     if os.environ.get("SUDER_CACHE"):
@@ -248,9 +357,11 @@ def ensure_base(
     steps: int | None = None,
     seed: int | None = None,
     callback: Callable[[dict], None] | None = None,
+    rebuild: bool = False,
 ) -> Path:
-    """The cached pre-trained ShapesWorld base of a backbone (its recipe's steps and seed unless given), built on
-    first use; ``callback`` sees the steps of the build (image tokenizer first, then the model)."""
+    """The pre-trained ShapesWorld base of a backbone (its recipe's steps and seed unless given): the one its
+    package ships, checked against its ``SHA256SUMS``, else (or with ``rebuild``) the one built here on first use
+    and cached; ``callback`` sees the steps of a build (image tokenizer first, then the model)."""
     from .errors import BackboneError
 
     recipe = shapes_recipe(backbone)
@@ -262,15 +373,23 @@ def ensure_base(
     steps = steps or recipe.pretrain.get("steps", PRETRAIN_DEFAULTS["steps"])
     seed = recipe.pretrain.get("seed", PRETRAIN_DEFAULTS["seed"]) if seed is None else seed
     version = recipe.version
+    shipped = None if rebuild else shipped_base(backbone, steps, seed)
+    if shipped is not None:
+        verify_checksums(shipped)
+        return shipped
     target = cache_dir() / f"{backbone}-base-{version}-steps{steps}-seed{seed}"
     if is_shapes_base(target) or (target / "model.safetensors").is_file():
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     result = pretrain(backbone, out=str(tmp), steps=steps, seed=seed, callback=callback)
-    info = {"steps": steps, "seed": seed, "seconds": result.seconds, "final_loss": result.losses[-1]}
+    import json
+
+    info = json.loads((tmp / MARKER).read_text()) if (tmp / MARKER).is_file() else {}  # pretrain's: how it was built
+    info |= {"steps": steps, "seed": seed, "seconds": result.seconds, "final_loss": result.losses[-1]}
     info |= {"cpu_seconds": result.cpu_seconds, "backbone": backbone, "version": version}
     write_marker(tmp, info)
+    write_checksums(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another process built it first
@@ -278,9 +397,12 @@ def ensure_base(
     return target
 
 
-def ensure_toy_base(steps: int = 500, seed: int = 0, callback: Callable[[dict], None] | None = None) -> Path:
-    """The cached pre-trained toy base of the embedded default, built on first use (about 4 minutes)."""
-    return ensure_base("toy", steps, seed, callback)
+def ensure_toy_base(
+    steps: int = 500, seed: int = 0, callback: Callable[[dict], None] | None = None, rebuild: bool = False
+) -> Path:
+    """The toy base of the embedded default (``ensure_base("toy", ...)``: the shipped one at the recipe's steps and
+    seed, else built on first use, about 4 minutes, and cached)."""
+    return ensure_base("toy", steps, seed, callback, rebuild)
 
 
 # ------------------------------------------------------------------------------------------ image tokenizers

@@ -171,7 +171,7 @@ class Trainer:
             if cfg.model is None and (cfg.backbone == "toy" or cfg.shapes_world):
                 from .pretrain import ensure_base
 
-                self.base_path = str(ensure_base(cfg.backbone))
+                self.base_path = str(ensure_base(cfg.backbone, rebuild=cfg.rebuild_base))
             policy = load_backbone(
                 cfg.backbone, **({"model": self.base_path} if self.base_path else {}), **cfg.backbone_options
             )
@@ -329,7 +329,10 @@ class Trainer:
         from .tracking import Tracking
 
         c, writer = self.cfg, self.writer
-        writer.start(c, {"base_model": self.base_path, "num_processes": self.acc.num_processes}, self.resume_from)
+        from .pretrain import base_digest
+
+        extra = {"base_model": self.base_path, "base_sha256": base_digest(self.base_path)}
+        writer.start(c, extra | {"num_processes": self.acc.num_processes}, self.resume_from)
         writer.tracking = Tracking(self.acc, c)  # report_to (tracking.py); after start(), which clears logs/
         before = self.before()
         start, history = writer.restore(self.acc, self.resume_from) if self.resume_from else (0, [])

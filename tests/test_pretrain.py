@@ -147,9 +147,9 @@ def test_toy_base_keeps_its_cache_path_and_defaults(monkeypatch, tmp_path):
         return pretrain_mod.PretrainResult(None, out, 1.0, [0.5], 0.5)
 
     monkeypatch.setattr(pretrain_mod, "pretrain", fake)
-    path = pretrain_mod.ensure_toy_base()
+    path = pretrain_mod.ensure_toy_base(rebuild=True)  # built here, not the shipped one
     assert path == pretrain_mod.cache_dir() / "toy-base-v1-steps500-seed0" and calls == [("toy", 500, 0)]
-    assert pretrain_mod.ensure_base("toy") == path and len(calls) == 1  # cached
+    assert pretrain_mod.ensure_base("toy", rebuild=True) == path and len(calls) == 1  # cached
     assert json.loads((path / "pretrain.json").read_text())["steps"] == 500
 
 

@@ -509,10 +509,11 @@ def build_toy(model: str | None = None, device: str | None = None, **config: Any
 
 def shapes_recipe():
     """The toy's ShapesWorld recipe: its factory builds a ShapesWorld model by default, pre-trained with
-    ``suder.pretrain.PRETRAIN_DEFAULTS``; ``suder/presets/toy.yaml`` holds its run defaults."""
-    from ..pretrain import ShapesRecipe
+    ``suder.pretrain.PRETRAIN_DEFAULTS``; ``suder/presets/toy.yaml`` holds its run defaults, ``suder/bases/toy``
+    the base it ships."""
+    from ..pretrain import SHIPPED, ShapesRecipe
 
-    return ShapesRecipe(version="v1", preset="toy")
+    return ShapesRecipe(version="v1", preset="toy", shipped=SHIPPED / "toy")
 
 
 @hookimpl

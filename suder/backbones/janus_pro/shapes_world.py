@@ -289,11 +289,12 @@ def build_shapes_base(seed: int = 0, callback: Callable[[dict], None] | None = N
 
 def recipe():
     """Janus-Pro's ShapesWorld base recipe (``suder.pretrain.ShapesRecipe``)."""
-    from ...pretrain import ShapesRecipe
+    from ...pretrain import SHIPPED, ShapesRecipe
 
     return ShapesRecipe(
         build=build_shapes_base,
         version="v3",
         pretrain=dict(steps=2000, seed=2, batch_size=32, caption_batch_size=16, lr=1e-3, warmup_steps=50),
         preset="janus-pro",  # suder/presets/janus-pro.yaml: guidance 2, lr 5e-5, 16 images per prompt (why: there)
+        shipped=SHIPPED / "janus-pro",  # suder/bases/janus-pro: the base of docs/results.md
     )

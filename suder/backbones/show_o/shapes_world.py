@@ -229,7 +229,7 @@ def image_logp_options(rng: random.Random) -> dict[str, Any]:
 
 def recipe():
     """Show-o's ShapesWorld base recipe (``suder.pretrain.ShapesRecipe``)."""
-    from ...pretrain import ShapesRecipe
+    from ...pretrain import SHIPPED, ShapesRecipe
 
     return ShapesRecipe(
         build=build_shapes_base,
@@ -237,4 +237,5 @@ def recipe():
         pretrain=dict(steps=1000, batch_size=24, lr=1e-3, warmup_steps=100),
         image_logp_options=image_logp_options,
         preset="show-o",  # suder/presets/show-o.yaml: lr 3e-5, captions scored by the frozen base (why: there)
+        shipped=SHIPPED / "show-o",  # suder/bases/show-o: the base of docs/results.md
     )
