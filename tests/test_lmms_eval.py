@@ -204,6 +204,31 @@ def test_loglikelihood_is_the_whole_caption_log_prob_and_whether_greedy_writes_i
     assert torch.allclose(torch.tensor([r.text[0] for r in out]), expected, atol=1e-5)
 
 
+def test_janus_pro_scores_each_request_under_its_own_question(tmp_path):
+    """A saved tiny Janus-Pro through ``pretrained=``: each continuation's log-likelihood is the backbone's
+    ``logp_text_given_image`` with the request's question as ``caption_instruction`` (two questions, two values)."""
+    adapter = _lmms_eval()
+    from janus_tiny import random_images, tiny_backbone
+    from lmms_eval.api.instance import Instance
+
+    tiny_backbone().save_pretrained(str(tmp_path / "janus"))
+    images = random_images(2)
+    asked = [("<image>\nWhat is it?", 0), ("<image>\nWhere is it?", 0), ("<image>\nWhat is it?", 1)]
+    requests = [Instance(request_type="loglikelihood", arguments=(q, " a red square", lambda doc: [images[doc]], i,
+                                                                  "t", "test"),
+                         idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for q, i in asked]
+    lm = adapter.SuderLMM(backbone="janus-pro", pretrained=str(tmp_path / "janus"), batch_size=2)
+    lm.task_dict = {"t": {"test": [0, 1]}}
+    got = [r.text[0] for r in lm.loglikelihood(requests)]
+    assert lm.model.caption_instruction == "Describe this image."  # restored
+    expected = []
+    for question, i in asked:
+        lm.model.caption_instruction = question.split("\n")[1]
+        with torch.no_grad():
+            expected.append(float(lm.model.logp_text_given_image(["a red square"], [images[i]]).sum()))
+    assert got == pytest.approx(expected, abs=1e-4) and abs(expected[0] - expected[1]) > 1e-3, (got, expected)
+
+
 def test_requests_and_arguments_it_cannot_serve_are_one_line_errors(toy_path, task_dir):
     adapter = _lmms_eval()
     requests, tasks = _requests(adapter, task_dir, "generate_until", [("Describe.", {}, 0)])

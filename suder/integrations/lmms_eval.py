@@ -16,6 +16,7 @@ lmms-eval. ``--model_args`` (``key=value,key=value``):
 - ``device``, ``dtype``: handed to the backbone's factory when given (lmms-eval's ``--device`` too).
 - ``max_new_tokens``, ``temperature``: override the task's ``generation_kwargs`` when given. Otherwise the task's
   values apply, and without those the backbone's caption length and greedy decoding (``temperature=0``).
+- lmms-eval's ``--batch_size``: the images one ``sample_text`` (or log-prob) call takes.
 - ``seed`` (0): the generator for sampled captions (``temperature > 0``), so a run is reproducible.
 - ``use_question`` (true): backbones that caption after an instruction (Janus-Pro's ``caption_instruction``) get the
   task's question (its ``doc_to_text``, with ``<image>`` placeholders removed) in its place; the others caption in
@@ -49,8 +50,6 @@ from ..registry import load_backbone
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "suder"
-# keys lmms-eval adds to every model's arguments (``simple_evaluate``'s additional_config) that are not backbone options
-HARNESS_KEYS = ("batch_size", "max_batch_size")
 
 
 def manifest():
@@ -69,8 +68,7 @@ class SuderLMM(lmms):
                  dtype: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
                  seed: int = 0, use_question: bool = True, batch_size: int | str = 1, **options: Any) -> None:
         super().__init__()
-        for key in HARNESS_KEYS[1:]:
-            options.pop(key, None)
+        options.pop("max_batch_size", None)  # lmms-eval hands every model its --max_batch_size; captions batch by size
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_new_tokens = None if max_new_tokens is None else _positive_int(max_new_tokens, "max_new_tokens")
         self.temperature = None if temperature is None else float(temperature)
