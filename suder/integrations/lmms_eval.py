@@ -89,7 +89,7 @@ class SuderLMM(lmms):
     # ------------------------------------------------------------------ lmms-eval's request types
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """One caption per request: ``args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)``."""
-        answers: list[str | None] = [None] * len(requests)
+        answers = [""] * len(requests)
         keyed = []
         for i, request in enumerate(requests):
             context, gen_kwargs = request.args[0], dict(request.args[1] or {})
@@ -103,7 +103,7 @@ class SuderLMM(lmms):
                                                **options).texts
             for i, text in zip(rows, texts, strict=True):
                 answers[i] = _cut(text, _stops(requests[i].args[1]))
-        return [a if a is not None else "" for a in answers]
+        return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """``args = (context, continuation, doc_to_visual, doc_id, task, split)``: log p(continuation as the whole
@@ -115,17 +115,22 @@ class SuderLMM(lmms):
         many values to unpack") but hands a ``GenerationResult``'s ``.text`` on as it is. Return plain tuples
         again once lmms-eval keeps them.
         """
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        results: list[tuple[float, bool]] = [(float("-inf"), False)] * len(requests)
+        greedy: dict[tuple, str] = {}  # (question, task, split, doc_id) -> greedy caption: once per document
         keyed = [((self._question(r.args[0]),), i) for i, r in enumerate(requests)]
         for (question,), rows in _groups(keyed, self.batch_size):
             images = [self._image(requests[i]) for i in rows]
             texts = [str(requests[i].args[1]).strip() for i in rows]
+            docs = [(question, *requests[i].args[3:6]) for i in rows]
+            new = {doc: image for doc, image in zip(docs, images, strict=True) if doc not in greedy}
             with self._asking(question), torch.no_grad():
                 scores = self.model.logp_text_given_image(texts, images).sum().float().tolist()
-                greedy = self.model.sample_text(images, temperature=0.0).texts
-            for i, score, text, best in zip(rows, scores, texts, greedy, strict=True):
-                results[i] = (float(score), best.strip() == text)
-        return [GenerationResult(text=r if r is not None else (float("-inf"), False)) for r in results]
+                if new:
+                    captions = self.model.sample_text(list(new.values()), temperature=0.0).texts
+                    greedy.update(zip(new, (c.strip() for c in captions), strict=True))
+            for i, score, text, doc in zip(rows, scores, texts, docs, strict=True):
+                results[i] = (float(score), greedy[doc] == text)
+        return [GenerationResult(text=r) for r in results]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise ConfigError("The suder model answers one caption per image, not multi-round conversations; run "
