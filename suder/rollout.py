@@ -439,8 +439,9 @@ class Chunks:
     ``rollout/chunk_size`` metric) and each halving is reported once, as a ``ChunkSizeWarning``. Sampling passes
     (every process runs them, in the same order) end with an all-reduce of "did any process run out of memory"
     and of the sizes, so that every process retries together and keeps the same size: no process is left
-    waiting in a collective for one that is retrying. Log-prob passes (a process may run more or fewer of them)
-    back off on their own process; the next sampling pass brings every process to the smallest size.
+    waiting in a collective for one that is retrying (the processes that ran out of memory warn). Log-prob
+    passes (a process may run more or fewer of them) back off on their own process; the next sampling pass
+    brings every process to the smallest size.
     """
 
     def __init__(self, setting: int | str = "auto"):
@@ -457,11 +458,12 @@ class Chunks:
             except torch.OutOfMemoryError:
                 failed = True
                 _free_memory()
+            mine = failed  # this process ran out of memory: it says so; the others follow its halving
             if collective:
                 failed, size = _agree(failed, size)
             if not failed:
-                if collective and self.size is not None:
-                    self.size = min(self.size, size)
+                if collective and size < min(self.size or rows, rows):  # another process backed off further
+                    self.size = size
                 self._seen(size)
                 return result
             if size <= 1:
@@ -470,12 +472,13 @@ class Chunks:
                     "(docs/performance.md), train LoRA adapters, or lower group_size or batch_size."
                 )
             self.size = size // 2
-            warnings.warn(
-                f"Out of memory with {size} rows per call; retrying with {self.size} (rollout_chunk_size) and "
-                "keeping it for the rest of the run.",
-                ChunkSizeWarning,
-                stacklevel=2,
-            )
+            if mine:
+                warnings.warn(
+                    f"Out of memory with {size} rows per call; retrying with {self.size} (rollout_chunk_size) "
+                    "and keeping it for the rest of the run.",
+                    ChunkSizeWarning,
+                    stacklevel=2,
+                )
 
     def _seen(self, size: int) -> None:
         self.smallest = size if self.smallest is None else min(self.smallest, size)
@@ -602,8 +605,13 @@ class Chunked:
 
     def _sample(self, method: str, inputs: Any, num_samples: int, generator: Any, options: dict) -> Any:
         count = len(inputs)
+        streams = [g for g in (generator if isinstance(generator, (list, tuple)) else [generator]) if g is not None]
+        states = [g.get_state() for g in streams]  # a retry starts every stream afresh
 
         def once(size: int) -> Any:
+            for g, state in zip(streams, states, strict=True):
+                g.set_state(state)
+
             def each(model: Any) -> Any:
                 parts = []
                 for i0, i1, j0, j1 in _pieces(count, num_samples, size):
