@@ -3,7 +3,7 @@ memory and the distributed checks, written as one JSON. Asserts nothing about ti
 
     bash benchmarks/gpu_suite.sh                 # a GPU: full-size models, random bf16 weights (under 8 minutes)
     bash benchmarks/gpu_suite.sh --tiny          # CPU: the tests' tiny models, the same code path (under a minute)
-    bash benchmarks/gpu_suite.sh --out FILE      # default: benchmarks/results/gpu-suite.json (tiny: -tiny.json)
+    bash benchmarks/gpu_suite.sh --out FILE      # default: benchmarks/results/gpu-suite[-tiny].json
 
 Sections of the JSON:
 

@@ -200,6 +200,10 @@ def test_chunk_size_setting():
     for bad in (0, -2, "half", True):
         with pytest.raises(ConfigError, match="rollout_chunk_size"):
             resolve(steps=1, rollout_chunk_size=bad)
+    from suder.run_options import parse_run
+
+    for flag, want in (("auto", "auto"), ("4", 4)):
+        assert resolve(steps=1, flags=parse_run(["--rollout-chunk-size", flag])[1]).rollout_chunk_size == want
 
 
 def test_trainer_step_logs_the_chunk_size(tiny_toy_path, tmp_path):
