@@ -597,6 +597,8 @@ class Chunked:
         self.model, self.chunks, self.collective = model, chunks, collective
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("model", "chunks", "collective") or name.startswith("__"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
         return getattr(self.model, name)
 
     def _call(self, fn: Callable[[Any], Any]) -> Any:

@@ -1,6 +1,6 @@
-"""Rollouts in chunks (``rollout_chunk_size``): the same samples whatever the chunk size, for every backbone,
-guided and unguided; log-prob passes in chunks; the out-of-memory back-off (one process here, two in
-``test_two_processes_agree_on_the_chunk_size_after_an_oom``).
+"""Rollouts in chunks (``rollout_chunk_size``): the same samples whatever the chunk size, for every backbone
+(the emu3 plugin's too, where it is installed), guided and unguided; log-prob passes in chunks; the
+out-of-memory back-off (one process here, two in ``test_two_processes_agree_on_the_chunk_size_after_an_oom``).
 
 What is exactly identical and what only to float rounding: each sample draws from its own generator
 (``row_generators``), so the tokens and captions of a group are the same for every chunk size. The log-probs
@@ -11,6 +11,7 @@ bit for bit, a chunk's results are those of the same rows sampled or scored in o
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import warnings
@@ -49,7 +50,17 @@ def _show_o():
     return show_o_tiny.tiny_backbone()
 
 
+def _emu3():
+    import emu3_tiny
+
+    return emu3_tiny.tiny_backbone()
+
+
 def _images(name: str) -> list:
+    if name == "emu3":
+        import emu3_tiny
+
+        return emu3_tiny.random_images(2)
     if name == "janus-pro":
         import janus_tiny
 
@@ -64,7 +75,10 @@ def _images(name: str) -> list:
 
 
 BACKBONES = {"toy": _toy, "janus-pro": _janus, "show-o": _show_o}
-UNGUIDED = {"toy": 1.0, "janus-pro": 1.0, "show-o": 0.0}  # Show-o's "no guidance" is 0, the others' 1
+if importlib.util.find_spec("suder_emu3") is not None:  # the outside plugin, where it is installed
+    sys.path.insert(0, str(Path(__file__).parents[1] / "plugins" / "suder-emu3" / "tests"))
+    BACKBONES["emu3"] = _emu3
+UNGUIDED = {"toy": 1.0, "janus-pro": 1.0, "show-o": 0.0, "emu3": 1.0}  # Show-o's "no guidance" is 0
 
 
 @pytest.fixture(scope="module", params=sorted(BACKBONES))
