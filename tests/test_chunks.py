@@ -258,3 +258,16 @@ def test_two_processes_agree_on_the_chunk_size_after_an_oom(tiny_toy_path, tmp_p
         assert fields["size"] == "4" and fields["metric"] == "4.0", line
         assert fields["warnings"] == ("1" if rank == "1" else "0"), line
         assert fields["same"] == "True", line
+
+
+def test_janus_sample_batch_size_keeps_each_rows_stream():
+    """Janus-Pro's own ``sample_batch_size`` (rows per sampler call inside one backbone call) hands each call its
+    rows' generators: images and captions are those of one call for all rows."""
+    import janus_tiny
+
+    cfg = resolve(steps=1, group_size=G, guidance_scale=3.0)
+    whole, split = janus_tiny.tiny_backbone(), janus_tiny.tiny_backbone(sample_batch_size=4)
+    for direction, inputs in (("gen", PROMPTS), ("und", janus_tiny.random_images(2))):
+        want = sample_group(whole, direction, inputs, cfg, torch.Generator().manual_seed(8))
+        got = sample_group(split, direction, inputs, cfg, torch.Generator().manual_seed(8))
+        _assert_same_samples(got, want)
