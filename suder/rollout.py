@@ -446,7 +446,7 @@ class Chunks:
 
     def __init__(self, setting: int | str = "auto"):
         self.size: int | None = None if setting == "auto" else int(setting)  # None: the whole group
-        self.smallest = self.size  # what the metric reports: the smallest size any pass used
+        self.widest = 0  # the most rows a pass has run in one call
 
     def run(self, rows: int, call: Callable[[int], Any], *, collective: bool = False) -> Any:
         """``call(size)`` with ``size`` = the chunk size (at most ``rows``), halved and retried on OOM."""
@@ -457,6 +457,7 @@ class Chunks:
                 result = call(size)
             except torch.OutOfMemoryError:
                 failed = True
+            if failed:  # outside the handler: the error's frames (and their tensors) are gone by now
                 _free_memory()
             mine = failed  # this process ran out of memory: it says so; the others follow its halving
             if collective:
@@ -464,7 +465,7 @@ class Chunks:
             if not failed:
                 if collective and size < min(self.size or rows, rows):  # another process backed off further
                     self.size = size
-                self._seen(size)
+                self.widest = max(self.widest, size)
                 return result
             if size <= 1:
                 raise TrainingError(
@@ -480,12 +481,11 @@ class Chunks:
                     stacklevel=2,
                 )
 
-    def _seen(self, size: int) -> None:
-        self.smallest = size if self.smallest is None else min(self.smallest, size)
-
     def metrics(self) -> dict[str, float]:
-        """``rollout/chunk_size``: the smallest rows per call any pass used so far (the whole group if all fit)."""
-        return {} if self.smallest is None else {"rollout/chunk_size": float(self.smallest)}
+        """``rollout/chunk_size``: the most rows a call may take now (the size in force; while the whole group
+        fits, the widest pass so far)."""
+        limit = self.size if self.size is not None else self.widest
+        return {"rollout/chunk_size": float(limit)} if limit else {}
 
 
 class ChunkSizeWarning(UserWarning):
