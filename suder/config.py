@@ -67,6 +67,15 @@ def _opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = N
     return field(default=default, metadata=meta)
 
 
+def _chunk_size(value: Any) -> int | str:
+    """``rollout_chunk_size``: ``"auto"`` or a count >= 1 (a YAML or flag string of digits becomes an int)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ConfigError(f"rollout_chunk_size must be 'auto' or a number of rows >= 1, got {value!r}.")
+
+
 @dataclass
 class DirectionConfig:
     """What one direction (``gen``: text-to-image, ``und``: captioning) sets for itself. ``None`` in ``algo``,
@@ -164,6 +173,8 @@ class TrainConfig:
                              group="sampling")
     mixed_precision: str = _opt("no", "no, bf16 or fp16", choices=("no", "bf16", "fp16"), group="engineering")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass", group="engineering")
+    rollout_chunk_size: int | str = _opt("auto", "rows per sampling or no-grad log-prob call: auto (the whole "
+                                         "group, halved on out-of-memory) or N", group="engineering")
     seed: int = _opt(0, "random seed", group="engineering")
     report_to: list[str] = _opt(help="trackers besides metrics.jsonl, comma-separated: tensorboard, wandb, ...",
                                 factory=list, group="logging and saving")
@@ -244,6 +255,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}.")
         if self.steps is None and self.epochs is None:
             raise ConfigError("Set steps or epochs (how long to train).")
+        self.rollout_chunk_size = _chunk_size(self.rollout_chunk_size)
         if self.resume not in (True, False, "auto"):
             raise ConfigError(f"resume must be true, false or 'auto', got {self.resume!r}.")
         for key in ("save_total_limit", "save_every", "sample_every", "eval_every", "early_stopping_patience"):
@@ -422,10 +434,10 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
         raise ConfigError(f"{key} in {source} cannot be empty (null); give a value or leave the key out.")
     base = next((a for a in args if a is not type(None)), kind) if args and typing.get_origin(kind) is not dict \
         and typing.get_origin(kind) is not list else kind
-    if key == "resume":
+    if key in ("resume", "rollout_chunk_size"):
         if isinstance(value, str) and value.lower() == "auto":
             return "auto"
-        base = bool
+        base = bool if key == "resume" else int
     try:
         return _as(base, value)
     except (TypeError, ValueError):
@@ -433,7 +445,7 @@ def coerce(key: str, value: Any, source: str = "config") -> Any:
         shown = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(name, name)
         if key in ("backbone_options", "image_logp_options"):
             shown = "a mapping such as \"{lora: true}\""
-        extra = " or 'auto'" if key == "resume" else ""
+        extra = " or 'auto'" if key in ("resume", "rollout_chunk_size") else ""
         raise ConfigError(f"{key} in {source} must be {shown}{extra}, got {value!r}.") from None
 
 

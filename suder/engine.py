@@ -96,6 +96,11 @@ class Engine:
                 return fn(whole)
         return self.wrapped(fn)
 
+    def call(self, fn: Callable[[nn.Module], Any]) -> Any:
+        """``fn(backbone)`` as one no-grad call: ``suder.rollout.Chunked`` runs all of a pass's chunks in one, so
+        that every process makes the same calls of the wrapped module whatever its chunks."""
+        return self._call(fn)
+
     def sample_image(self, prompts: Any, **options: Any) -> ImageSamples:
         return self._call(lambda m: m.sample_image(prompts, **options))
 

@@ -68,13 +68,19 @@ def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" and reduced else dtype
 
 
-def uniforms(generator: torch.Generator | None, steps: int, rows: int, device: torch.device) -> torch.Tensor:
+def uniforms(generator: torch.Generator | list[torch.Generator] | None, steps: int, rows: int,
+             device: torch.device) -> torch.Tensor:
     """(steps, rows, 1) float32 on ``device``: the numbers ``steps`` successive calls of
     ``torch.rand((rows, 1), generator=generator, device=generator.device)`` would give, in that order.
 
     A CPU generator fills one tensor serially, element by element, so one call equals the successive calls
     (tested); other generators (CUDA's Philox advances by call) are drawn call by call, before the loop.
+    ``generator`` may also be one generator per row (``suder.sampling.Generators``): column ``r`` is then
+    ``uniforms(generator[r], steps, 1)``.
     """
+    if isinstance(generator, (list, tuple)):  # one per row: each row's numbers as if it were drawn alone
+        assert len(generator) == rows, f"{len(generator)} per-row generators for {rows} rows"
+        return torch.cat([uniforms(g, steps, 1, device) for g in generator], 1)
     where = generator.device if generator is not None else device
     if where.type == "cpu":
         u = torch.rand((steps, rows, 1), generator=generator, device=where)

@@ -18,6 +18,8 @@ Departures from the paper, on purpose:
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,23 +64,54 @@ class Batch:
 
 
 # ------------------------------------------------------------------------------------------ directions
-def sample_group(model: Any, direction: Direction, inputs: list[Any], cfg: TrainConfig, generator: torch.Generator):
-    """Sample the direction's group size (``cfg.side(direction).group_size``) outputs per input (no grad)."""
+def sample_group(
+    model: Any,
+    direction: Direction,
+    inputs: list[Any],
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    chunks: Chunks | None = None,
+):
+    """Sample the direction's group size (``cfg.side(direction).group_size``) outputs per input (no grad), in
+    calls of at most ``chunks.size`` rows (``Chunks``; default ``cfg.rollout_chunk_size``).
+
+    Backbones that take per-row generators (``row_generators = True``) get one per sample, seeded from
+    ``generator`` and the sample's row (``row_generators``), so the samples do not depend on the chunk size;
+    others get ``generator`` itself, which each chunk's call draws from in turn."""
     size = group_size(cfg, direction)
+    chunked = Chunked(model, chunks or Chunks(cfg.rollout_chunk_size), collective=True)
+    per_row = takes_row_generators(model)
+
+    def streams(rows: int, salt: int) -> Any:
+        return row_generators(generator, rows, salt) if per_row else generator
+
+    n = len(inputs)
     if direction == "gen":
-        return model.sample_image(
+        return chunked.sample_image(
             inputs,
             num_samples=size,
-            generator=generator,
+            generator=streams(n * size, 0),
             guidance_scale=cfg.guidance_scale,
             temperature=cfg.image_temperature,
         )
     if cfg.text_greedy_in_group and size > 1:
         # the captioner's mode, which greedy captioning (evaluation, users) returns, is ranked with the samples
-        sampled = model.sample_text(inputs, num_samples=size - 1, generator=generator, temperature=cfg.text_temperature)
-        greedy = model.sample_text(inputs, num_samples=1, generator=generator, temperature=0.0)
+        sampled = chunked.sample_text(
+            inputs, num_samples=size - 1, generator=streams(n * (size - 1), 1), temperature=cfg.text_temperature
+        )
+        greedy = chunked.sample_text(inputs, num_samples=1, generator=streams(n, 2), temperature=0.0)
         return join_groups(greedy, sampled)
-    return model.sample_text(inputs, num_samples=size, generator=generator, temperature=cfg.text_temperature)
+    return chunked.sample_text(inputs, num_samples=size, generator=streams(n * size, 1),
+                               temperature=cfg.text_temperature)
+
+
+def takes_row_generators(model: Any) -> bool:
+    """Whether ``model`` (a backbone, or an ``Engine`` or ``Reference`` holding one) samples with one generator
+    per row (its class sets ``row_generators = True``; ``suder.sampling.Generators``)."""
+    for holder in (model, getattr(model, "backbone", None), getattr(model, "model", None)):
+        if holder is not None and getattr(type(holder), "row_generators", False) is True:
+            return True
+    return False
 
 
 def group_size(cfg: TrainConfig, direction: Direction) -> int:
@@ -394,3 +427,240 @@ def _count_tokens(samples: ImageSamples | TextSamples) -> int:
     if isinstance(samples, ImageSamples):
         return int(samples.tokens.numel())
     return int(samples.mask.sum().item())
+
+
+# ------------------------------------------------------------------------------------------ chunks
+class Chunks:
+    """How many rows one sampling or no-grad log-prob call takes (``rollout_chunk_size``), and the back-off.
+
+    ``setting``: ``"auto"`` (the whole group: on CPU it stays so; on CUDA an out-of-memory error halves it) or a
+    number of rows to start from. On ``torch.OutOfMemoryError`` inside a call the chunk halves, the cache is
+    emptied and the pass is retried; the size is kept for the rest of the run (``size``, logged as the
+    ``rollout/chunk_size`` metric) and each halving is reported once, as a ``ChunkSizeWarning``. Sampling passes
+    (every process runs them, in the same order) end with an all-reduce of "did any process run out of memory"
+    and of the sizes, so that every process retries together and keeps the same size: no process is left
+    waiting in a collective for one that is retrying (the processes that ran out of memory warn). Log-prob
+    passes (a process may run more or fewer of them) back off on their own process; the next sampling pass
+    brings every process to the smallest size.
+    """
+
+    def __init__(self, setting: int | str = "auto"):
+        self.size: int | None = None if setting == "auto" else int(setting)  # None: the whole group
+        self.widest = 0  # the most rows a pass has run in one call
+
+    def run(self, rows: int, call: Callable[[int], Any], *, collective: bool = False) -> Any:
+        """``call(size)`` with ``size`` = the chunk size (at most ``rows``), halved and retried on OOM."""
+        while True:
+            size = max(1, min(self.size or rows, rows))
+            result, failed = None, False
+            try:
+                result = call(size)
+            except torch.OutOfMemoryError:
+                failed = True
+            if failed:  # outside the handler: the error's frames (and their tensors) are gone by now
+                _free_memory()
+            mine = failed  # this process ran out of memory: it says so; the others follow its halving
+            if collective:
+                failed, size = _agree(failed, size)
+            if not failed:
+                if collective and size < min(self.size or rows, rows):  # another process backed off further
+                    self.size = size
+                self.widest = max(self.widest, size)
+                return result
+            if size <= 1:
+                raise TrainingError(
+                    "Out of memory with one sample per call; make the step smaller: check the memory plan "
+                    "(docs/performance.md), train LoRA adapters, or lower group_size or batch_size."
+                )
+            self.size = size // 2
+            if mine:
+                warnings.warn(
+                    f"Out of memory with {size} rows per call; retrying with {self.size} (rollout_chunk_size) "
+                    "and keeping it for the rest of the run.",
+                    ChunkSizeWarning,
+                    stacklevel=2,
+                )
+
+    def metrics(self) -> dict[str, float]:
+        """``rollout/chunk_size``: the most rows a call may take now (the size in force; while the whole group
+        fits, the widest pass so far)."""
+        limit = self.size if self.size is not None else self.widest
+        return {"rollout/chunk_size": float(limit)} if limit else {}
+
+
+class ChunkSizeWarning(UserWarning):
+    """An out-of-memory error halved ``rollout_chunk_size`` (``Chunks``)."""
+
+
+def _free_memory() -> None:
+    """Let go of what the failed call allocated before the retry (the cached blocks of the CUDA allocator)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _agree(failed: bool, size: int) -> tuple[bool, int]:
+    """Over every process: whether any failed, and the smallest size (one all-reduce; alone: the arguments)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return failed, size
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    both = torch.tensor([float(failed), -float(size)], device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(both[0] > 0), int(-both[1])
+
+
+def _pieces(inputs: int, per_input: int, size: int) -> list[tuple[int, int, int, int]]:
+    """Calls of at most ``size`` rows over ``inputs`` x ``per_input`` rows, input-major: whole inputs when a group
+    fits (``(i0, i1, 0, G)``), else slices of one input's samples (``(i, i + 1, j0, j1)``)."""
+    if size >= per_input:
+        k = size // per_input
+        return [(i, min(i + k, inputs), 0, per_input) for i in range(0, inputs, k)]
+    return [(i, i + 1, j, min(j + size, per_input)) for i in range(inputs) for j in range(0, per_input, size)]
+
+
+def _take(x: Any, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of samples, a tensor or a list."""
+    if isinstance(x, (ImageSamples, TextSamples)):
+        return x.select(list(range(start, stop)))
+    return x[start:stop]
+
+
+def _pad_cat(parts: list[torch.Tensor], value: Any) -> torch.Tensor:
+    """(n_i, T_i) tensors right-padded with ``value`` to the widest, stacked: (sum n_i, max T_i)."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
+
+
+def _cat_images(parts: list[Any]) -> Any:
+    """The conditioning images of several calls, in order: lists joined, tensors stacked, samples merged."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(parts[0], ImageSamples):
+        return merge_samples(parts, num_samples=1)
+    return [x for p in parts for x in p]
+
+
+def merge_samples(parts: list[Any], num_samples: int) -> Any:
+    """Consecutive calls' ``ImageSamples``, ``TextSamples`` or ``TokenLogProbs`` as one (rows in order).
+    Captions are right-padded to the widest part with the padding token the parts use (0 if none shows it)."""
+    first = parts[0]
+    if len(parts) == 1 and getattr(first, "num_samples", num_samples) == num_samples:
+        return first
+    if isinstance(first, TokenLogProbs):
+        return TokenLogProbs(_pad_cat([p.values for p in parts], 0.0), _pad_cat([p.mask for p in parts], False),
+                             estimate=first.estimate)
+    if isinstance(first, ImageSamples):
+        images = [p._images for p in parts]
+        return ImageSamples(
+            prompts=[x for p in parts for x in p.prompts],
+            tokens=torch.cat([p.tokens for p in parts]),
+            logps=torch.cat([p.logps for p in parts]),
+            num_samples=num_samples,
+            guidance_scale=first.guidance_scale,
+            temperature=first.temperature,
+            decode=first.decode,
+            _images=None if any(i is None for i in images) else [x for i in images for x in i],
+        )
+    pads = [p.tokens[~p.mask] for p in parts if (~p.mask).any()]
+    pad = int(pads[0][0]) if pads else 0
+    return TextSamples(
+        texts=[x for p in parts for x in p.texts],
+        tokens=_pad_cat([p.tokens for p in parts], pad),
+        logps=_pad_cat([p.logps for p in parts], 0.0),
+        mask=_pad_cat([p.mask for p in parts], False),
+        images=_cat_images([p.images for p in parts]),
+        num_samples=num_samples,
+        temperature=first.temperature,
+    )
+
+
+class Chunked:
+    """``model``'s four ``UnifiedLMM`` calls, each split into calls of at most ``chunks.size`` rows and merged
+    (``merge_samples``); anything else is ``model``'s own. An ``Engine`` runs all of a pass's chunks inside
+    one call of its wrapped module (``Engine.call``), so that every process makes the same engine calls
+    however many chunks its rows take.
+
+    With per-row generators (``sample_group``) a chunk's samples are the whole group's; what a chunk computes
+    is otherwise the same function of the same rows, but CPU and CUDA matrix kernels may round a row differently
+    in batches of different sizes, so sampled and scored log-probs agree to float rounding (tokens exactly):
+    ``docs/performance.md``. A perturbed image estimator (Show-o's ``remask_seed``) draws its noise for the call
+    as a whole, so such a pass is not split.
+    """
+
+    def __init__(self, model: Any, chunks: Chunks, *, collective: bool = False):
+        self.model, self.chunks, self.collective = model, chunks, collective
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("model", "chunks", "collective") or name.startswith("__"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
+        call = getattr(self.model, "call", None)
+        return call(fn) if callable(call) else fn(self.model)
+
+    def _sample(self, method: str, inputs: Any, num_samples: int, generator: Any, options: dict) -> Any:
+        count = len(inputs)
+        streams = [g for g in (generator if isinstance(generator, (list, tuple)) else [generator]) if g is not None]
+        states = [g.get_state() for g in streams]  # a retry starts every stream afresh
+
+        def once(size: int) -> Any:
+            for g, state in zip(streams, states, strict=True):
+                g.set_state(state)
+
+            def each(model: Any) -> Any:
+                parts = []
+                for i0, i1, j0, j1 in _pieces(count, num_samples, size):
+                    rows = [b * num_samples + j for b in range(i0, i1) for j in range(j0, j1)]
+                    gen = [generator[r] for r in rows] if isinstance(generator, (list, tuple)) else generator
+                    parts.append(getattr(model, method)(_take(inputs, i0, i1), num_samples=j1 - j0,
+                                                        generator=gen, **options))
+                return merge_samples(parts, num_samples)
+
+            return self._call(each)
+
+        return self.chunks.run(count * num_samples, once, collective=self.collective)
+
+    def sample_image(self, prompts: Any, *, num_samples: int = 1, generator: Any = None, **options: Any):
+        return self._sample("sample_image", list(prompts), num_samples, generator, options)
+
+    def sample_text(self, images: Any, *, num_samples: int = 1, generator: Any = None, **options: Any):
+        return self._sample("sample_text", images, num_samples, generator, options)
+
+    def _score(self, method: str, first: Any, second: Any, options: dict) -> TokenLogProbs:
+        rows = len(first) if not isinstance(first, torch.Tensor) else first.shape[0]
+        whole = "remask_seed" in options or "generator" in options  # noise drawn for the call as a whole
+
+        def once(size: int) -> TokenLogProbs:
+            size = rows if whole else size
+
+            def each(model: Any) -> TokenLogProbs:
+                parts = [getattr(model, method)(_take(first, a, min(a + size, rows)),
+                                                _take(second, a, min(a + size, rows)), **options)
+                         for a in range(0, rows, size)]
+                return merge_samples(parts, 1)
+
+            return self._call(each)
+
+        return self.chunks.run(rows, once)
+
+    def logp_image_given_text(self, images: Any, texts: Any, **options: Any) -> TokenLogProbs:
+        return self._score("logp_image_given_text", images, texts, options)
+
+    def logp_text_given_image(self, texts: Any, images: Any, **options: Any) -> TokenLogProbs:
+        return self._score("logp_text_given_image", texts, images, options)
+
+
+def row_generators(generator: torch.Generator | None, rows: int, salt: int = 0) -> list[torch.Generator]:
+    """One generator per row, seeded by ``derive_seed(base, salt, row)`` where ``base`` is one number drawn from
+    ``generator``: each sample's random stream depends on the step's generator and its row, not on the others
+    in its call (``suder.sampling.Generators``)."""
+    base = int(torch.randint(0, 2**62, (1,), generator=generator))
+    device = generator.device if generator is not None else torch.device("cpu")
+    return [torch.Generator(device=device).manual_seed(derive_seed(base, salt, r)) for r in range(rows)]

@@ -31,6 +31,8 @@ def _metavar(key: str, f) -> str:
         return "YAML"
     if key == "resume":
         return "[auto]"
+    if key == "rollout_chunk_size":
+        return "{auto,N}"
     if key in ("model", "prompts", "images", "output_dir"):
         return "PATH"
     kind = field_type(key)

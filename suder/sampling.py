@@ -13,7 +13,57 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-Draw = Callable[[torch.Tensor, float, "torch.Generator | None"], tuple[torch.Tensor, torch.Tensor]]
+Generators = "torch.Generator | Sequence[torch.Generator] | None"
+"""What a sampler's ``generator=`` accepts: one generator for the whole call, or one per output row (``B*G``,
+input-major), each row then drawn from its own stream exactly as if it were sampled alone with it. Per-row
+streams make a sample independent of how many others share its call, which is what lets the trainer split a
+group into chunks (``suder.rollout.Chunks``) with the same results; backbones that accept them say so with a
+class attribute ``row_generators = True``."""
+
+Draw = Callable[[torch.Tensor, float, "torch.Generator | Sequence[torch.Generator] | None"],
+                tuple[torch.Tensor, torch.Tensor]]
+
+
+def is_per_row(generator: object) -> bool:
+    """Whether ``generator`` is a sequence of per-row generators (``Generators``)."""
+    return isinstance(generator, (list, tuple))
+
+
+def rows_of(generator: object, start: int, stop: int) -> object:
+    """The generator(s) of rows ``[start, stop)``: a slice of per-row generators, else ``generator`` itself."""
+    return list(generator[start:stop]) if is_per_row(generator) else generator
+
+
+def _blocks(generator: Sequence[torch.Generator], rows: int) -> int:
+    """Rows per generator: each generator owns an equal block of consecutive rows (Show-o draws N per image)."""
+    count = len(generator)
+    assert count and rows % count == 0, f"{count} per-row generators for {rows} rows"
+    return rows // count
+
+
+def rand_rows(shape: tuple[int, ...], generator: object, device: torch.device | str) -> torch.Tensor:
+    """``torch.rand(shape)`` (float32 on ``device``) drawn on the generator's device; with per-row generators
+    row block ``i`` of dim 0 is ``torch.rand`` of that block's shape from generator ``i`` (as if drawn alone)."""
+    if not is_per_row(generator):
+        where = generator.device if generator is not None else device
+        return torch.rand(shape, generator=generator, device=where).to(device)
+    size = _blocks(generator, shape[0])
+    parts = [torch.rand((size, *shape[1:]), generator=g, device=g.device) for g in generator]
+    return torch.cat(parts).to(device)
+
+
+def multinomial_rows(probs: torch.Tensor, generator: object) -> torch.Tensor:
+    """One draw per row of (R, K) probabilities -> (R, 1) long, on the generator's device; with per-row
+    generators each generator draws for its block of rows alone, as one call on that block would."""
+    def one(p: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        if g is not None and g.device != p.device:
+            return torch.multinomial(p.to(g.device), 1, generator=g).to(p.device)
+        return torch.multinomial(p, 1, generator=g)
+
+    if not is_per_row(generator):
+        return one(probs, generator)
+    size = _blocks(generator, probs.shape[0])
+    return torch.cat([one(probs[i * size : (i + 1) * size], g) for i, g in enumerate(generator)])
 
 
 def left_pad(
@@ -52,7 +102,7 @@ def caption_loop(
     eos: int,
     pad: int,
     temperature: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     token_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample up to ``limit`` tokens per row, each row stopping after ``eos``.
@@ -62,6 +112,7 @@ def caption_loop(
     temperature, generator)`` returns (choice (n,), its log-prob (n,)); ``token_of`` maps a choice to a token id
     when the logits cover a restricted vocabulary. The loop only hands ``logits`` from ``step`` to ``draw``, so
     they may be any (n, ...) tensor ``draw`` reads (Show-o passes hidden states and projects them in ``draw``).
+    ``generator`` is handed to ``draw`` as given (one, or one per row: ``Generators``).
     Returns ``tokens`` (n, limit) long (``pad`` after the end), ``logps`` (n, limit) float (0 there) and ``alive``
     (n, limit) bool (True at sampled tokens, ``eos`` included).
     """

@@ -52,6 +52,8 @@ from .registry import get_reward_spec, load_backbone
 from .rollout import (
     ALGORITHMS,
     Batch,
+    Chunked,
+    Chunks,
     Direction,
     Rollout,
     derive_seed,
@@ -180,6 +182,7 @@ class Trainer:
         self.judge = cfg.shapes_world
         self.rewards = {d: self._reward(d) for d in cfg.directions}
         self.engines, self.reference = self._build(policy)
+        self.chunks = Chunks(cfg.rollout_chunk_size)  # rows per sampling/no-grad call, halved on OOM (rollout.py)
         self.last_rollouts: list[Rollout] = []  # the last step's, for the sample grids
         self.times: dict[str, float] = {}  # the last step's phase times
 
@@ -403,6 +406,7 @@ class Trainer:
         for key in sorted({w.model for w in work}):
             metrics.merge(self.update(key, micro, norm))
         metrics.add(self.times | {"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1})
+        metrics.add(self.chunks.metrics())
         return reduce_metrics(self.acc, metrics)
 
     @contextlib.contextmanager
@@ -422,7 +426,7 @@ class Trainer:
             derive_seed(c.seed, step, micro, w.direction == "und", self.acc.process_index)
         )
         t = time.perf_counter()
-        samples = sample_group(self.engines[w.model], w.direction, inputs, c, gen)
+        samples = sample_group(self.engines[w.model], w.direction, inputs, c, gen, self.chunks)
         self._clock(f"time/{w.direction}_sample", t)
         return samples
 
@@ -431,7 +435,9 @@ class Trainer:
         ``w.scorer``, and the exact judge's 1/0 as a monitor (ShapesWorld only)."""
         c, t = self.cfg, time.perf_counter()
         ctx = rewards_mod.RewardContext(
-            scorer=self.scorer(w.scorer), reference=self.reference, policy=self.engines[w.model]
+            scorer=self.chunked(self.scorer(w.scorer)),
+            reference=self.chunked(self.reference),
+            policy=self.chunked(self.engines[w.model]),
         )
         rewards = self.rewards[w.direction](ctx, samples).detach().float().cpu()
         judge_fn = judge_generation if w.direction == "gen" else judge_understanding
@@ -442,6 +448,10 @@ class Trainer:
         self._clock(f"time/{w.direction}_reward", t)
         return rollout
 
+    def chunked(self, model: Any) -> Any:
+        """``model``'s no-grad calls in chunks of ``rollout_chunk_size`` rows (``rollout.Chunked``)."""
+        return None if model is None else Chunked(model, self.chunks)
+
     def _clock(self, key: str, since: float) -> None:
         self.times[key] = self.times.get(key, 0) + time.perf_counter() - since
 
@@ -451,7 +461,9 @@ class Trainer:
         its shards from all processes): where all of this process's groups were skipped, a stand-in (one sample,
         weight zero, ``count == 0``) takes the batch's place."""
         algo = ALGORITHMS[self.cfg.algo_for(rollout.direction)]
-        batch, metrics = algo.prepare(self.engines[key], rollout, self.cfg, self.reference, seeds)
+        batch, metrics = algo.prepare(
+            self.chunked(self.engines[key]), rollout, self.cfg, self.chunked(self.reference), seeds
+        )
         if batch is None and self.sharded:
             batch = Batch(rollout.direction, rollout.samples.select([0]), count=0, tokens=0, seeds=seeds)
         return batch, metrics

@@ -510,14 +510,16 @@ def test_a_separate_run_at_another_scale_judges_the_base_at_its_own(tiny_toy_pat
 
 def test_greedy_caption_joins_every_group(tiny_toy):
     """text_greedy_in_group: row 0 of each group is the image's greedy caption, rows 1..G-1 are exactly what a
-    plain call for G-1 samples draws with the same generator, and the joined rows (right-padded to one width)
-    score teacher-forced as their own .logps."""
-    from suder.rollout import policy_logps
+    plain call for G-1 samples draws with the same per-row generators (``row_generators``, which
+    ``sample_group`` derives from its generator), and the joined rows (right-padded to one width) score
+    teacher-forced as their own .logps."""
+    from suder.rollout import policy_logps, row_generators
 
     pics = [shapes.render(s) for s in shapes.sample_scenes(6, seed=11)]
     cfg = resolve(steps=1, group_size=4, text_greedy_in_group=True)
     joined = sample_group(tiny_toy, "und", pics, cfg, torch.Generator().manual_seed(3))
-    sampled = tiny_toy.sample_text(pics, num_samples=3, generator=torch.Generator().manual_seed(3))
+    streams = row_generators(torch.Generator().manual_seed(3), 18, salt=1)
+    sampled = tiny_toy.sample_text(pics, num_samples=3, generator=streams)
     greedy = tiny_toy.sample_text(pics, temperature=0.0)
     assert joined.num_samples == 4 and len(joined) == 24
     for i, picture in enumerate(pics):
@@ -567,8 +569,8 @@ def test_group_size_per_direction_from_the_cli(tiny_toy_path, tmp_path, monkeypa
     seen = []
     sample_group = trainer.sample_group
 
-    def recording(model, direction, inputs, cfg, generator):
-        samples = sample_group(model, direction, inputs, cfg, generator)
+    def recording(model, direction, inputs, cfg, generator, chunks=None):
+        samples = sample_group(model, direction, inputs, cfg, generator, chunks)
         seen.append((direction, len(inputs), len(samples), samples.num_samples))
         return samples
 

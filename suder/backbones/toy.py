@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import BackboneError, DataError
 from ..hookspecs import hookimpl
 from ..protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave
-from ..sampling import caption_loop, left_pad, right_pad
+from ..sampling import caption_loop, left_pad, multinomial_rows, right_pad
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<t2i>", "<i2t>", "<boi>", "<eoi>")
 PAD, BOS, EOS, T2I, I2T, BOI, EOI = range(len(SPECIALS))
@@ -142,6 +142,7 @@ class ToyUnifiedLM(nn.Module):
     """The reference ``UnifiedLMM``: a tiny Llama over words and image codes (see the module docstring)."""
 
     name = "toy"
+    row_generators = True  # samplers take one generator per row (``suder.sampling.Generators``)
 
     def __init__(self, config: ToyConfig | None = None, codebook: np.ndarray | None = None):
         super().__init__()
@@ -485,10 +486,7 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
         return choice, torch.log_softmax(logits, -1).gather(-1, choice[:, None]).squeeze(-1)
     logp = torch.log_softmax(logits / temperature, -1)
     probs = logp.exp()
-    if generator is not None and generator.device != probs.device:
-        choice = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
-    else:
-        choice = torch.multinomial(probs, 1, generator=generator)
+    choice = multinomial_rows(probs, generator)  # one generator, or one per row
     return choice.squeeze(-1), logp.gather(-1, choice).squeeze(-1)
 
 

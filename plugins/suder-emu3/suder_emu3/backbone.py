@@ -43,7 +43,7 @@ from torch import nn
 
 from suder.errors import BackboneError
 from suder.protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave
-from suder.sampling import caption_loop, left_pad, right_pad
+from suder.sampling import caption_loop, left_pad, multinomial_rows, right_pad
 
 SETTINGS_FILE = "suder_emu3.json"
 UND_FOLDER = "und"  # the captioning checkpoint of a two-checkpoint backbone, inside the saved folder
@@ -76,6 +76,7 @@ class Emu3Backbone(nn.Module):
     the dual self-rewards. The VQ-VAE of ``model`` encodes and decodes images for both."""
 
     name = "emu3"
+    row_generators = True  # samplers take one generator per row (suder.sampling.Generators)
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, settings: Emu3Settings | None = None,
                  und_model: Any = None):
@@ -392,11 +393,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     if temperature == 0:
         choice = step.argmax(-1, keepdim=True)
     else:
-        probs = logp.exp()
-        if generator is not None and generator.device != probs.device:
-            choice = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
-        else:
-            choice = torch.multinomial(probs, 1, generator=generator)
+        choice = multinomial_rows(logp.exp(), generator)  # one generator, or one per row
     return choice.squeeze(-1), logp.gather(-1, choice).squeeze(-1)
 
 

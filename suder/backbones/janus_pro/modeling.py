@@ -44,7 +44,7 @@ from torch import nn
 
 from ...errors import BackboneError, closest
 from ...protocol import ImageSamples, TextSamples, TokenLogProbs, repeat_interleave, texts_of
-from ...sampling import caption_loop
+from ...sampling import caption_loop, rows_of
 from .sampling import IMAGE_SAMPLERS, draw, image_logits, log_softmax_at, scoring_temperature
 
 SETTINGS_FILE = "suder_janus.json"  # backbone settings written beside the weights by ``save_pretrained``
@@ -74,6 +74,7 @@ class JanusProBackbone(nn.Module):
     """
 
     name = "janus-pro"
+    row_generators = True  # samplers take one generator per row (``suder.sampling.Generators``)
 
     def __init__(self, model: nn.Module, processor: Any, *, guidance_scale: float = 5.0,
                  cfg_policy: str = "guided", caption_instruction: str = DEFAULT_INSTRUCTION,
@@ -320,12 +321,14 @@ class JanusProBackbone(nn.Module):
             raise BackboneError(f"Unknown image sampler '{sampler}'. Available: {', '.join(IMAGE_SAMPLERS)}.")
         rows = repeat_interleave(list(prompts), num_samples)
         guided = scale != 1.0
-        parts = []
+        parts, start = [], 0
         for chunk in self._chunks(rows):  # ``sample_batch_size`` rows (KV cache memory) per sampler call
             ids, mask = self._t2i_batch(chunk, guided)
             parts.append(IMAGE_SAMPLERS[sampler](
                 self.model, self.model.get_input_embeddings()(ids), mask, num_tokens=self.num_image_tokens,
-                guidance_scale=scale if guided else None, temperature=temperature, generator=generator))
+                guidance_scale=scale if guided else None, temperature=temperature,
+                generator=rows_of(generator, start, start + len(chunk))))
+            start += len(chunk)
         tokens, logps = (torch.cat(t) for t in zip(*parts, strict=True))
         return ImageSamples(prompts=rows, tokens=tokens, logps=logps, num_samples=num_samples,
                             guidance_scale=scale, temperature=temperature, decode=self.decode_images)
@@ -372,7 +375,10 @@ class JanusProBackbone(nn.Module):
         log-probs recorded."""
         pictures = repeat_interleave(self.pictures(images), num_samples)
         limit = int(options.get("max_new_tokens", options.get("max_tokens", self.max_caption_tokens)))
-        parts = [self._sample_captions(r, limit, temperature, generator) for r in self._chunks(pictures)]
+        chunks = self._chunks(pictures)
+        starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
+        parts = [self._sample_captions(r, limit, temperature, rows_of(generator, s, s + len(r)))
+                 for r, s in zip(chunks, starts, strict=True)]
         width = max(int(part[2].sum(-1).max()) for part in parts) or 1
         tokens, logps, alive = (torch.cat([p[i][:, :width] for p in parts]) for i in range(3))
         texts = [self.decode_text(row[keep & (row != self.eos_id)].tolist())

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...sampling import rand_rows
+
 
 def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None):
     """One token per row of (R, V) float logits: (token (R,), its log-prob under the sampling policy (R,)).
@@ -23,11 +25,11 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
     ``temperature == 0`` is greedy (log-prob at temperature 1). Sampling inverts the CDF with one uniform
     number per row from ``generator``, drawn on the generator's own device: a CPU generator (the trainer's)
     then drives a CUDA model moving R numbers instead of R x V probabilities; seeds hold on every device.
+    ``generator`` may be one per row (``suder.sampling.Generators``).
     """
     if temperature == 0:
         return pick(logits, temperature, None)
-    where = generator.device if generator is not None else logits.device
-    return pick(logits, temperature, torch.rand((logits.shape[0], 1), generator=generator, device=where))
+    return pick(logits, temperature, rand_rows((logits.shape[0], 1), generator, logits.device))
 
 
 def pick(logits: torch.Tensor, temperature: float, u: torch.Tensor | None):

@@ -102,6 +102,7 @@ class ShowOBackbone(nn.Module):
     """Show-o + MAGVIT-v2 + Phi-1.5 tokenizer as a ``UnifiedLMM`` (see the module docstring)."""
 
     name = "show-o"
+    row_generators = True  # samplers take one generator per row (``suder.sampling.Generators``)
 
     def __init__(
         self,

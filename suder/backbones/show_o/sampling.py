@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from ...sampling import is_per_row, multinomial_rows
 
 
 def mask_schedule(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -47,16 +50,20 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
     return (1 + scale) * cond - scale * uncond
 
 
-def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _uniform(shape: tuple[int, ...], generator: Any, device: torch.device) -> torch.Tensor:
+    """Uniform numbers of ``shape`` (B, ...), on the generator's device; per-row generators (one per image,
+    ``suder.sampling.Generators``) each fill their own row, as a call with that image alone would."""
+    if is_per_row(generator):
+        assert len(generator) == shape[0], f"{len(generator)} per-row generators for {shape[0]} rows"
+        return torch.cat([_uniform((1, *shape[1:]), g, device) for g in generator])
     where = generator.device if generator is not None else device
     return torch.zeros(shape, device=where).uniform_(0, 1, generator=generator).to(device)
 
 
-def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of (R, K) probabilities, on the generator's device."""
-    if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator)
+def _multinomial(probs: torch.Tensor, generator: Any) -> torch.Tensor:
+    """One draw per row of (R, K) probabilities, on the generator's device (per-row generators: each draws
+    its own block of rows, an image's N positions or a caption's row)."""
+    return multinomial_rows(probs, generator)
 
 
 def mask_by_random_topk(
