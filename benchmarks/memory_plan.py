@@ -121,6 +121,9 @@ CASES = {
     # name: (backbone, builder, builder options, backbone options)
     "toy": ("toy", save_toy, {}, {}),
     "janus-pro-576": ("janus-pro", save_tiny_janus, {}, {"device": "cpu", "dtype": "float32"}),
+    # one image per VQ decode: the language model's terms, not the decoder's, decide the peak
+    "janus-pro-576-decode1": ("janus-pro", save_tiny_janus, {}, {"device": "cpu", "dtype": "float32",
+                                                                 "decode_batch_size": 1}),
     "show-o-256": ("show-o", save_tiny_show_o, {"tokens": 256}, {"device": "cpu"}),
     "show-o-1024": ("show-o", save_tiny_show_o, {"tokens": 1024}, {"device": "cpu"}),
 }
@@ -134,7 +137,7 @@ def run_case(name: str, root: Path, algo: str = "grpo", **settings) -> dict:
     from suder.trainer import Trainer
 
     backbone, build, build_options, options = CASES[name]
-    folder = root / name
+    folder = root / build.__name__ / "-".join(f"{k}{v}" for k, v in build_options.items())
     if not (folder / "config.json").is_file():
         build(folder, **build_options)
     inputs = {} if backbone == "toy" else data(root / "data")
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", choices=sorted(CASES), help="cases to run (default: all)")
     p.add_argument("--algos", nargs="*", default=["simpo", "grpo"])
+    p.add_argument("--checkpointing", nargs="*", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory-plan.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -173,10 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="suder-memory-plan-") as tmp:
         for name in args.only or list(CASES):
             for algo in args.algos:
-                for checkpointing in (False, True):
-                    r = run_case(name, Path(tmp), algo, gradient_checkpointing=checkpointing)
+                for checkpointing in args.checkpointing:
+                    r = run_case(name, Path(tmp), algo, gradient_checkpointing=checkpointing == "on")
                     results.append(r)
-                    print(f"{name:14s} {algo:5s} ckpt={checkpointing!s:5s} estimate {r['estimate_bytes'] / 2**20:8.1f}"
+                    print(f"{name:22s} {algo:5s} ckpt={checkpointing:3s} estimate {r['estimate_bytes'] / 2**20:8.1f}"
                           f" MiB ({r['estimate_phase']})  measured {r['measured_bytes'] / 2**20:8.1f} MiB  "
                           f"ratio {r['ratio']:.3f}", flush=True)
     import transformers

@@ -56,6 +56,9 @@ GiB = 1024**3
 ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
 FIT_MARGIN = 0.9  # of the device's memory: the CUDA context, fragmentation and what the plan leaves out
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+# Peak of a convolutional image tokenizer's forward per image, in units of channels x pixels x bytes at full
+# resolution (measured on Janus-Pro's VQ decoder and encoder at 384 px, 32 to 128 base channels: 4.1 and 5.4).
+CODEC_DECODE, CODEC_ENCODE = 4.2, 5.5
 
 
 @dataclass
@@ -106,6 +109,9 @@ class ModelFacts:
     sampling_steps: int = 0  # masked sampler: forwards per image
     guidance: float = 1.0  # the backbone's default classifier-free guidance scale
     checkpointing: bool = True  # the backbone has gradient_checkpointing_enable
+    codec_channels: int = 0  # the image tokenizer's channels at full resolution (0: no convolutional tokenizer)
+    image_size: int = 0  # pixels per side
+    codec_batch: int = 1  # images per decode call
     source: str = ""  # where the config came from
 
     @property
@@ -312,16 +318,20 @@ def _janus_facts(model: str | None, options: dict[str, Any], device: str) -> Mod
     geometry = Geometry(t.num_hidden_layers, t.hidden_size, t.intermediate_size, heads,
                         t.num_key_value_heads or heads, head_dim, "llama", options.get("attn_implementation", "sdpa"))
     image_tokens = int(net.config.vision_config.num_image_tokens)
+    vq = net.config.vq_config
     return ModelFacts("janus-pro", n, nbytes, _dtype_name(dtype), trainable, adapters, geometry, image_tokens,
-                      int(net.config.vq_config.num_embeddings), int(t.vocab_size), prompt_tokens=48,
+                      int(vq.num_embeddings), int(t.vocab_size), prompt_tokens=48,
                       und_prefix=image_tokens + 48, caption_tokens=int(settings.get("max_caption_tokens", 256)),
-                      guidance=float(settings.get("guidance_scale", 5.0)), source=source)
+                      guidance=float(settings.get("guidance_scale", 5.0)), source=source,
+                      codec_channels=int(vq.base_channels * vq.channel_multiplier[0]),
+                      image_size=int(net.config.vision_config.image_size),
+                      codec_batch=int(settings.get("decode_batch_size", 8)))
 
 
 def _show_o_facts(model: str | None, options: dict[str, Any], device: str) -> ModelFacts:
     import torch
 
-    from .backbones.show_o.backbone import DEFAULTS, SETTINGS_FILE, VQ_FOLDER, ShowOSettings, readme_sampling
+    from .backbones.show_o.backbone import CHUNK, DEFAULTS, SETTINGS_FILE, VQ_FOLDER, ShowOSettings, readme_sampling
     from .backbones.show_o.factory import _dtype
     from .backbones.show_o.magvit import MAGVITv2
     from .backbones.show_o.modeling import Showo
@@ -355,6 +365,7 @@ def _show_o_facts(model: str | None, options: dict[str, Any], device: str) -> Mo
         caption_tokens=int(settings.get("max_caption_tokens", 64)), image_sampler="masked",
         sampling_steps=int(settings.get("steps") or readme["steps"]),
         guidance=1.0 + float(settings.get("guidance_scale") or readme["guidance_scale"]), source=source,
+        codec_channels=int(vq.config.ch * vq.config.decoder_ch_mult[0]), image_size=resolution, codec_batch=CHUNK,
     )
 
 
@@ -474,27 +485,30 @@ def plan(cfg: Any, facts: ModelFacts | None = None, *, engine: str = "ddp", proc
     kv_b = 4 if device == "cpu" else act  # the fast sampler keeps a CPU cache in float32
     phases: dict[str, list[Term]] = {"rollout": [], "scoring": [], "update": [], "optimizer step": []}
     # ---- rollout: the largest direction (they run one after the other)
-    rollouts = []
+    rollouts: list[list[Term]] = []
     for d in cfg.directions:
         side = cfg.side(d)
         n = _chunk(cfg, side.batch_size * side.group_size, chunk)
         if d == "gen" and f.image_sampler == "masked":
             seq, rows = f.prompt_tokens + f.image_tokens + 2, n * cfg_rows
-            rollouts.append(Term("gen forward (masked sampler)", rows * seq * g.working_set(seq, act)
-                                 + rows * f.image_tokens * f.image_vocab * 4 * 3, f"{rows} rows x {seq} tokens"))
+            rollouts.append([
+                Term("gen forward (masked sampler)", rows * seq * g.working_set(seq, act),
+                     f"{rows} rows x {seq} tokens"),
+                Term("gen step logits", rows * f.image_tokens * f.image_vocab * 4 * 3, "float32"),
+            ])
         elif d == "gen":
             seq, rows = f.prompt_tokens + f.image_tokens, n * cfg_rows
             kv = g.layers * 2 * g.kv_heads * g.head_dim * seq * rows * kv_b
             note = f"{n} samples{' x 2 (CFG)' if cfg_rows == 2 else ''} x {seq} tokens"
-            rollouts.append(Term("gen KV cache", kv + rows * f.image_vocab * 4 * 3, note))
+            rollouts.append([Term("gen KV cache", kv, note),
+                             Term("gen step logits", rows * f.image_vocab * 4 * 3, "float32")])
         else:
             seq = f.und_prefix + f.caption_tokens
             kv = g.layers * 2 * g.kv_heads * g.head_dim * seq * n * kv_b
             prefill = n * f.und_prefix * g.working_set(f.und_prefix, act)
-            rollouts.append(
-                Term("und KV cache", kv + prefill + n * f.text_vocab * 4 * 3, f"{n} samples x {seq} tokens")
-            )
-    phases["rollout"] = gathered + [max(rollouts, key=lambda t: t.bytes)]
+            rollouts.append([Term("und KV cache", kv, f"{n} samples x {seq} tokens"),
+                             Term("und prefill", prefill + n * f.text_vocab * 4 * 3, "one layer's work, logits")])
+    phases["rollout"] = gathered + max(rollouts, key=lambda terms: sum(t.bytes for t in terms))
     # ---- scoring: the rewards' and GRPO's no-grad forwards, one direction at a time
     scores = []
     for d in cfg.directions:
@@ -507,6 +521,12 @@ def plan(cfg: Any, facts: ModelFacts | None = None, *, engine: str = "ddp", proc
             seq, logits = f.caption_tokens + f.image_tokens, rows * f.image_tokens * f.image_vocab * 4 * 3
         hidden = rows * seq * (g.working_set(seq, act) + 2 * g.hidden * act)
         scores.append(Term(f"{d} reward forward", hidden + logits, f"{rows} rows x {seq} tokens, no grad"))
+        if f.codec_channels:  # gen: the samples decoded for the reward; und: the input images encoded
+            images = min(f.codec_batch, side.batch_size * side.group_size if d == "gen" else side.batch_size)
+            coefficient = CODEC_DECODE if d == "gen" else CODEC_ENCODE
+            work = coefficient * f.codec_channels * f.image_size**2 * act * images
+            scores.append(Term(f"{d} image {'de' if d == 'gen' else 'en'}coding", work,
+                               f"{images} images of {f.image_size} px"))
     phases["scoring"] = gathered + [max(scores, key=lambda t: t.bytes)]
     # ---- update: both directions' graphs, then the gradients
     acts, logits = 0.0, 0.0
