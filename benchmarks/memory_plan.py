@@ -1,7 +1,8 @@
 """The memory plan (``suder.memory``) against measurement: tiny configs of each backbone at their real image geometry.
 
     HF_HUB_OFFLINE=1 python benchmarks/memory_plan.py                 # -> benchmarks/results/memory-plan.json
-    HF_HUB_OFFLINE=1 python benchmarks/memory_plan.py --only janus-pro --out /tmp/plan.json
+    HF_HUB_OFFLINE=1 python benchmarks/memory_plan.py --only janus-pro-576 --out /tmp/plan.json
+    HF_HUB_OFFLINE=1 python benchmarks/memory_plan.py table          # docs/performance.md's table of full models
 
 Each case saves a tiny random model of the backbone (Janus-Pro: 2 layers, hidden 64, at 384 px = 576 image tokens;
 Show-o: 2 layers, hidden 32, at 256 and 1024 image tokens; the toy: its default 1M-parameter model at its own 64
@@ -165,7 +166,45 @@ def run_case(name: str, root: Path, algo: str = "grpo", **settings) -> dict:
     }
 
 
+TABLE_MODELS = [
+    ("janus-pro", "deepseek-community/Janus-Pro-1B", "Janus-Pro-1B"),
+    ("janus-pro", "deepseek-community/Janus-Pro-7B", "Janus-Pro-7B"),
+    ("show-o", "showlab/show-o", "Show-o"),
+]
+TABLE_LAUNCHES = [("ddp", 1), ("ddp", 8), ("zero2", 8), ("zero3", 8)]
+
+
+def table() -> str:
+    """docs/performance.md's table: the plan's peak per GPU for the full-size models (bf16), GRPO in both directions
+    (its KL reference kept), one prompt and one image per micro-batch (batch_size 1), G = 8 and 16."""
+    from suder.config import resolve
+    from suder.memory import GiB, model_facts, plan
+
+    data = dict(prompts=str(ROOT / "README.md"), images=str(ROOT / "docs"))
+    lines = ["| model | tuning | engine | G=8 | G=8, ckpt | G=16 | G=16, ckpt | peak phase (G=16, ckpt) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for backbone, model, label in TABLE_MODELS:
+        for tuning in ("full", "LoRA") if backbone == "janus-pro" else ("full",):
+            options = {"dtype": "bfloat16"} | ({"lora": True} if tuning == "LoRA" else {})
+            facts = model_facts(backbone, model, options)
+            for engine, n in TABLE_LAUNCHES:
+                cells, phase = [], ""
+                for group in (8, 16):
+                    for ckpt in (False, True):
+                        cfg = resolve(None, None, backbone=backbone, model=model, algo="grpo", batch_size=1,
+                                      group_size=group, gradient_checkpointing=ckpt, backbone_options=options, **data)
+                        p = plan(cfg, facts, engine=engine, processes=n)
+                        cells.append(f"{p.peak / GiB:.1f}")
+                        phase = p.peak_phase
+                lines.append(f"| {label} | {tuning} | {engine} x {n} | " + " | ".join(cells) + f" | {phase} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["table"]:
+        print(table())
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", choices=sorted(CASES), help="cases to run (default: all)")
     p.add_argument("--algos", nargs="*", default=["simpo", "grpo"])
