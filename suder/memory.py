@@ -82,9 +82,11 @@ class Geometry:
             return act * (10 * h + 5.1 * i + scores)
         return act * (11 * h + 4 * i + scores) + (4 * h if act == 2 else 0)
 
-    def working_set(self, seq: int, act: int) -> float:
-        """Bytes per token of one layer's forward without autograd (the largest tensors alive at once)."""
-        scores = self.heads * seq if self.attention == "eager" else 0
+    def working_set(self, seq: int, act: int, device: str = "cuda") -> float:
+        """Bytes per token of one layer's forward without autograd (the largest tensors alive at once). Attention
+        scores and probabilities (heads x T each) exist with eager attention; SDPA on CPU under a mask holds about
+        0.9 T (as in ``saved_per_token``), CUDA's SDPA kernels nothing of that size."""
+        scores = 2 * self.heads * seq if self.attention == "eager" else (0.9 * seq if device == "cpu" else 0)
         return act * (4 * self.hidden + 2 * self.intermediate + scores)
 
 
@@ -492,7 +494,7 @@ def plan(cfg: Any, facts: ModelFacts | None = None, *, engine: str = "ddp", proc
         if d == "gen" and f.image_sampler == "masked":
             seq, rows = f.prompt_tokens + f.image_tokens + 2, n * cfg_rows
             rollouts.append([
-                Term("gen forward (masked sampler)", rows * seq * g.working_set(seq, act),
+                Term("gen forward (masked sampler)", rows * seq * g.working_set(seq, act, device),
                      f"{rows} rows x {seq} tokens"),
                 Term("gen step logits", rows * f.image_tokens * f.image_vocab * 4 * 3, "float32"),
             ])
@@ -505,7 +507,7 @@ def plan(cfg: Any, facts: ModelFacts | None = None, *, engine: str = "ddp", proc
         else:
             seq = f.und_prefix + f.caption_tokens
             kv = g.layers * 2 * g.kv_heads * g.head_dim * seq * n * kv_b
-            prefill = n * f.und_prefix * g.working_set(f.und_prefix, act)
+            prefill = n * f.und_prefix * g.working_set(f.und_prefix, act, device)
             rollouts.append([Term("und KV cache", kv, f"{n} samples x {seq} tokens"),
                              Term("und prefill", prefill + n * f.text_vocab * 4 * 3, "one layer's work, logits")])
     phases["rollout"] = gathered + max(rollouts, key=lambda terms: sum(t.bytes for t in terms))
@@ -519,7 +521,7 @@ def plan(cfg: Any, facts: ModelFacts | None = None, *, engine: str = "ddp", proc
         else:  # dsr-consensus: log p(image | caption), guided rows
             rows *= cfg_rows
             seq, logits = f.caption_tokens + f.image_tokens, rows * f.image_tokens * f.image_vocab * 4 * 3
-        hidden = rows * seq * (g.working_set(seq, act) + 2 * g.hidden * act)
+        hidden = rows * seq * (g.working_set(seq, act, device) + 2 * g.hidden * act)
         scores.append(Term(f"{d} reward forward", hidden + logits, f"{rows} rows x {seq} tokens, no grad"))
         if f.codec_channels:  # gen: the samples decoded for the reward; und: the input images encoded
             images = min(f.codec_batch, side.batch_size * side.group_size if d == "gen" else side.batch_size)
