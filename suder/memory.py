@@ -330,11 +330,13 @@ def _janus_facts(model: str | None, options: dict[str, Any], device: str) -> Mod
                       codec_batch=int(settings.get("decode_batch_size", 8)))
 
 
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short names the factories accept
+
+
 def _show_o_facts(model: str | None, options: dict[str, Any], device: str) -> ModelFacts:
     import torch
 
     from .backbones.show_o.backbone import CHUNK, DEFAULTS, SETTINGS_FILE, VQ_FOLDER, ShowOSettings, readme_sampling
-    from .backbones.show_o.factory import _dtype
     from .backbones.show_o.magvit import MAGVITv2
     from .backbones.show_o.modeling import Showo
 
@@ -347,7 +349,8 @@ def _show_o_facts(model: str | None, options: dict[str, Any], device: str) -> Mo
     vq_path = Path(name) / VQ_FOLDER / "config.json"
     if vq_path.is_file():
         vq_config = {k: v for k, v in _read_json(vq_path).items() if not k.startswith("_")}
-    dtype = _dtype(options.get("dtype")) or torch.float32
+    name_of_dtype = str(options.get("dtype") or "float32").removeprefix("torch.")
+    dtype = getattr(torch, DTYPE_ALIASES.get(name_of_dtype, name_of_dtype))
     showo_args = {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
     with torch.device("meta"):  # float32 on meta; the bytes are counted at the run's dtype
         showo = Showo(**showo_args)
