@@ -328,6 +328,7 @@ def cmd_run(argv: list[str]) -> None:
                     task, total=m["total_steps"], completed=m["step"], info=term.loss_info(m), visible=True
                 ),
             )
+    start_plan(cfg, console)  # the table, and on a GPU too small for it a one-line error, before weights load
     with term.progress() as bar:
         task = bar.add_task("dsr", total=None, info="")
 
@@ -346,6 +347,81 @@ def cmd_run(argv: list[str]) -> None:
     console.print(f"Run folder: {result.output_dir}  final model: {result.final_model}")
     if result.hub_url:
         console.print(f"Pushed to the Hub: {result.hub_url}", highlight=False, soft_wrap=True)
+
+
+PLAN_HELP = (
+    "The memory plan of a run, per process and phase, from configs alone (no weights load); takes every `suder "
+    "run` option (`suder run --help`) plus these."
+)
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="suder plan", description=PLAN_HELP, allow_abbrev=False)
+    p.add_argument("--device-memory", metavar="SIZE", help="plan for a device of this memory (80GiB, 24GB); default: "
+                   "this machine's GPU, or no fit check on CPU")
+    p.add_argument("--engine", choices=("ddp", "zero2", "zero3", "fsdp2"), help="default: what accelerate launch set")
+    p.add_argument("--processes", type=int, help="processes sharing the work (default: WORLD_SIZE, else 1)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def cmd_plan(argv: list[str]) -> None:
+    """``suder plan [run options]``: the memory plan's table (or JSON), and whether it fits the device."""
+    from . import memory
+    from .config import resolve
+    from .outputs import resume_config
+
+    args, rest = _plan_parser().parse_known_args(argv)
+    _at_least("--processes", args.processes, 1, "the processes that share the work")
+    config_file, flags = parse_run(rest)
+    cfg = resume_config(resolve(config_file, flags))
+    engine, processes = memory.launched()
+    engine, processes = args.engine or engine, args.processes or processes
+    name, total = memory.device_memory()
+    if args.device_memory:
+        name, total = f"a {args.device_memory} device", memory.parse_bytes(args.device_memory)
+    device = "cpu" if total is None else "cuda"
+    p = memory.plan(cfg, engine=engine, processes=processes, device=device)
+    if args.json:
+        fits = None if total is None else p.peak <= total * memory.FIT_MARGIN
+        print(json.dumps(p.to_dict() | {"device": name, "device_bytes": total, "fits": fits}, indent=2))
+        return
+    out = term.console(stderr=False)
+    out.print(memory.plan_table(p))
+    if total is None:
+        out.print("On CPU: no fit check (pass --device-memory 80GiB to plan for a GPU).")
+        return
+    try:
+        memory.check_fits(p, cfg, total, name)
+    except SuderError as exc:
+        out.print(f"[bold red]Does not fit:[/] {exc}", highlight=False)
+        return
+    out.print(f"Fits {name} ({total / memory.GiB:.1f} GiB): peak {p.peak / memory.GiB:.1f} GiB ({p.peak_phase}).")
+
+
+def start_plan(cfg: Any, console: Any) -> None:
+    """The start of ``suder run``: the plan's table (main process), and on a CUDA device smaller than the plan a
+    one-line ``ConfigError`` naming what would fit, before any weights load. A backbone without memory facts (or
+    a model whose config cannot be planned) only gets a note."""
+    from . import memory
+    from .errors import BackboneError
+
+    engine, processes = memory.launched()
+    name, total = memory.device_memory()
+    try:
+        p = memory.plan(cfg, engine=engine, processes=processes, device="cpu" if total is None else "cuda")
+    except BackboneError as exc:
+        console.print(f"No memory plan: {exc}", highlight=False)
+        return
+    except Exception as exc:  # a plan that cannot be made (an unusual config file) never blocks a run that can start
+        console.print(f"No memory plan: {type(exc).__name__}: {exc}", highlight=False)
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(memory.plan_table(p))
+        if total is None:
+            console.print("On CPU: no fit check.")
+    if total is not None:
+        memory.check_fits(p, cfg, total, name)
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -441,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`suder run --help` lists every setting)",
         add_help=False,
     )
+    sub.add_parser("plan", help="the memory plan of a run (takes `suder run`'s options; no weights load)",
+                   add_help=False)
     sub.add_parser("env", help="versions, devices and installed backbones, to paste into a bug report")
     return p
 
@@ -477,6 +555,9 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["run"]:
             cmd_run(argv[1:])
+            return 0
+        if argv[:1] == ["plan"]:
+            cmd_plan(argv[1:])
             return 0
         args = parser.parse_args(argv)
         if args.command is None:

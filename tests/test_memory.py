@@ -1,0 +1,216 @@
+"""The memory plan (``suder.memory``): config facts, each term's arithmetic, the fit check and its advice, ``suder
+plan``, the start of ``suder run``, and the estimate against measured peaks of tiny runs at real image geometry."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from suder import memory
+from suder.config import resolve
+from suder.errors import BackboneError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+JANUS_7B = "deepseek-community/Janus-Pro-7B"
+
+
+@functools.cache
+def facts(backbone: str, model: str | None = None, device: str = "cuda") -> memory.ModelFacts:
+    return memory.model_facts(backbone, model, {}, device)
+
+
+def janus_cfg(**kw):
+    data = dict(prompts=str(ROOT / "README.md"), images=str(ROOT / "docs"))
+    return resolve(None, None, backbone="janus-pro", model=JANUS_7B, **(data | kw))
+
+
+def bench():
+    spec = importlib.util.spec_from_file_location("memory_plan_bench", ROOT / "benchmarks" / "memory_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------ facts
+@pytest.mark.parametrize("model,params,layers,hidden", [
+    ("deepseek-community/Janus-Pro-1B", 2.0766e9, 24, 2048),  # model.safetensors: 4.15 GB in bf16
+    (JANUS_7B, 7.4078e9, 30, 4096),  # 14.8 GB in bf16
+])
+def test_janus_pro_config_facts_give_the_released_checkpoints_sizes(model, params, layers, hidden):
+    f = facts("janus-pro", model)
+    assert f.weights == pytest.approx(params, rel=1e-3)
+    assert f.weight_bytes == pytest.approx(2 * params, rel=1e-3)  # bf16 on a GPU
+    assert (f.lm.layers, f.lm.hidden, f.image_tokens, f.image_vocab, f.text_vocab) == (layers, hidden, 576, 16384,
+                                                                                        102400)
+    # the language model's layers and norm in both directions, never the VQ model or the text embeddings
+    assert f.trainable["gen"] < f.trainable["unified"] < f.weights - 102400 * hidden
+    assert facts("janus-pro", model, "cpu").weight_bytes == pytest.approx(2 * f.weight_bytes, rel=1e-6)  # float32
+
+
+def test_show_o_full_size_is_phi_1_5_with_its_image_tokens():
+    f = facts("show-o", "showlab/show-o")
+    assert (f.lm.layers, f.lm.hidden, f.lm.intermediate, f.lm.heads) == (24, 2048, 8192, 32)
+    assert (f.image_tokens, f.image_vocab, f.image_sampler, f.sampling_steps) == (256, 8192, "masked", 18)
+    assert 1.40e9 < f.trainable["unified"] < 1.46e9  # Phi-1.5 (1.42B) with Show-o's larger vocabulary
+    assert facts("show-o", "showlab/show-o-512x512").image_tokens == 1024
+
+
+def test_a_plugin_backbone_without_memory_facts_has_no_plan(monkeypatch):
+    from suder import registry
+
+    toy = facts("toy")
+    spec = registry.BackboneSpec("nofacts", lambda **kw: None, "", "p", "d")
+    monkeypatch.setattr(registry, "get_backbone_spec", lambda name: spec)
+    with pytest.raises(BackboneError, match="memory_facts"):
+        memory.model_facts("nofacts")
+    spec.factory.memory_facts = lambda **kw: toy  # the optional hook of docs/writing-a-plugin.md
+    assert memory.model_facts("nofacts") is toy
+
+
+# ------------------------------------------------------------------------------------------ terms
+def test_the_kv_cache_of_an_image_rollout_is_layers_x_2_x_heads_x_dim_x_tokens_x_rows_x_bytes():
+    """Janus-Pro-7B, one prompt x G=16 with guidance (32 rows), 48 + 576 tokens, bf16: 30 x 2 x 32 x 128 x 624 x
+    32 x 2 bytes = 9.80 GB, the 'several GB' of the issue."""
+    f = facts("janus-pro", JANUS_7B)
+
+    def kv(cfg, **kw) -> float:
+        return next(t.bytes for t in memory.plan(cfg, f, **kw).phases["rollout"] if t.name == "gen KV cache")
+
+    cfg = janus_cfg(batch_size=1, group_size=16, strategy="gen")
+    assert kv(cfg) == 30 * 2 * 32 * 128 * 624 * 32 * 2
+    assert kv(janus_cfg(batch_size=1, group_size=16, strategy="gen", guidance_scale=1.0)) == kv(cfg) / 2  # no CFG
+    # a rollout chunk of 4 samples holds a quarter of it: as an argument, or the run's rollout_chunk_size
+    assert kv(cfg, chunk=4) == kv(cfg) / 4
+    whole = kv(cfg)
+    cfg.rollout_chunk_size = 4
+    assert kv(cfg) == whole / 4
+    cfg.rollout_chunk_size = "auto"  # chosen at run time: the plan keeps the whole group
+    assert kv(cfg) == whole
+
+
+def _terms(p: memory.MemoryPlan, phase: str = "update") -> dict[str, float]:
+    return {t.name: t.bytes for t in p.persistent + p.phases[phase]}
+
+
+def test_engines_shard_what_they_shard():
+    """DDP: nothing (and a second gradient copy in its buckets); ZeRO-2: gradients and optimizer; ZeRO-3 and FSDP2:
+    weights too. AdamW in bf16 keeps two bf16 moments per trained parameter."""
+    f = facts("janus-pro", JANUS_7B)
+    cfg = janus_cfg(algo="grpo")  # GRPO's KL term keeps a frozen reference
+    one = _terms(memory.plan(cfg, f))
+    trained = f.trainable["unified"]
+    assert one["weights"] == one["reference"] == f.weight_bytes
+    assert one["optimizer"] == trained * 2 * 2 and one["gradients"] == trained * 2
+    ddp = _terms(memory.plan(cfg, f, engine="ddp", processes=8))
+    assert ddp["weights"] == f.weight_bytes and ddp["gradients"] == 2 * one["gradients"]
+    zero2 = _terms(memory.plan(cfg, f, engine="zero2", processes=8))
+    assert zero2["weights"] == f.weight_bytes
+    assert zero2["gradients"] == one["gradients"] / 8 and zero2["optimizer"] == one["optimizer"] / 8
+    for engine in ("zero3", "fsdp2"):
+        sharded = memory.plan(cfg, f, engine=engine, processes=8)
+        assert _terms(sharded)["weights"] == f.weight_bytes / 8 and _terms(sharded)["gradients"] == one["gradients"] / 8
+        # the rollout reads whole weights: the rest of them is gathered on top of the shard
+        assert _terms(sharded, "rollout")["gathered weights"] == f.weight_bytes * 7 / 8
+    mixed = _terms(memory.plan(janus_cfg(mixed_precision="bf16"), facts("janus-pro", JANUS_7B, "cpu"),
+                               engine="zero2", processes=2, device="cpu"))
+    assert mixed["master weights"] == trained * 4 / 2 and mixed["optimizer"] == trained * 8 / 2  # float32
+
+
+def test_lora_trains_the_adapters_and_its_reference_is_the_adapters():
+    f = facts("janus-pro", JANUS_7B)
+    assert f.lora == 30 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # r 16 on q,k,v,o and gate,up,down
+    lora = _terms(memory.plan(janus_cfg(algo="grpo", backbone_options={"lora": True}), f))
+    assert lora["reference"] == f.lora * 4 and lora["optimizer"] == f.lora * 8 and lora["gradients"] == f.lora * 4
+    assert "reference" not in _terms(memory.plan(janus_cfg(strategy="gen", grpo_beta=0.0), f))  # nothing reads one
+
+
+def test_gradient_checkpointing_keeps_each_layers_input_and_one_layer():
+    f = facts("janus-pro", JANUS_7B)
+    g, seq, rows = f.lm, f.prompt_tokens + f.image_tokens, 2 * 8 * 2  # SimPO pairs of 8 prompts, with guidance
+    per_layer = g.saved_per_token(seq, 2)
+    off = _terms(memory.plan(janus_cfg(strategy="gen"), f))["activations"]
+    on = _terms(memory.plan(janus_cfg(strategy="gen", gradient_checkpointing=True), f))["activations"]
+    assert off == rows * seq * (g.layers * per_layer + 2 * g.hidden * 2)
+    assert on == rows * seq * (g.layers * g.hidden * 2 + per_layer + 2 * g.hidden * 2)
+    assert off / on > 10
+
+
+def test_a_plan_that_does_not_fit_says_what_would():
+    f = facts("janus-pro", JANUS_7B)
+    cfg = janus_cfg(batch_size=1, group_size=16)
+    p = memory.plan(cfg, f)
+    with pytest.raises(ConfigError) as err:
+        memory.check_fits(p, cfg, 80 * memory.GiB, "cuda:0")
+    message = str(err.value)
+    assert "\n" not in message and f"{p.peak / memory.GiB:.1f} GiB" in message and "what would fit" in message
+    assert "LoRA" in message
+    # each suggestion fits when applied
+    lora = memory.plan(janus_cfg(batch_size=1, group_size=16, backbone_options={"lora": True}), f)
+    assert lora.peak <= 0.9 * 80 * memory.GiB
+    memory.check_fits(lora, cfg, 80 * memory.GiB, "cuda:0")  # fits: no error
+
+
+def test_parse_bytes():
+    assert memory.parse_bytes("80GiB") == 80 * 2**30
+    assert memory.parse_bytes("24GB") == 24 * 10**9
+    assert memory.parse_bytes("512 MiB") == 512 * 2**20
+    with pytest.raises(ConfigError, match="80GiB"):
+        memory.parse_bytes("lots")
+
+
+# ------------------------------------------------------------------------------------------ the commands
+def test_suder_plan_prints_the_table_or_json(tiny_toy_path, capsys):
+    from suder.cli import main
+
+    assert main(["plan", "--model", str(tiny_toy_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["backbone"] == "toy" and out["peak_phase"] in out["phases"] and out["fits"] is None  # CPU
+    assert main(["plan", "--model", str(tiny_toy_path), "--device-memory", "1MiB"]) == 0
+    text = capsys.readouterr().out
+    assert "Memory plan: toy" in text and "Does not fit" in text and "a 1MiB device has 0.0 GiB" in text
+
+
+def test_suder_run_stops_before_loading_weights_when_the_gpu_is_too_small(tiny_toy_path, tmp_path, monkeypatch,
+                                                                         capsys):
+    import suder.trainer
+    from suder.cli import main
+
+    monkeypatch.setattr(memory, "device_memory", lambda: ("cuda:0", float(2**20)))
+    monkeypatch.setattr(suder.trainer, "train", lambda *a, **k: pytest.fail("the run loaded its model"))
+    code = main(["run", "--model", str(tiny_toy_path), "--output-dir", str(tmp_path / "run"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Memory plan: toy" in err
+    assert "Error: The memory plan needs" in err and "cuda:0 has 0.0 GiB" in err
+
+
+# ------------------------------------------------------------------------------------------ measured
+@pytest.mark.parametrize("case", ["toy", "show-o-256", "janus-pro-576"])
+def test_the_estimate_is_within_15_percent_of_the_measured_peak(case, tmp_path):
+    """Two GRPO steps of a tiny model at the backbone's real image geometry, profiled from before the model loads
+    (``benchmarks/memory_plan.py``); Janus-Pro's peak is its VQ decoder at 384 px, the others' the update."""
+    small = {"janus-pro-576": dict(batch_size=1, group_size=2)}.get(case, {})
+    result = bench().run_case(case, tmp_path, "grpo", **small)
+    assert 0.85 <= result["ratio"] <= 1.15, result
+
+
+def test_resume_holds_one_copy_of_the_optimizer_state(tiny_toy_path, tmp_path):
+    """accelerate's load_state while resuming: the peak of new allocations is the optimizer state itself, not two
+    copies of it (a loaded state dict and the optimizer's own)."""
+    import suder
+    from suder.trainer import Trainer
+
+    kw = dict(model=str(tiny_toy_path), steps=2, batch_size=2, group_size=2, grad_accum=1, sample_every=0,
+              save_every=1, eval_num=4, output_dir=str(tmp_path / "run"))
+    suder.train("toy", **kw)
+    trainer = Trainer(resolve(None, None, backbone="toy", **(kw | {"resume": True, "steps": 3})))
+    peak, _ = bench().measured_peak(lambda: trainer.writer.restore(trainer.acc, trainer.resume_from))
+    state = trainer.engines["policy"].optimizer.state
+    held = sum(v.numel() * v.element_size() for s in state.values() for v in s.values() if torch.is_tensor(v))
+    assert held > 0 and peak <= 1.15 * held, (peak, held)
