@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import html
 import io
 import json
@@ -54,11 +55,11 @@ JUDGE_COLUMNS = [
     ("caption_greedy", "overall", "caption greedy"),
 ]
 COLOURS = ("#0b57d0", "#d93025", "#188038", "#e37400", "#9334e6", "#00838f", "#6d4c41", "#5f6368")
+DASHES = ("", "6 4", "2 3", "8 3 2 3")  # stepped lines of the 2nd, 3rd, ... run: runs with the same lr stay visible
 # counts and the learning rate: drawn as steps (the last name part, or "num_..."); see ``is_step_metric``
 STEP_NAMES = re.compile(r"(^|/)(lr|learning_rate|num_\w+)$|(^|[/_])(pairs|tokens|groups|skipped|count|decisive)(_|$)")
 NAV = {"judge": "Judged accuracy", "overview": "Overview", "samples": "Samples", "metrics": "All metrics",
        "config": "Config"}
-USER_LAYERS = ("config", "flags", "keywords")  # suder.config.USER_LAYERS, without importing the config module
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1320px;
 padding:16px 24px;color:#1d1d1f;background:#fafafa}
@@ -70,15 +71,16 @@ th{background:#f1f1f4}td:first-child,th:first-child{text-align:left}.up{color:#1
 border-bottom:1px dotted #ddd;padding:1px 0}b.user{color:#0b57d0}.cfg span:last-child{font-family:ui-monospace,
 monospace;margin-left:12px;text-align:right;word-break:break-all}
 .charts{display:flex;flex-wrap:wrap;gap:10px}.chart{background:#fff;border:1px solid #e3e3e3;border-radius:6px;
-padding:4px}.chart svg{display:block}.const{margin:6px 0 0;color:#444}.const span{margin-right:18px;
+padding:4px}.chart svg{display:block}.const{margin:6px 0 0;color:#444}.const>span{margin-right:18px;
 white-space:nowrap}.side{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-.legend span{margin-right:16px;white-space:nowrap}.sw{display:inline-block;width:12px;height:12px;border-radius:2px;
+.side table{font-size:13px}.side td,.side th{padding:2px 5px}.legend span{margin-right:16px;white-space:nowrap}
+.sw{display:inline-block;width:12px;height:12px;border-radius:2px;
 margin-right:5px;vertical-align:-1px}summary{cursor:pointer;font-weight:600;margin:8px 0}
 .step{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start;margin-bottom:10px}
 .samples td{vertical-align:top;text-align:left}.samples img{image-rendering:pixelated;display:block;max-width:128px}
 .samples td.prompt{width:190px}.imgs{display:flex;gap:4px}figure{margin:0;text-align:center}
 figcaption,.caps td{font:12px/1.3 ui-monospace,monospace}.caps td{border:0;padding:0 6px 0 0}
-.caps td.r{text-align:right}.best{font-weight:700}.ok{color:#137333}.bad{color:#b3261e}
+img.grid{max-width:100%}.caps td.r{text-align:right}.best{font-weight:700}.ok{color:#137333}.bad{color:#b3261e}
 """
 
 
@@ -164,7 +166,7 @@ class Run:
     metrics: list[dict[str, Any]]
     colour: str = COLOURS[0]
 
-    @property
+    @functools.cached_property
     def groups(self) -> dict[str, dict[str, list[tuple[int, float]]]]:
         return metric_groups(self.metrics)
 
@@ -305,7 +307,7 @@ def svg_chart(title: str, series: list[tuple[str, str, list[tuple[int, float]]]]
         parts.append(f'<text x="{sx(xv):.1f}" y="{height - 6}" font-size="10" text-anchor="middle" fill="#666" '
                      f'class="xtick">{label}</text>')
     parts.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#ccc"/>')
-    for name, colour, points in series:
+    for i, (name, colour, points) in enumerate(series):
         smooth = points if stepped else list(zip([x for x, _ in points], ema([v for _, v in points])))
         points, smooth = _thin(points, smooth)
         run = f' data-run="{html.escape(name)}"'
@@ -316,7 +318,8 @@ def svg_chart(title: str, series: list[tuple[str, str, list[tuple[int, float]]]]
         if stepped:
             corners = [points[0]] + [q for a, b in zip(points, points[1:]) for q in ((b[0], a[1]), b)]
             line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in corners)
-            parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.5"{run}/>')
+            dash = f' stroke-dasharray="{DASHES[i % len(DASHES)]}"' if i else ""  # identical lines stay visible
+            parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.5"{dash}{run}/>')
             continue
         raw = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
         parts.append(f'<polyline points="{raw}" fill="none" stroke="{colour}" stroke-opacity="0.25"{run}/>')
@@ -373,7 +376,7 @@ def judge_rows(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str,
     return rows
 
 
-def judge_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+def judge_table(before: dict[str, Any], after: dict[str, Any], corner: str = "judge accuracy (%)") -> str:
     """Judge accuracy (%) before and after, with the change."""
     head = "".join(f"<th>{html.escape(name)}</th>" for _, _, name in JUDGE_COLUMNS)
     rows = []
@@ -392,7 +395,7 @@ def judge_table(before: dict[str, Any], after: dict[str, Any]) -> str:
             d = 100 * (a - b)
             cells.append(f'<td class="{"up" if d > 0 else "down" if d < 0 else ""}">{d:+.1f}</td>')
     rows.append(f"<tr><td>change</td>{''.join(cells)}</tr>")
-    return f"<table><tr><th>judge accuracy (%)</th>{head}</tr>{''.join(rows)}</table>"
+    return f"<table><tr><th>{corner}</th>{head}</tr>{''.join(rows)}</table>"
 
 
 def flat_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -409,7 +412,7 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
 def user_set(config: dict[str, Any]) -> set[str]:
     """The keys the user set (a config file, flags or keywords: ``sources:``). A config.yaml written before
     ``sources:`` existed: the keys that differ from the default."""
-    from .config import FIELDS
+    from .config import FIELDS, USER_LAYERS
 
     sources = config.get("sources")
     flat = flat_config(config)
@@ -492,8 +495,8 @@ def _cells(png: Path, record: dict[str, Any]) -> list[list[str]]:
     """The grid's images (``record["rows"]`` x ``record["cols"]``, no padding) as ``data:`` URIs, row by row."""
     from PIL import Image
 
-    with Image.open(png) as grid:
-        grid.load()
+    with Image.open(png) as f:
+        grid = f.convert("RGB")
     cw, ch = grid.width // record["cols"], grid.height // record["rows"]
     return [
         [_data_uri(grid.crop((c * cw, r * ch, (c + 1) * cw, (r + 1) * ch))) for c in range(record["cols"])]
@@ -611,10 +614,11 @@ def page_sections(runs: list[Run], max_grids: int) -> list[tuple[str, str, str]]
     sections = []
     judged = [r for r in runs if r.run.get("before") or r.run.get("after")]
     if judged:
-        tables = [judge_table(r.run.get("before"), r.run.get("after")) for r in judged]
-        if len(runs) > 1:
-            tables = [f'<div><h3 style="color:{r.colour}">{html.escape(r.name)}</h3>{t}</div>'
-                      for r, t in zip(judged, tables)]
+        if len(runs) == 1:
+            tables = [judge_table(runs[0].run.get("before"), runs[0].run.get("after"))]
+        else:  # side by side: the run's name above its table, in its colour
+            tables = [f'<div data-run="{html.escape(r.name)}"><h3 style="color:{r.colour}">{html.escape(r.name)}</h3>'
+                      f'{judge_table(r.run.get("before"), r.run.get("after"), "%")}</div>' for r in judged]
         sections.append(("judge", "Judged accuracy before and after", f'<div class="side">{"".join(tables)}</div>'))
     if any(grouped.values()):
         sections.append(("overview", "Overview", charts_html(overview_keys(union), runs, grouped)))

@@ -390,5 +390,7 @@ def test_several_runs_overlay_their_curves_and_put_their_judge_tables_side_by_si
     ys = {line["data-run"]: _polyline_ys(line) for line in page.lines["gen/reward_mean"] if line.get("stroke-width")}
     assert all(ya > yb for ya, yb in zip(ys["a/run"], ys["b/run"]))  # b's rewards are higher: drawn above
     assert page.consts["gen/groups"] == "gen/groups = 4 (constant, steps 1-40)"  # constant in both runs
-    assert text.count("<table><tr><th>judge accuracy (%)</th>") == 2 and "50.0" in page.cells and "75.0" in page.cells
+    side = re.search(r'<div class="side">(.*?)</div></div><h2', text).group(1)  # the judge tables' row
+    assert re.findall(r'<div data-run="([^"]+)"><h3[^>]*>[^<]+</h3><table><tr><th>%</th>', side) == names
+    assert "50.0" in page.cells and "75.0" in page.cells
     assert "+25.0" in page.cells and "+50.0" in page.cells  # each run's change
