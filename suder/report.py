@@ -38,6 +38,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -244,14 +245,20 @@ def _compact_exp(text: str) -> str:
     return f"{mantissa}e{int(exp)}"
 
 
-def is_step_metric(key: str, values: list[float]) -> bool:
+def is_step_metric(key: str, values: Iterable[float]) -> bool:
     """Drawn as steps, unsmoothed: the learning rate and counts by name (``STEP_NAMES``: ``lr``, ``num_*``,
     ``*pairs``, ``*tokens``, ``groups*``, ``*skipped``, ``*count``, ``*decisive``), or a metric that takes few
     distinct values (at most 8, and at most one per 4 logged points: it holds a value, it does not wander)."""
     if STEP_NAMES.search(key):
         return True
-    distinct = len(set(values))
-    return distinct <= 8 and distinct * 4 <= len(values)
+    seen: set[float] = set()
+    count = 0
+    for v in values:  # stops at the 9th distinct value: a long noisy series is not read to its end
+        seen.add(v)
+        count += 1
+        if len(seen) > 8:
+            return False
+    return len(seen) * 4 <= count
 
 
 # ------------------------------------------------------------------------------------------- drawing
@@ -335,13 +342,14 @@ def svg_chart(title: str, series: list[tuple[str, str, list[tuple[int, float]]]]
 
 def metric_block(key: str, series: list[tuple[str, str, list[tuple[int, float]]]]) -> tuple[str, str]:
     """``("chart", svg)`` or, for a metric with one value over all runs and steps, ``("const", text)``."""
-    values = [v for _, _, pts in series for _, v in pts]
-    steps = sorted({s for _, _, pts in series for s, _ in pts})
-    if len(set(values)) == 1:
-        where = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
-        return "const", (f'<span data-metric="{html.escape(key)}">{html.escape(key)} = <b>{fmt_value(values[0])}'
-                         f"</b> <span class=muted>({'constant, ' if len(values) > 1 else ''}{where})</span></span>")
-    stepped = all(is_step_metric(key, [v for _, v in pts]) for _, _, pts in series)
+    first = series[0][2][0][1]
+    if all(v == first for _, _, pts in series for _, v in pts):
+        lo, hi = min(pts[0][0] for _, _, pts in series), max(pts[-1][0] for _, _, pts in series)
+        n = sum(len(pts) for _, _, pts in series)
+        where = f"step {lo}" if lo == hi else f"steps {lo}-{hi}"
+        return "const", (f'<span data-metric="{html.escape(key)}">{html.escape(key)} = <b>{fmt_value(first)}'
+                         f"</b> <span class=muted>({'constant, ' if n > 1 else ''}{where})</span></span>")
+    stepped = all(is_step_metric(key, (v for _, v in pts)) for _, _, pts in series)
     return "chart", f'<div class="chart">{svg_chart(key, series, stepped)}</div>'
 
 
