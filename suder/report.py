@@ -69,7 +69,7 @@ h3{font-size:15px;margin:16px 0 6px;color:#444}.muted{color:#777}code{font-size:
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #e3e3e3;padding:3px 8px;text-align:right}
 th{background:#f1f1f4}td:first-child,th:first-child{text-align:left}.up{color:#137333}.down{color:#b3261e}
 .cfg{columns:3 300px;column-gap:24px}.cfg div{break-inside:avoid;display:flex;justify-content:space-between;
-border-bottom:1px dotted #ddd;padding:1px 0}b.user{color:#0b57d0}.cfg span:last-child{font-family:ui-monospace,
+border-bottom:1px dotted #ddd;padding:1px 0}b.user{color:#0b57d0}.cfg div>span:last-child{font-family:ui-monospace,
 monospace;margin-left:12px;text-align:right;word-break:break-all}
 .charts{display:flex;flex-wrap:wrap;gap:10px}.chart{background:#fff;border:1px solid #e3e3e3;border-radius:6px;
 padding:4px}.chart svg{display:block}.const{margin:6px 0 0;color:#444}.const>span{margin-right:18px;
@@ -78,7 +78,8 @@ white-space:nowrap}.side{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-s
 .sw{display:inline-block;width:12px;height:12px;border-radius:2px;
 margin-right:5px;vertical-align:-1px}summary{cursor:pointer;font-weight:600;margin:8px 0}
 .step{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start;margin-bottom:10px}
-.samples td{vertical-align:top;text-align:left}.samples img{image-rendering:pixelated;display:block;max-width:128px}
+.samples td,.samples th{vertical-align:top;text-align:left}
+.samples img{image-rendering:pixelated;display:block;max-width:128px}
 .samples td.prompt{width:190px}.imgs{display:flex;gap:4px}figure{margin:0;text-align:center}
 figcaption,.caps td{font:12px/1.3 ui-monospace,monospace}.caps td{border:0;padding:0 6px 0 0}
 img.grid{max-width:100%}.caps td.r{text-align:right}.best{font-weight:700}.ok{color:#137333}.bad{color:#b3261e}
@@ -512,9 +513,15 @@ def _cells(png: Path, record: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+def fmt_reward(value: float) -> str:
+    """Two decimals, and no ``-0.00`` for a reward that rounds to zero."""
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
+
+
 def _reward(value: float, best: bool, judged: int | None) -> str:
     mark = "" if judged is None else ' <span class="ok">✓</span>' if judged else ' <span class="bad">✗</span>'
-    return f'<span class="{"best" if best else ""}">{value:+.2f}</span>{mark}'
+    return f'<span class="{"best" if best else ""}">{fmt_reward(value)}</span>{mark}'
 
 
 def gen_table(png: Path, record: dict[str, Any]) -> str:

@@ -68,7 +68,7 @@ class Page(HTMLParser):
             self.svgs.append(self._svg)
             self.ticks.append((self._svg, []))
             self.lines[self._svg] = []
-            self.kinds[self._svg] = a["data-kind"]
+            self.kinds[self._svg] = a.get("data-kind")
             self.sections[self._section].append(self._svg)
             if self._group:
                 self.groups[self._group].append(self._svg)
@@ -164,6 +164,9 @@ def test_samples_are_images_beside_their_prompts_captions_and_rewards_as_text(ru
     hold the rollout's real rewards: their mean is the step's logged reward_mean."""
     from PIL import Image
 
+    from suder.report import fmt_reward
+
+    assert [fmt_reward(v) for v in (-0.004, 0.004, -2.911, 12.345)] == ["0.00", "0.00", "-2.91", "12.35"]
     page = Page(render(run_dir))
     rows = iter(r for r in page.rows if r["images"])  # the header rows hold no image
     lines = {json.loads(x)["step"]: json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()}
@@ -183,7 +186,7 @@ def test_samples_are_images_beside_their_prompts_captions_and_rewards_as_text(ru
             row = next(rows)
             texts = [group["prompt"]] if direction == "gen" else group["captions"]
             assert all((t.strip() or "(empty)") in row["text"] for t in texts), (row["text"], texts)
-            assert all(f"{v:+.2f}" in row["text"] for v in group["rewards"])
+            assert all(fmt_reward(v) in row["text"] for v in group["rewards"])
             assert len(row["images"]) == record["cols"]
             for c, src in enumerate(row["images"]):
                 shown = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
