@@ -519,6 +519,11 @@ def fmt_reward(value: float) -> str:
     return "0.00" if text == "-0.00" else text
 
 
+def best(value: float, rewards: list[float]) -> bool:
+    """The group's best reward as shown (a tie after rounding is a tie)."""
+    return fmt_reward(value) == fmt_reward(max(rewards))
+
+
 def _reward(value: float, best: bool, judged: int | None) -> str:
     mark = "" if judged is None else ' <span class="ok">✓</span>' if judged else ' <span class="bad">✗</span>'
     return f'<span class="{"best" if best else ""}">{fmt_reward(value)}</span>{mark}'
@@ -531,7 +536,7 @@ def gen_table(png: Path, record: dict[str, Any]) -> str:
     for group, cells in zip(record["groups"], _cells(png, record)):
         rewards, judge = group["rewards"], group.get("judge") or [None] * len(group["rewards"])
         figs = "".join(
-            f'<figure><img alt="" src="{src}"><figcaption>{_reward(r, r == max(rewards), j)}</figcaption></figure>'
+            f'<figure><img alt="" src="{src}"><figcaption>{_reward(r, best(r, rewards), j)}</figcaption></figure>'
             for src, r, j in zip(cells, rewards, judge)
         )
         rows.append(f'<tr><td class="prompt">{html.escape(group["prompt"])}</td><td><div class="imgs">{figs}</div>'
@@ -548,7 +553,7 @@ def und_table(png: Path, record: dict[str, Any]) -> str:
         lines = []
         for i, (text, r, j) in enumerate(zip(group["captions"], rewards, judge)):
             tag = ' <span class="muted">(greedy)</span>' if i == 0 and record.get("greedy_first") else ""
-            lines.append(f'<tr><td class="r">{_reward(r, r == max(rewards), j)}</td>'
+            lines.append(f'<tr><td class="r">{_reward(r, best(r, rewards), j)}</td>'
                          f"<td>{html.escape(text) if text.strip() else '<i class=muted>(empty)</i>'}{tag}</td></tr>")
         rows.append(f'<tr><td><img alt="" src="{cells[0]}"></td><td><table class="caps">{"".join(lines)}</table>'
                     "</td></tr>")
