@@ -205,9 +205,9 @@ def cmd_report(args) -> None:
 
     if args.watch:
         term.console().print(f"Rewriting the report every {args.watch} s until the run finishes (Ctrl-C stops)")
-        out = watch(args.run_dir, args.out, args.watch, max_grids=args.max_grids)
+        out = watch(args.run_dirs, args.out, args.watch, max_grids=args.max_grids)
     else:
-        out = write_report(args.run_dir, args.out, max_grids=args.max_grids)
+        out = write_report(args.run_dirs, args.out, max_grids=args.max_grids)
     term.console().print(f"Wrote {out} ({out.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser)")
 
 
@@ -491,9 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=999)
     e.add_argument("--json", action="store_true")
 
-    rp = sub.add_parser("report", help="one self-contained HTML page of a run: config, judge table, curves, samples")
-    rp.add_argument("run_dir", help="the --output-dir of a `suder run` (finished or still training)")
-    rp.add_argument("--output-dir", "--out", dest="out", help="HTML file to write (default: RUN_DIR/report.html)")
+    rp = sub.add_parser(
+        "report", help="one self-contained HTML page of a run (config, judge table, curves, samples) or of several"
+    )
+    rp.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR",
+        help="the --output-dir of a `suder run` (finished or still training); several: their curves overlaid",
+    )
+    rp.add_argument(
+        "--output-dir", "--out", dest="out",
+        help="HTML file to write (default: RUN_DIR/report.html; several runs: compare.html here)",
+    )
     rp.add_argument("--max-grids", type=int, default=12, help="sample-grid steps shown, evenly spaced (default 12)")
     rp.add_argument(
         "--watch", type=int, metavar="SECONDS", help="rewrite every SECONDS until the run ends; the page reloads"

@@ -6,7 +6,8 @@
                              settings changed on resume (``history:``); re-runnable with --config
     metrics.jsonl            one JSON object per training step (held-out scores merged into their step)
     before.json              the judge's scores of the base model (kept for --resume)
-    samples/step-000050-gen.png, -und.png   prompts with their images; images with their captions
+    samples/step-000050-gen.png, -und.png   the sampled images (gen: a row per prompt; und: the images captioned)
+    samples/step-000050-gen.json, -und.json the prompts / captions of those rows with each sample's reward
     checkpoints/step-000100/ model/ (save_pretrained; gen/ and und/ for the separate strategy; its model card),
                              state/ (accelerate's optimizer, scheduler and RNG state) and step.json
     final/                   save_pretrained folder(s) of the trained model, README.md (its model card in the Hub's
@@ -380,7 +381,8 @@ class RunWriter:
         folder.mkdir(exist_ok=True)
         for r in rollouts:
             path = folder / f"step-{step:06d}-{r.direction}.png"
-            grid = image_grid(r) if r.direction == "gen" else caption_grid(r)
+            grid, record = sample_record(r)
+            dump_json(path.with_suffix(".json"), record)  # the text and rewards beside the images
             tmp = path.with_suffix(".tmp.png")
             grid.save(tmp)
             os.replace(tmp, path)
@@ -452,49 +454,41 @@ class RunWriter:
 
 
 # ---------------------------------------------------------------------------------------------- grids
-def _draw_text(draw, xy, text, width_chars: int = 28) -> None:
-    lines = [text[i : i + width_chars] for i in range(0, len(text), width_chars)][:3]
-    draw.multiline_text(xy, "\n".join(lines), fill=(230, 230, 230))
+def _cells(images: list[Any], min_size: int = 64) -> list[Any]:
+    """Pixel-art images scaled up by a whole factor (nearest neighbour) to at least ``min_size`` px."""
+    from PIL import Image
+
+    k = max(1, math.ceil(min_size / images[0].size[0]))
+    return [im.convert("RGB").resize((im.size[0] * k, im.size[1] * k), Image.NEAREST) for im in images]
 
 
-def image_grid(r: Any, groups: int = 4, scale: int = 2):
-    """One row per prompt: the prompt, then its G images."""
-    from PIL import Image, ImageDraw
-
-    G = r.group_size
-    images = r.samples.images[: groups * G]
-    size = images[0].size[0] * scale
-    label_w = 180
-    canvas = Image.new("RGB", (label_w + G * (size + 2), (len(images) // G) * (size + 4)), (40, 40, 40))
-    draw = ImageDraw.Draw(canvas)
-    for i, im in enumerate(images):
-        row, col = divmod(i, G)
-        if col == 0:
-            _draw_text(draw, (4, row * (size + 4) + 4), r.samples.prompts[i])
-        canvas.paste(im.resize((size, size), Image.NEAREST), (label_w + col * (size + 2), row * (size + 4)))
-    return canvas
-
-
-def caption_grid(r: Any, groups: int = 4, scale: int = 2):
-    """One row per image: the image, then its G captions with their rewards."""
-    from PIL import Image, ImageDraw
+def sample_record(r: Any, groups: int = 4) -> tuple[Any, dict[str, Any]]:
+    """The sample grid of a rollout and its text: images only (``diffusers.utils.make_image_grid``, one row per
+    group; gen: the G images of a prompt, und: the image captioned), and ``{"direction", "rows", "cols",
+    "groups": [{"prompt" | "captions", "rewards", "judge"}]}`` for ``step-N-<direction>.json``, so that
+    ``suder report`` shows prompts, captions and rewards as text beside each image."""
+    from diffusers.utils import make_image_grid
 
     G = r.group_size
-    images = r.samples.images
-    size = images[0].size[0] * scale
-    line_h = 12
-    row_h = max(size, G * line_h) + 6
-    n = min(groups, len(images) // G)
-    canvas = Image.new("RGB", (size + 420, n * row_h), (40, 40, 40))
-    draw = ImageDraw.Draw(canvas)
+    n = min(groups, len(r.samples.images) // G)
+    rewards = [round(float(x), 4) for x in r.rewards.flatten().tolist()]
+    judge = None if r.judge is None else [int(x) for x in r.judge.flatten().tolist()]
+    rows = []
     for g in range(n):
-        canvas.paste(images[g * G].resize((size, size), Image.NEAREST), (0, g * row_h))
-        for j in range(G):
-            i = g * G + j
-            text = f"{r.rewards[i].item():8.2f}  {r.samples.texts[i]}"
-            draw.text((size + 8, g * row_h + j * line_h), text, fill=(230, 230, 230))
-    return canvas
-
+        one = slice(g * G, (g + 1) * G)
+        row = {"rewards": rewards[one], "judge": None if judge is None else judge[one]}
+        if r.direction == "gen":
+            row["prompt"] = r.samples.prompts[g * G]
+        else:
+            row["captions"] = list(r.samples.texts[one])
+        rows.append(row)
+    if r.direction == "gen":
+        grid, cols = make_image_grid(_cells(r.samples.images[: n * G]), rows=n, cols=G), G
+    else:
+        grid, cols = make_image_grid(_cells([r.samples.images[g * G] for g in range(n)]), rows=n, cols=1), 1
+    record = {"direction": r.direction, "group_size": G, "rows": n, "cols": cols, "groups": rows}
+    record["greedy_first"] = bool(getattr(r, "greedy_first", False))
+    return grid, record
 
 
 # ---------------------------------------------------------------------------------------------- config.yaml
