@@ -126,3 +126,35 @@ def test_a_deepspeed_launch_without_deepspeed_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install 'suder\[deepspeed\]'"):
         launched_engine()
+
+
+SAVE_JANUS = (
+    "import contextlib, sys, tempfile\n"
+    "from pathlib import Path\n"
+    "sys.path.insert(0, 'tests')\n"
+    "from janus_tiny import tiny_backbone\n"
+    "from suder.outputs import ModelsToSave, RunWriter\n"
+    "backbone, out = tiny_backbone(), Path(tempfile.mkdtemp())\n"
+    "view = contextlib.contextmanager(lambda: (yield backbone))\n"
+    "if sys.argv[1] == 'run':\n"
+    "    RunWriter(out, True).save_models(ModelsToSave({'': view}, None), out / 'final')\n"
+    "else:\n"
+    "    backbone.save_pretrained(str(out / 'final'))\n"
+    "assert (out / 'final' / 'config.json').is_file()\n"
+    "print('IMPORTED', 'deepspeed' in sys.modules)\n"
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed installed to matter")
+def test_saving_a_transformers_backbone_outside_a_deepspeed_launch_never_imports_it():
+    """Janus-Pro (and Emu3) save through transformers' save_pretrained, whose unwrap imports DeepSpeed when it is
+    installed; a run's save does not (the plain call, the control, does)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    outputs = {}
+    for how in ("run", "plain"):
+        proc = subprocess.run([sys.executable, "-c", SAVE_JANUS, how], capture_output=True, text=True, cwd=ROOT,
+                              env=dict(env, OMP_NUM_THREADS="1"), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs[how] = proc.stdout + proc.stderr
+    assert "IMPORTED False" in outputs["run"] and "Setting accelerator" not in outputs["run"]
+    assert "IMPORTED True" in outputs["plain"]  # the control: without the guard, the save imports it
