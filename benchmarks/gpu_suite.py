@@ -22,6 +22,9 @@ Sections of the JSON:
   prompts and scenes), the second one's ``time/*`` phases (the first one warms up: CUDA graph capture, allocator),
   and the peak memory of the step (``torch.cuda.max_memory_allocated``) against the memory plan (``suder.memory``
   when the installed suder has one, else null).
+- ``embedded_defaults``: ``suder run --backbone NAME`` for a few steps (full: 5 steps, 64 judged prompts and
+  scenes; ``--tiny``: 1 step, 4) on each built-in's shipped ShapesWorld base: the digest of the base the run trained
+  (the same weights as on a CPU), the judge before and after, the time.
 - ``distributed``: ``benchmarks/distributed_gpu.sh`` (its JSON) on a machine with 2 or more GPUs; on one GPU or
   with ``--tiny``, the reason it did not run.
 """
@@ -259,6 +262,36 @@ def dsr_step(backbone, about: dict, size: dict, device: torch.device, out_dir: s
             "warm_up_step": steps[0], "step": steps[1], "memory_plan": memory_plan(cfg)}
 
 
+def embedded_defaults(tiny: bool, out_dir: str) -> dict:
+    """``suder run --backbone NAME`` for a few steps on each built-in's shipped ShapesWorld base, as a user starts:
+    the same weights on this device as on a CPU (``base_sha256``), the judge before and after, and the time."""
+    from suder.pretrain import base_digest, shipped_base
+
+    steps, num = (1, 4) if tiny else (5, 64)
+    results = {}
+    for backbone in ("toy", "show-o", "janus-pro"):
+        run = os.path.join(out_dir, backbone)
+        args = ["run", "--backbone", backbone, "--steps", str(steps), "--eval-num", str(num), "--save-every", "0",
+                "--sample-every", "0", "--output-dir", run]
+        if tiny:
+            args += ["--group-size", "2", "--batch-size", "1", "--grad-accum", "1"]
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "suder", *args], capture_output=True, text=True, cwd=ROOT)
+        result = {"command": "suder " + " ".join(args[:-2]), "returncode": proc.returncode,
+                  "seconds": time.perf_counter() - start,
+                  "shipped_base_sha256": base_digest(shipped_base(backbone))}
+        if proc.returncode == 0:
+            record = json.loads(Path(run, "run.json").read_text())
+            overall = {"t2i": "t2i", "captions_T1": "caption", "captions_greedy": "caption_greedy"}
+            result["base_sha256"] = record.get("base_sha256")
+            for when in ("before", "after"):
+                result[when] = {k: (record[when] or {}).get(v, {}).get("overall") for k, v in overall.items()}
+        else:
+            result["stderr_tail"] = proc.stderr[-3000:]
+        results[backbone] = result
+    return results
+
+
 def distributed(tiny: bool) -> dict:
     """``benchmarks/distributed_gpu.sh`` on 2 or more GPUs (its own JSON), else why it did not run."""
     gpus = torch.cuda.device_count()
@@ -312,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     show_o, about = show_o_backbone(tiny, device)
     result["show_o_rollout"] = show_o_rollout(show_o, about, size, device)
     del show_o
+    with tempfile.TemporaryDirectory() as tmp:
+        result["embedded_defaults"] = embedded_defaults(tiny, tmp)
     result["distributed"] = distributed(tiny)
     result["seconds"] = time.perf_counter() - started
     name = "gpu-suite-tiny.json" if tiny else "gpu-suite.json"

@@ -32,3 +32,8 @@ def test_gpu_suite_runs_tiny_on_cpu(tmp_path):
     assert phases <= set(step["step"]["time"]) and step["step"]["rollout/chunk_size"] == 2.0
     assert step["step"]["peak_memory_GiB"] is None and "memory_plan" in step  # CPU: no CUDA peak
     assert result["distributed"] == {"ran": False, "reason": "--tiny (CPU)"}
+    assert set(result["embedded_defaults"]) == {"toy", "show-o", "janus-pro"}
+    for backbone, run in result["embedded_defaults"].items():  # each shipped base, as `suder run` starts from it
+        assert run["returncode"] == 0, run.get("stderr_tail")
+        assert run["base_sha256"] == run["shipped_base_sha256"] and len(run["base_sha256"]) == 64, backbone
+        assert 0 <= run["before"]["t2i"] <= 1 and 0 <= run["after"]["captions_greedy"] <= 1
