@@ -401,8 +401,9 @@ def cmd_plan(argv: list[str]) -> None:
 
 def start_plan(cfg: Any, console: Any) -> None:
     """The start of ``suder run``: the plan's table (main process), and on a CUDA device smaller than the plan a
-    one-line ``ConfigError`` naming what would fit, before any weights load. A backbone without memory facts (or
-    a model whose config cannot be planned) only gets a note."""
+    one-line ``ConfigError`` naming what would fit, before any weights load. A backbone without memory facts, or a
+    model whose config cannot be read (``BackboneError``: the load that follows reports it in its one line), gets
+    no plan and no note (``suder plan`` says why); any other failure to plan is a note, never a stop."""
     from . import memory
     from .errors import BackboneError
 
@@ -410,8 +411,7 @@ def start_plan(cfg: Any, console: Any) -> None:
     name, total = memory.device_memory()
     try:
         p = memory.plan(cfg, engine=engine, processes=processes, device="cpu" if total is None else "cuda")
-    except BackboneError as exc:
-        console.print(f"No memory plan: {exc}", highlight=False)
+    except BackboneError:
         return
     except Exception as exc:  # a plan that cannot be made (an unusual config file) never blocks a run that can start
         console.print(f"No memory plan: {type(exc).__name__}: {exc}", highlight=False)

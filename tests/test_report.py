@@ -314,6 +314,15 @@ def _is_round(values: list[float]) -> bool:
     )
 
 
+def _digits(label: str) -> str:
+    """A tick label's significant digits: its mantissa without sign, point, unit, leading zeros or (a whole
+    number's) trailing zeros."""
+    mantissa = label.split("e")[0].rstrip("kMG").replace("-", "")
+    if "." not in mantissa:
+        mantissa = mantissa.rstrip("0")
+    return mantissa.replace(".", "").lstrip("0") or "0"
+
+
 def _tick_value(label: str) -> float:
     units = {"k": 1e3, "M": 1e6, "G": 1e9}
     return float(label[:-1]) * units[label[-1]] if label[-1] in units else float(label)
@@ -334,7 +343,12 @@ def test_tick_values_are_round_and_compact(tmp_path, run_dir):
         assert len(page.ticks) == len(page.svgs) > 5
         for metric, labels in page.ticks:
             assert len(labels) >= 3 and _is_round([_tick_value(x) for x in labels]), (metric, labels)
-            assert all(len(x.replace("-", "").replace(".", "")) <= 4 for x in labels), (metric, labels)
+            values = [_tick_value(x) for x in labels]
+            gap = abs(values[1] - values[0])
+            # no float noise or padding: a label has no more significant digits than its axis's spacing needs
+            # (a narrow band far from zero, such as a phase time of 0.0110-0.0116 s, needs three: 1.11e-2)
+            needed = math.floor(math.log10(max(abs(v) for v in values))) - math.floor(math.log10(gap) + 1e-9) + 1
+            assert all(len(_digits(x)) <= max(needed, 1) for x in labels), (metric, labels)
 
 
 def _polyline_ys(line: dict[str, str]) -> list[float]:
