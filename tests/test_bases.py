@@ -129,12 +129,21 @@ def test_rebuild_or_another_recipe_builds_here(monkeypatch, tmp_path):
     assert calls[-1] == ("toy", 500, 0) and len(calls) == 3
 
 
-def test_a_plugin_recipe_ships_a_base_the_same_way(tmp_path, tiny_toy_path):
-    """What suder pretrain writes (model, pretrain.json, SHA256SUMS) is what a package ships: a recipe pointing
-    at such a folder, for the steps and seed it was built with, starts runs from it."""
+def test_a_plugin_recipe_ships_a_base_the_same_way(monkeypatch, tmp_path, tiny_toy_path, no_pretraining):
+    """What suder pretrain writes (model, pretrain.json with how it was built, SHA256SUMS) is what a package
+    ships: a recipe whose ``shipped`` names such a folder, for the steps and seed it was built with, starts runs
+    from it; for other steps it builds here."""
+    import dataclasses
+
     assert pretrain_mod.verify_checksums(tiny_toy_path)  # pretrain(out=...) wrote the sums
     info = json.loads((Path(tiny_toy_path) / "pretrain.json").read_text())
     assert {"torch", "cpu", "threads"} <= set(info["built_with"])
+    recipe = dataclasses.replace(pretrain_mod.shapes_recipe("toy"), version=info["version"],
+                                 pretrain=dict(steps=info["steps"], seed=info["seed"]), shipped=tiny_toy_path)
+    monkeypatch.setattr(pretrain_mod, "shapes_recipe", lambda name: recipe)
+    assert pretrain_mod.ensure_base("toy") == Path(tiny_toy_path)
+    with pytest.raises(AssertionError, match="pre-trained a base"):  # another step count: not the shipped one
+        pretrain_mod.ensure_base("toy", steps=info["steps"] + 1)
     with pytest.raises(BackboneError, match="must be the path of a folder"):
         pretrain_mod.ShapesRecipe(shipped=3)
 
