@@ -1,6 +1,7 @@
 """One training step on 2 processes where rank 1 runs out of memory at its first sampling call of more than 4
-rows (injected); prints, per rank, the chunk size it kept, the ``rollout/chunk_size`` metric, how many
-``ChunkSizeWarning``s it gave and whether its retried rollout equals the whole group's (sampled before).
+rows (injected); writes, per rank, to ``OUT/../rank-N.txt`` the chunk size it kept, the ``rollout/chunk_size`` metric, how many
+``ChunkSizeWarning``s it gave and whether its retried rollout equals the whole group's (sampled before). A file
+per rank, not stdout: two processes printing to one pipe can interleave their lines.
 
     torchrun --nproc_per_node 2 tests/distributed_scripts/chunk_oom.py MODEL OUT
 """
@@ -8,6 +9,7 @@ rows (injected); prints, per rank, the chunk size it kept, the ``rollout/chunk_s
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -42,8 +44,8 @@ with warnings.catch_warnings(record=True) as caught:
 halvings = sum(issubclass(w.category, ChunkSizeWarning) for w in caught)
 got = next(r.samples for r in tr.last_rollouts if r.direction == "gen")
 same = torch.equal(got.tokens, expected.tokens)
-print(f"RANK {rank} size={tr.chunks.size} metric={metrics.get('rollout/chunk_size')} warnings={halvings} "
-      f"same={same}", flush=True)
+result = (f"size={tr.chunks.size} metric={metrics.get('rollout/chunk_size')} warnings={halvings} same={same}\n")
+(Path(out).parent / f"rank-{rank}.txt").write_text(result)
 tr.acc.wait_for_everyone()
 if torch.distributed.is_initialized():  # a gloo group left to interpreter shutdown can abort the process
     torch.distributed.destroy_process_group()
