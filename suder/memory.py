@@ -19,7 +19,7 @@ and the run's settings, and adds up what one process holds:
 - **activations** of the update: per token and layer, the tensors autograd saves (below), for the rows the loss
   forwards (SimPO: the pairs' rows; GRPO: every row), the prompt plus image tokens for ``gen`` and the image plus
   caption tokens for ``und``, both directions alive at once (their losses are summed before one backward);
-  with gradient checkpointing only each layer's input, plus one layer recomputed;
+  with gradient checkpointing only each layer's input, plus one layer of one forward, recomputed in the backward;
 - **logits** the log-probabilities are taken from (kept for the backward) and no-grad forwards' working sets.
 
 The peak is the largest of three phases, each on top of what persists (weights, reference, optimizer): the
@@ -57,8 +57,9 @@ ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
 FIT_MARGIN = 0.9  # of the device's memory: the CUDA context, fragmentation and what the plan leaves out
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # Peak of a convolutional image tokenizer's forward per image, in units of channels x pixels x bytes at full
-# resolution (measured on Janus-Pro's VQ decoder and encoder at 384 px, 32 to 128 base channels: 4.1 and 5.4).
-CODEC_DECODE, CODEC_ENCODE = 4.2, 5.5
+# resolution (measured with torch.profiler on Janus-Pro's VQ decoder and encoder at 384 px, 32 to 128 base
+# channels, float32 and bfloat16, 1 to 4 images: 4.0 and 4.27-4.36, linear in the images).
+CODEC_DECODE, CODEC_ENCODE = 4.1, 4.4
 
 
 @dataclass
@@ -497,8 +498,11 @@ def plan(cfg: Any, facts: ModelFacts | None = None, *, engine: str = "ddp", proc
         if d == "gen" and f.image_sampler == "masked":
             seq, rows = f.prompt_tokens + f.image_tokens + 2, n * cfg_rows
             rollouts.append([
-                Term("gen forward (masked sampler)", rows * seq * g.working_set(seq, act, device),
+                Term("gen forward (masked sampler)", rows * seq * g.working_set(seq, act, "cuda"),
                      f"{rows} rows x {seq} tokens"),
+                # the sampler's boolean attention mask and its intermediate (a byte per pair of tokens each), and
+                # the additive mask in the compute dtype that scaled_dot_product_attention makes of it
+                Term("gen attention masks", rows * seq * seq * (act + 2), f"{rows} x {seq} x {seq}"),
                 Term("gen step logits", rows * f.image_tokens * f.image_vocab * 4 * 3, "float32"),
             ])
         elif d == "gen":
@@ -527,26 +531,32 @@ def plan(cfg: Any, facts: ModelFacts | None = None, *, engine: str = "ddp", proc
         hidden = rows * seq * (g.working_set(seq, act, device) + 2 * g.hidden * act)
         scores.append(Term(f"{d} reward forward", hidden + logits, f"{rows} rows x {seq} tokens, no grad"))
         if f.codec_channels:  # gen: the samples decoded for the reward; und: the input images encoded
-            images = min(f.codec_batch, side.batch_size * side.group_size if d == "gen" else side.batch_size)
+            # decoding goes in chunks of codec_batch; the input images of a micro-batch are encoded in one call
+            images = min(f.codec_batch, side.batch_size * side.group_size) if d == "gen" else side.batch_size
             coefficient = CODEC_DECODE if d == "gen" else CODEC_ENCODE
             work = coefficient * f.codec_channels * f.image_size**2 * act * images
             scores.append(Term(f"{d} image {'de' if d == 'gen' else 'en'}coding", work,
                                f"{images} images of {f.image_size} px"))
     phases["scoring"] = gathered + [max(scores, key=lambda t: t.bytes)]
     # ---- update: both directions' graphs, then the gradients
-    acts, logits = 0.0, 0.0
+    acts, logits, recompute = 0.0, 0.0, 0.0
     for d in cfg.directions if cfg.strategy != "separate" else ["gen"]:
         rows = _update_rows(cfg, d)
         if d == "gen":
             fwd = rows * (cfg_rows if cfg.cfg_policy == "guided" else 1)
+            # the logits in the compute dtype, and their float32 copy where that is another dtype (.float() of a
+            # float32 tensor is the tensor itself)
             seq = f.prompt_tokens + f.image_tokens
-            logits += f.image_tokens * f.image_vocab * (fwd * (act + 4) + rows * 4 * 2)
+            logits += f.image_tokens * f.image_vocab * (fwd * (act + (4 if act == 2 else 0)) + rows * 4 * 2)
         else:
             fwd, seq = rows, f.und_prefix + f.caption_tokens
-            logits += rows * f.caption_tokens * f.text_vocab * (act + 4 + 4)
+            logits += rows * f.caption_tokens * f.text_vocab * (act + (4 if act == 2 else 0) + 4)
         per_layer = g.saved_per_token(seq, act)
-        kept = g.layers * g.hidden * act + per_layer if checkpointing else g.layers * per_layer
+        kept = g.layers * g.hidden * act if checkpointing else g.layers * per_layer
         acts += fwd * seq * (kept + 2 * g.hidden * act)
+        # checkpointing: the backward recomputes one layer of one forward at a time
+        recompute = max(recompute, fwd * seq * per_layer if checkpointing else 0.0)
+    acts += recompute
     note = "gradient checkpointing" if checkpointing else "no gradient checkpointing"
     grads = trained * grad_b / shard_g * (2 if engine == "ddp" and processes > 1 else 1)
     phases["update"] = [Term("activations", acts, note), Term("logits", logits, "kept for the backward"),

@@ -140,6 +140,25 @@ def test_gradient_checkpointing_keeps_each_layers_input_and_one_layer():
     assert off == rows * seq * (g.layers * per_layer + 2 * g.hidden * 2)
     assert on == rows * seq * (g.layers * g.hidden * 2 + per_layer + 2 * g.hidden * 2)
     assert off / on > 10
+    # both directions: each keeps its layers' inputs; the backward recomputes one layer of one forward at a time
+    both = _terms(memory.plan(janus_cfg(strategy="unified", gradient_checkpointing=True), f))["activations"]
+    und = _terms(memory.plan(janus_cfg(strategy="und", gradient_checkpointing=True), f))["activations"]
+    und_seq, und_rows = f.und_prefix + f.caption_tokens, 2 * 8
+    und_recompute = und_rows * und_seq * g.saved_per_token(und_seq, 2)
+    assert both == pytest.approx(on + und - min(rows * seq * per_layer, und_recompute))
+
+
+def test_the_input_images_of_a_micro_batch_are_encoded_in_one_call():
+    """Captioning rewards encode a micro-batch's images in one call (``decode_batch_size`` chunks the decoding of
+    samples only), at ``CODEC_ENCODE`` x channels x pixels x bytes per image."""
+    f = facts("janus-pro", JANUS_7B)
+    small = memory.dataclasses.replace(f.lm, layers=1, hidden=8, intermediate=8, heads=1, kv_heads=1, head_dim=8)
+    for decode in (1, 8):  # a small language model: the encoding is the scoring phase's largest term
+        f1 = memory.dataclasses.replace(f, codec_batch=decode, lm=small, text_vocab=16, image_vocab=16)
+        for images in (2, 4):
+            scoring = _terms(memory.plan(janus_cfg(strategy="und", batch_size=images), f1), "scoring")
+            assert scoring["und image encoding"] == pytest.approx(
+                memory.CODEC_ENCODE * f.codec_channels * f.image_size**2 * 2 * images)
 
 
 def test_a_plan_that_does_not_fit_says_what_would():
@@ -191,12 +210,14 @@ def test_suder_run_stops_before_loading_weights_when_the_gpu_is_too_small(tiny_t
 
 
 # ------------------------------------------------------------------------------------------ measured
-@pytest.mark.parametrize("case", ["toy", "show-o-256", "janus-pro-576"])
-def test_the_estimate_is_within_15_percent_of_the_measured_peak(case, tmp_path):
+@pytest.mark.parametrize("case,checkpointing", [("toy", False), ("show-o-256", False), ("show-o-256", True),
+                                                  ("janus-pro-576", False)])
+def test_the_estimate_is_within_15_percent_of_the_measured_peak(case, checkpointing, tmp_path):
     """Two GRPO steps of a tiny model at the backbone's real image geometry, profiled from before the model loads
-    (``benchmarks/memory_plan.py``); Janus-Pro's peak is its VQ decoder at 384 px, the others' the update."""
+    (``benchmarks/memory_plan.py``); Janus-Pro's peak is its VQ decoder at 384 px, the others' the update (with
+    gradient checkpointing, Show-o's peak is its VQ decoding of the samples)."""
     small = {"janus-pro-576": dict(batch_size=1, group_size=2)}.get(case, {})
-    result = bench().run_case(case, tmp_path, "grpo", **small)
+    result = bench().run_case(case, tmp_path, "grpo", gradient_checkpointing=checkpointing, **small)
     assert 0.85 <= result["ratio"] <= 1.15, result
 
 
