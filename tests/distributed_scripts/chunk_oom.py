@@ -1,7 +1,7 @@
 """One training step on 2 processes where rank 1 runs out of memory at its first sampling call of more than 4
-rows (injected); writes, per rank, to ``OUT/../rank-N.txt`` the chunk size it kept, the ``rollout/chunk_size`` metric, how many
-``ChunkSizeWarning``s it gave and whether its retried rollout equals the whole group's (sampled before). A file
-per rank, not stdout: two processes printing to one pipe can interleave their lines.
+rows (injected); writes, per rank, to ``OUT/../rank-N.txt`` the chunk size it kept, the ``rollout/chunk_size``
+metric, how many ``ChunkSizeWarning``s it gave and whether its retried rollout equals the whole group's (sampled
+before). A file per rank, not stdout: two processes printing to one pipe can interleave their lines.
 
     torchrun --nproc_per_node 2 tests/distributed_scripts/chunk_oom.py MODEL OUT
 """
