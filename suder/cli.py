@@ -416,10 +416,16 @@ def start_plan(cfg: Any, console: Any) -> None:
     except Exception as exc:  # a plan that cannot be made (an unusual config file) never blocks a run that can start
         console.print(f"No memory plan: {type(exc).__name__}: {exc}", highlight=False)
         return
+    chunk = memory.auto_chunk(cfg, total, facts=p.facts, engine=engine, processes=processes) if total else None
+    if chunk is not None:  # rollout_chunk_size auto: the trainer starts from the same chunk (Trainer.__init__)
+        p = memory.plan(cfg, p.facts, engine=engine, processes=processes, chunk=chunk)
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(memory.plan_table(p))
         if total is None:
             console.print("On CPU: no fit check.")
+        elif chunk is not None:
+            console.print(f"rollout_chunk_size auto: {chunk} samples per call, the largest whose plan fits {name}.",
+                          highlight=False)
     if total is not None:
         memory.check_fits(p, cfg, total, name)
 

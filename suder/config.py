@@ -174,7 +174,8 @@ class TrainConfig:
     mixed_precision: str = _opt("no", "no, bf16 or fp16", choices=("no", "bf16", "fp16"), group="engineering")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass", group="engineering")
     rollout_chunk_size: int | str = _opt("auto", "rows per sampling or no-grad log-prob call: auto (the whole "
-                                         "group, halved on out-of-memory) or N", group="engineering")
+                                         "group, or on a GPU what the memory plan fits; halved on out-of-memory) "
+                                         "or N", group="engineering")
     seed: int = _opt(0, "random seed", group="engineering")
     report_to: list[str] = _opt(help="trackers besides metrics.jsonl, comma-separated: tensorboard, wandb, ...",
                                 factory=list, group="logging and saving")

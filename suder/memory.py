@@ -23,8 +23,9 @@ and the run's settings, and adds up what one process holds:
 - **logits** the log-probabilities are taken from (kept for the backward) and no-grad forwards' working sets.
 
 The peak is the largest of three phases, each on top of what persists (weights, reference, optimizer): the
-**rollout** (sampling), the **scoring** (rewards, GRPO's old and reference log-probs: no-grad forwards) and the
-**update** (activations, logits and gradients). The plan states which phase peaks.
+**rollout** (sampling), the **scoring** (rewards, GRPO's old and reference log-probs: no-grad forwards, in rollout
+chunks) and the **update** (activations, logits and gradients). The plan states which phase peaks.
+``rollout_chunk_size: auto`` on a GPU starts from the largest chunk whose plan fits (``auto_chunk``).
 
 Saved activations per token per layer, in elements of the compute dtype (measured with
 ``torch.autograd.graph.saved_tensors_hooks`` on transformers' layers, and checked against whole training steps by
@@ -518,11 +519,11 @@ def plan(cfg: Any, facts: ModelFacts | None = None, *, engine: str = "ddp", proc
             rollouts.append([Term("und KV cache", kv, f"{n} samples x {seq} tokens"),
                              Term("und prefill", prefill + n * f.text_vocab * 4 * 3, "one layer's work, logits")])
     phases["rollout"] = gathered + max(rollouts, key=lambda terms: sum(t.bytes for t in terms))
-    # ---- scoring: the rewards' and GRPO's no-grad forwards, one direction at a time
+    # ---- scoring: the rewards' and GRPO's no-grad forwards, one direction at a time, in rollout chunks
     scores = []
     for d in cfg.directions:
         side = cfg.side(d)
-        rows = side.batch_size * side.group_size
+        rows = _chunk(cfg, side.batch_size * side.group_size, chunk)
         if d == "gen":  # dsr: log p(prompt | image), a captioning-layout forward
             seq, logits = f.und_prefix + f.prompt_tokens, rows * f.prompt_tokens * f.text_vocab * 4 * 2
         else:  # dsr-consensus: log p(image | caption), guided rows
@@ -609,6 +610,27 @@ def what_would_fit(cfg: Any, facts: ModelFacts, limit: float, *, engine: str = "
         if fits:
             return fits[:most]
     return []
+
+
+def auto_chunk(cfg: Any, device_bytes: float, *, facts: ModelFacts | None = None, engine: str = "ddp",
+               processes: int = 1) -> int | None:
+    """The rollout chunk that ``rollout_chunk_size: auto`` starts from on a device of ``device_bytes``: None (the
+    whole group batch) when the plan fits as it is, or when no chunk makes it fit (a larger term than the rollout
+    decides the peak); else the largest of the group batch halved once, twice, ... (down to one sample) whose plan
+    fits ``FIT_MARGIN`` of the device. Out-of-memory errors still halve it during the run."""
+    if getattr(cfg, "rollout_chunk_size", "auto") != "auto":
+        return None
+    limit = device_bytes * FIT_MARGIN
+    f = facts or facts_for(cfg, "cuda")
+    if plan(cfg, f, engine=engine, processes=processes).peak <= limit:
+        return None
+    samples = max(cfg.side(d).batch_size * cfg.side(d).group_size for d in cfg.directions)
+    size = samples // 2
+    while size >= 1:
+        if plan(cfg, f, engine=engine, processes=processes, chunk=size).peak <= limit:
+            return size
+        size //= 2
+    return None
 
 
 def check_fits(memory_plan: MemoryPlan, cfg: Any, device_bytes: float, device_name: str = "the device") -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
 import time
@@ -45,7 +46,7 @@ from .distributed import (
     sum_over_processes,
 )
 from .engine import Dispatch, Engine, Reference, entered
-from .errors import ConfigError, SuderError, TrainingError
+from .errors import BackboneError, ConfigError, SuderError, TrainingError
 from .outputs import ModelsToSave, RunWriter, TrainResult, check_writable, resume_config
 from .protocol import ImageSamples, TextSamples
 from .registry import get_reward_spec, load_backbone
@@ -182,9 +183,25 @@ class Trainer:
         self.judge = cfg.shapes_world
         self.rewards = {d: self._reward(d) for d in cfg.directions}
         self.engines, self.reference = self._build(policy)
-        self.chunks = Chunks(cfg.rollout_chunk_size)  # rows per sampling/no-grad call, halved on OOM (rollout.py)
+        # rows per sampling/no-grad call, halved on OOM (rollout.py); auto on a GPU starts where the plan fits
+        self.chunks = Chunks(self._starting_chunk() or cfg.rollout_chunk_size)
         self.last_rollouts: list[Rollout] = []  # the last step's, for the sample grids
         self.times: dict[str, float] = {}  # the last step's phase times
+
+    def _starting_chunk(self) -> int | None:
+        """``rollout_chunk_size: auto`` on a GPU: the largest rollout chunk whose memory plan fits the device (as
+        ``suder run`` printed it), None for the whole group (it fits, there is no GPU or no plan)."""
+        from . import memory
+
+        _, total = memory.device_memory()
+        if total is None or self.cfg.rollout_chunk_size != "auto":
+            return None
+        engine, processes = memory.launched()
+        try:
+            cfg = dataclasses.replace(self.cfg, model=self.base_path) if self.base_path else self.cfg
+            return memory.auto_chunk(cfg, total, engine=engine, processes=processes)
+        except BackboneError:  # no plan (a plugin without memory facts): halving on OOM decides
+            return None
 
     def decide(self, fn: Callable[[], Any], whole: Iterable[str] = ()) -> Any:
         """Run ``fn`` on the main process and give its result, or its ``SuderError``, to every process, so that

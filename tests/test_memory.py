@@ -209,6 +209,51 @@ def test_suder_run_stops_before_loading_weights_when_the_gpu_is_too_small(tiny_t
     assert "Error: The memory plan needs" in err and "cuda:0 has 0.0 GiB" in err
 
 
+def test_auto_rollout_chunk_is_the_largest_whose_plan_fits(tiny_toy_path):
+    """``rollout_chunk_size: auto`` on a GPU: the whole group when the plan fits; else the largest halving of the
+    group batch that fits; None when no chunk helps (the update decides the peak) or a number is given."""
+    cfg = resolve(model=str(tiny_toy_path), group_size=64, batch_size=1, steps=1)
+    f = memory.facts_for(cfg, "cuda")
+
+    def device_for(peak: float) -> float:  # the device whose usable memory is just above ``peak``
+        return peak / memory.FIT_MARGIN * 1.001
+
+    assert memory.auto_chunk(cfg, device_for(memory.plan(cfg, f).peak), facts=f) is None
+    sizes = []
+    for k in (32, 8, 2):
+        device = device_for(memory.plan(cfg, f, chunk=k).peak)
+        got = memory.auto_chunk(cfg, device, facts=f)
+        limit = device * memory.FIT_MARGIN
+        assert got is not None and memory.plan(cfg, f, chunk=got).peak <= limit
+        assert got >= k and memory.plan(cfg, f, chunk=2 * got).peak > limit  # the largest that fits
+        sizes.append(got)
+    assert sizes[0] > sizes[-1]  # smaller devices, smaller chunks
+    assert memory.auto_chunk(cfg, device_for(memory.plan(cfg, f, chunk=1).peak) * 0.98, facts=f) is None
+    fixed = memory.dataclasses.replace(cfg, rollout_chunk_size=4)
+    assert memory.auto_chunk(fixed, device_for(memory.plan(cfg, f, chunk=2).peak), facts=f) is None
+
+
+def test_suder_run_starts_auto_chunks_where_the_plan_fits(tiny_toy_path, tmp_path, monkeypatch, capsys):
+    """On a GPU too small for the whole group's rollout, ``suder run`` does not stop: it prints the chunk the plan
+    fits and the run samples in chunks of that size from its first step (the ``rollout/chunk_size`` metric)."""
+    from suder.cli import main
+
+    cfg = resolve(model=str(tiny_toy_path), group_size=64, batch_size=1, steps=1)
+    f = memory.facts_for(cfg, "cuda")
+    device = memory.plan(cfg, f, chunk=16).peak / memory.FIT_MARGIN * 1.001
+    expected = memory.auto_chunk(cfg, device, facts=f)
+    assert expected is not None and expected < 64
+    monkeypatch.setattr(memory, "device_memory", lambda: ("cuda:0", device))
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(tiny_toy_path), "--output-dir", str(out), "--steps", "1", "--group-size",
+                 "64", "--batch-size", "1", "--sample-every", "0", "--save-every", "0"])
+    text = capsys.readouterr()
+    assert code == 0, text.err[-2000:]
+    assert f"rollout_chunk_size auto: {expected} samples per call" in text.out + text.err
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["rollout/chunk_size"] == expected
+
+
 # ------------------------------------------------------------------------------------------ measured
 @pytest.mark.parametrize("case,checkpointing", [("toy", False), ("show-o-256", False), ("show-o-256", True),
                                                   ("janus-pro-576", False)])
