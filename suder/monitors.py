@@ -17,7 +17,8 @@ drift/brightness             mean luminance of the images, 0..1               |v
 drift/saturation             mean HSV saturation, 0..1                         |value - base| > 0.15
 drift/colour_entropy         entropy (bits) of the 64-colour histogram (4      value < base - 1.0
                              levels a channel) of each image, averaged
-drift/uniform_images         share of near-uniform images (pixel std < 0.03)  value > base + 0.25
+drift/uniform_images         share of near-uniform images (each channel's      value > base + 0.25
+                             std over the pixels < 0.03)
 drift/caption_words          mean words a caption                              value / base outside [0.5, 2]
 drift/caption_vocab          distinct words over all the captions              value / base < 0.5
 drift/gen_identical_groups   share of a step's gen groups whose G images are   value > 0.5
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-UNIFORM_STD = 0.03  # a pixel standard deviation (0..1 scale) below which an image counts as near-uniform
+UNIFORM_STD = 0.03  # the largest per-channel std over the pixels (0..1) below which an image is near-uniform
 
 
 class DriftWarning(UserWarning):
@@ -86,7 +87,7 @@ def image_stats(images: list[Any]) -> dict[str, float]:
         counts = np.bincount((q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]).ravel(), minlength=64)
         p = counts[counts > 0] / counts.sum()
         ent.append(float(-(p * np.log2(p)).sum()))
-        uniform.append(float(rgb.std() < UNIFORM_STD))
+        uniform.append(float(rgb.reshape(-1, 3).std(0).max() < UNIFORM_STD))
     return {"brightness": float(np.mean(bright)), "saturation": float(np.mean(sat)),
             "colour_entropy": float(np.mean(ent)), "uniform_images": float(np.mean(uniform))}
 

@@ -585,7 +585,8 @@ class Trainer:
         of processes, since DDP/ZeRO/FSDP average gradients); ``acc.accumulate`` syncs (and lets DeepSpeed step)
         only at the last micro-batch, and ``acc.backward``'s division by ``grad_accum`` is undone."""
         engine = self.engines[key]
-        metrics: dict[str, Any] = {"lr": engine.scheduler.get_last_lr()[0]}  # the rate this step uses
+        # the rate this step uses (the optimizer's: a guard rollback lowers it between scheduler steps)
+        metrics: dict[str, Any] = {"lr": engine.scheduler.optimizer.param_groups[0]["lr"]}
         seen = StepMetrics()  # the losses' metrics, over micro-batches and inner iterations
         mine = [kd for kd in norm if kd[0] == key]
         if all(norm[kd]["count"] == 0 for kd in mine):  # every group of every process was skipped: no update
