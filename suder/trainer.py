@@ -362,7 +362,9 @@ class Trainer:
                 held, stopped = self.decide(self._heldout, whole=self.engines)
                 metrics.update(held)
             if self.held is not None and c.eval_every and (step + 1) % c.eval_every == 0:
-                held, action = self.decide(functools.partial(self._self_evaluate, step + 1), whole=self.engines)
+                held, action, state = self.decide(functools.partial(self._self_evaluate, step + 1),
+                                                  whole=self.engines)
+                self.tracker.load(state)  # every process holds rank 0's best, so that all decide the same
                 metrics.update(held)
                 stopped = self.act(action, step + 1, held["selfeval/score"]) or stopped
             if self.acc.is_main_process:  # identical groups, every step (the rest is checked at evaluations)
@@ -422,9 +424,10 @@ class Trainer:
         self.writer.save_selfeval_base(base)
         return base
 
-    def _self_evaluate(self, step: int) -> tuple[dict[str, float], str]:
+    def _self_evaluate(self, step: int) -> tuple[dict[str, float], str, dict[str, Any]]:
         """The held-out self-evaluation of the trained model(s) at ``step`` (main process): its metrics
-        (``selfeval/...``, ``drift/...``) and what the tracker says to do (``selfeval.Tracker.observe``)."""
+        (``selfeval/...``, ``drift/...``), what the tracker says to do (``selfeval.Tracker.observe``) and the
+        tracker's state."""
         keys = ("gen", "und") if self.cfg.strategy == "separate" else ("policy", "policy")
         gen_model, und_model = (self.engines[k].backbone for k in keys)
         scores = selfeval_mod.self_evaluate(gen_model, und_model, self.reference, self.held, self.cfg)
@@ -437,7 +440,7 @@ class Trainer:
                 "selfeval/best_step": self.tracker.best_step}
         out |= monitors.drift_metrics(stats, base["drift"])
         monitors.check(out, base["drift"], self.tracker.warned, step)
-        return out, action
+        return out, action, self.tracker.state()
 
     def act(self, action: str, step: int, value: float) -> bool:
         """Every process: keep a new best's weights in ``best/`` (when ``select_final: best`` or a rollback guard

@@ -291,3 +291,25 @@ def test_drift_metrics_are_logged_every_step_and_at_evaluations(tiny_toy_path, t
     base = json.loads((tmp_path / "selfeval.json").read_text())
     assert rows[1]["drift/brightness_base"] == base["drift"]["brightness"]
     assert base["summary"]["gen_gap"] == 0 and base["heldout"] == {"prompts": 4, "images": 4}
+
+
+@pytest.mark.slow
+def test_two_processes_log_and_decide_the_same(tiny_toy_path, tmp_path):
+    """Rank 0 evaluates; every rank gets the same self-evaluation metrics, and both save best/ and final/."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "tests" / "distributed_scripts" / "selfeval.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           str(script), tiny_toy_path, str(tmp_path)]
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert all("selfeval/score" in m and "drift/brightness" in m for m in ranks[0]["metrics"])
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["num_processes"] == 2 and run["selfeval"]["final_step"] == run["selfeval"]["best_step"]
