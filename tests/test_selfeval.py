@@ -291,6 +291,10 @@ def test_drift_metrics_are_logged_every_step_and_at_evaluations(tiny_toy_path, t
     base = json.loads((tmp_path / "selfeval.json").read_text())
     assert rows[1]["drift/brightness_base"] == base["drift"]["brightness"]
     assert base["summary"]["gen_gap"] == 0 and base["heldout"] == {"prompts": 4, "images": 4}
+    from suder.report import render
+
+    page = render(tmp_path)
+    assert 'id="group-selfeval"' in page and 'id="group-drift"' in page and "final/ = step <b>2</b>" in page
 
 
 @pytest.mark.slow
