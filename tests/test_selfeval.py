@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -317,3 +318,40 @@ def test_two_processes_log_and_decide_the_same(tiny_toy_path, tmp_path):
     assert all("selfeval/score" in m and "drift/brightness" in m for m in ranks[0]["metrics"])
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["num_processes"] == 2 and run["selfeval"]["final_step"] == run["selfeval"]["best_step"]
+
+
+# ------------------------------------------------------------------------------------------- benchmarks/selection.py
+def _selection():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection.py"
+    spec = importlib.util.spec_from_file_location("selection", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spearman_by_hand():
+    sel = _selection()
+    assert sel.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # 1 - 6 * 2 / (3 * 8)
+    assert sel.spearman([1, 2, 2, 4], [10, 20, 20, 40]) == pytest.approx(1.0)  # ties share their rank
+    assert math.isnan(sel.spearman([1, 2], [3, 3]))
+
+
+def test_selection_benchmark_reproduces_the_runs_self_scores(tiny_toy_path, tmp_path):
+    """On a tiny run with a checkpoint every step, the tool's self-score of each checkpoint is the one the run
+    logged at that step, its choices follow its own numbers, and it writes the JSON."""
+    run = tmp_path / "run"
+    suder.train("toy", model=tiny_toy_path, output_dir=str(run), steps=3, eval_every=1, lr=1e-2,
+                **{**TINY, "save_every": 1})
+    result = _selection().main([str(run), "--eval-num", "8", "--out", str(tmp_path / "sel.json")])
+    logged = {json.loads(x)["step"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+    rows = result["checkpoints"]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["model"] == str(run / "final")
+    for r in rows:
+        assert r["self_score"] == pytest.approx(logged[r["step"]]["selfeval/score"], rel=1e-4, abs=1e-6)
+    assert result["label_free_step"] == max(rows, key=lambda r: r["self_score"])["step"]
+    chosen = next(r for r in rows if r["step"] == result["label_free_step"])
+    assert result["judge_gain_label_free_vs_last"] == pytest.approx(chosen["judge"] - rows[-1]["judge"])
+    assert result["within_1_point"] == (max(r["judge"] for r in rows) - chosen["judge"] <= 1.0)
+    assert json.loads((tmp_path / "sel.json").read_text())["label_free_step"] == result["label_free_step"]
