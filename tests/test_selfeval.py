@@ -98,6 +98,13 @@ def test_heldout_files_replace_the_fraction_and_leave_nothing_held_out_in_traini
     pools, held = selfeval.heldout_split(cfg, {"gen": None})
     assert held.prompts == [pfile.read_text().splitlines()[0]]
     assert held.prompts[0] not in pools["gen"].items and len(pools["gen"]) == 7  # both copies of it left out
+    held_dir = tmp_path / "held"
+    held_dir.mkdir()
+    (held_dir / "h.png").write_bytes((folder / "00.png").read_bytes())
+    cfg = resolve(backbone="toy", images=str(folder), eval_every=1, strategy="und", heldout_images=str(held_dir))
+    pools, held = selfeval.heldout_split(cfg, {"und": None})
+    assert held.images == [held_dir / "h.png"]
+    assert sorted(f.name for f in pools["und"].items) == [f"{i:02d}.png" for i in range(1, 8)]  # 00 and its copy out
 
 
 def test_shapes_world_heldout_prompts_and_scenes_are_not_in_the_training_pools(tiny_toy_path, tmp_path):
