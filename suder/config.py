@@ -189,8 +189,8 @@ class TrainConfig:
                                         group="logging and saving")
     early_stopping_num: int = _opt(64, "prompts and scenes of an early-stopping evaluation",
                                    group="logging and saving")
-    heldout: float = _opt(0.0, "with eval_every: this fraction of --prompts and --images is never trained on and "
-                          "scores the run without labels (docs/monitoring.md)", group="self-evaluation")
+    heldout: float = _opt(0.0, "this fraction of --prompts and --images is never trained on; every eval_every "
+                          "steps it scores the run without labels (docs/monitoring.md)", group="self-evaluation")
     heldout_prompts: str | None = _opt(None, "held-out prompts (a file like --prompts) instead of a fraction",
                                        group="self-evaluation")
     heldout_images: str | None = _opt(None, "held-out images (a folder like --images) instead of a fraction",

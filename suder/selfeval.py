@@ -115,12 +115,15 @@ def _user_images(cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
 
 
 def heldout_split(cfg: TrainConfig, pools: dict[str, Pool]) -> tuple[dict[str, Pool], HeldOut | None]:
-    """The training pools with the held-out slice removed, and the slice (``None``: no self-evaluation).
-    ``pools``: the pools the run would train on without a slice (``data.prompt_pool`` / ``image_pool``)."""
-    if not (cfg.eval_every and cfg.selfeval_num):
-        return pools, None
+    """The training pools with the held-out slice removed, and the slice (``None``: no self-evaluation, when
+    ``eval_every`` or ``selfeval_num`` is 0). ``pools``: the pools the run would train on without a slice
+    (``data.prompt_pool`` / ``image_pool``)."""
+    on = bool(cfg.eval_every and cfg.selfeval_num)
     if cfg.shapes_world:
-        return pools, _shapes_heldout(cfg, pools)
+        return pools, _shapes_heldout(cfg, pools) if on else None
+    if not (cfg.heldout > 0 or cfg.heldout_prompts or cfg.heldout_images):
+        return pools, None
+    # removed whether or not this run evaluates: a resumed run that turns eval_every on trains on the same data
     out, held = dict(pools), HeldOut(load=load_image)
     if "gen" in pools:
         train, held.prompts = _user_prompts(cfg)
@@ -128,7 +131,7 @@ def heldout_split(cfg: TrainConfig, pools: dict[str, Pool]) -> tuple[dict[str, P
     if "und" in pools:
         train_files, held.images = _user_images(cfg)
         out["und"] = Pool(train_files, cfg.seed, load=load_image)
-    return out, held
+    return out, held if on else None
 
 
 def _shapes_heldout(cfg: TrainConfig, pools: dict[str, Pool]) -> HeldOut:

@@ -362,3 +362,16 @@ def test_selection_benchmark_reproduces_the_runs_self_scores(tiny_toy_path, tmp_
     assert result["judge_gain_label_free_vs_last"] == pytest.approx(chosen["judge"] - rows[-1]["judge"])
     assert result["within_1_point"] == (max(r["judge"] for r in rows) - chosen["judge"] <= 1.0)
     assert json.loads((tmp_path / "sel.json").read_text())["label_free_step"] == result["label_free_step"]
+
+
+def test_the_slice_is_held_out_even_while_no_evaluation_runs(tmp_path):
+    """heldout without eval_every still keeps the slice out of training (no self-evaluation yet), so a resumed run
+    that turns eval_every on trains on the same data as before."""
+    pfile, folder = _user_data(tmp_path)
+    pools = {"gen": None, "und": None}
+    off = selfeval.heldout_split(resolve(backbone="toy", prompts=str(pfile), images=str(folder), heldout=0.25), pools)
+    on = selfeval.heldout_split(resolve(backbone="toy", prompts=str(pfile), images=str(folder), heldout=0.25,
+                                        eval_every=5), pools)
+    assert off[1] is None and on[1] is not None
+    assert off[0]["gen"].items == on[0]["gen"].items and off[0]["und"].items == on[0]["und"].items
+    assert not set(on[1].prompts) & set(off[0]["gen"].items)
