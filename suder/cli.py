@@ -538,10 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Plugin warnings as one line; anything else as Python would show it."""
+    """Plugin and drift warnings as one line; anything else as Python would show it."""
+    from .monitors import DriftWarning
     from .plugins import SuderPluginWarning
 
-    if issubclass(category, SuderPluginWarning):
+    if issubclass(category, (SuderPluginWarning, DriftWarning)):
         term.console().print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

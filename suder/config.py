@@ -53,6 +53,8 @@ ALGOS = ("simpo", "grpo")
 STRATEGIES = ("unified", "gen", "und", "separate")
 SIMPO_PAIRS = ("best-worst", "all", "best-likeliest")
 DIRECTIONS = ("gen", "und")
+SELECT_FINAL = ("last", "best")
+GUARD_ACTIONS = ("stop", "rollback")
 LAYERS = ("default", "preset", "config", "flags", "keywords")
 USER_LAYERS = ("config", "flags", "keywords")
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -188,6 +190,21 @@ class TrainConfig:
                                         group="logging and saving")
     early_stopping_num: int = _opt(64, "prompts and scenes of an early-stopping evaluation",
                                    group="logging and saving")
+    heldout: float = _opt(0.0, "this fraction of --prompts and --images is never trained on; every eval_every "
+                          "steps it scores the run without labels (docs/monitoring.md)", group="self-evaluation")
+    heldout_prompts: str | None = _opt(None, "held-out prompts (a file like --prompts) instead of a fraction",
+                                       group="self-evaluation")
+    heldout_images: str | None = _opt(None, "held-out images (a folder like --images) instead of a fraction",
+                                      group="self-evaluation")
+    selfeval_num: int = _opt(64, "held-out prompts and images each self-evaluation scores (0: off)",
+                             group="self-evaluation")
+    select_final: str = _opt("last", "final/ holds the last weights, or the best self-evaluated ones (last/ beside)",
+                             choices=SELECT_FINAL, group="self-evaluation")
+    guard_drop: float | None = _opt(None, "act when the self-score falls this far below its best (base std units)",
+                                    group="self-evaluation")
+    guard_action: str = _opt("stop", "what guard_drop does: stop the run, or rollback to the best weights",
+                             choices=GUARD_ACTIONS, group="self-evaluation")
+    guard_lr_factor: float = _opt(0.5, "rollback multiplies the learning rate by this", group="self-evaluation")
     resume: bool | str = _opt(False, "continue from the last checkpoint (auto: if there is one)",
                               group="logging and saving")
     overwrite: bool = _opt(False, "replace a previous run in output_dir", group="logging and saving")
@@ -243,6 +260,43 @@ class TrainConfig:
                 "push_to_hub off and push later with `suder push RUN --repo-id OWNER/NAME`."
             )
         self._check_numbers()
+        self._check_selfeval()
+
+    def _check_selfeval(self) -> None:
+        """The held-out self-evaluation's settings (``suder.selfeval``)."""
+        self._check_choice("select_final", SELECT_FINAL)
+        self._check_choice("guard_action", GUARD_ACTIONS)
+        if not (0 <= self.heldout < 1):
+            raise ConfigError(f"heldout must be a fraction in [0, 1) of the prompts and images, got {self.heldout}.")
+        if self.selfeval_num < 0:
+            raise ConfigError(f"selfeval_num must be >= 0 (0 turns self-evaluation off), got {self.selfeval_num}.")
+        if self.guard_drop is not None and not (self.guard_drop > 0 and math.isfinite(self.guard_drop)):
+            raise ConfigError(f"guard_drop must be a positive number (or null: no guard), got {self.guard_drop}.")
+        if not (0 < self.guard_lr_factor <= 1):
+            raise ConfigError(f"guard_lr_factor must be in (0, 1], got {self.guard_lr_factor}.")
+        given = [k for k in ("heldout_prompts", "heldout_images") if getattr(self, k)] + (["heldout"] * (
+            self.heldout > 0))
+        if given and self.shapes_world:
+            raise ConfigError(
+                f"{given[0]} applies to your own --prompts and --images; ShapesWorld holds out its own prompts and "
+                "scenes: leave it out."
+            )
+        on = bool(self.eval_every and self.selfeval_num)
+        wants = [k for k, v in (("select_final best", self.select_final == "best"),
+                                ("guard_drop", self.guard_drop is not None)) if v]
+        if wants and not on:
+            raise ConfigError(
+                f"{wants[0]} needs the held-out self-evaluation: set eval_every > 0 (and selfeval_num > 0)."
+            )
+        if on and not self.shapes_world:
+            missing = [what for d, what, own in (("gen", "prompts", "heldout_prompts"), ("und", "images",
+                       "heldout_images")) if d in self.directions and not (self.heldout > 0 or getattr(self, own))]
+            if missing:
+                raise ConfigError(
+                    f"eval_every on your own data scores a held-out slice of the {missing[0]}: pass --heldout 0.05 "
+                    f"(a fraction), --heldout-{missing[0]} with held-out {missing[0]}, or --selfeval-num 0 to "
+                    "turn self-evaluation off."
+                )
 
     def _check_numbers(self) -> None:
         counts = ("batch_size", "gen.batch_size", "und.batch_size", "grad_accum", "grpo_iterations", "switch_every")

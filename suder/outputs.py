@@ -12,7 +12,11 @@
                              state/ (accelerate's optimizer, scheduler and RNG state) and step.json
     final/                   save_pretrained folder(s) of the trained model, README.md (its model card in the Hub's
                              format, ``suder.hub``) and samples.png (the last sample grids), ready for ``suder push``
-    run.json                 {"base_model", "final_model", "before", "after", "steps", ...}
+    run.json                 {"base_model", "final_model", "before", "after", "steps", "selfeval", ...}
+    selfeval.json            the frozen base's own held-out self-evaluation (the baseline; kept for --resume)
+    best/                    the weights of the best held-out self-score so far (select_final best, or guard
+                             rollback) with selfeval.json ({"step", "score"}); at the end, with select_final best,
+                             it becomes final/ and the last weights go to last/
     logs/                    experiment-tracker files when report_to is set (TensorBoard: logs/suder/)
 
 Crash safety (``kill -9`` at any moment): every folder is written under a temporary name and renamed into place;
@@ -49,13 +53,13 @@ from .errors import ConfigError, TrainingError
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-RUN_FILES = ("metrics.jsonl", "run.json", "before.json")
-RUN_DIRS = ("checkpoints", "samples", "final", "logs")
+RUN_FILES = ("metrics.jsonl", "run.json", "before.json", "selfeval.json")
+RUN_DIRS = ("checkpoints", "samples", "final", "logs", "best", "last")
 # what a resumed run may change: how long it runs, what it logs and how often it samples, saves and evaluates
 MAY_CHANGE_ON_RESUME = (
     "steps", "epochs", "report_to", "sample_every", "save_every", "save_total_limit", "eval_every", "eval_num",
     "early_stopping_patience", "early_stopping_num", "gradient_checkpointing", "push_to_hub", "hub_repo_id",
-    "hub_private",
+    "hub_private", "select_final", "guard_drop", "guard_action", "guard_lr_factor",
 )
 RUN_CONTROL = ("resume", "overwrite", "output_dir")  # how the command treats the folder, not run settings
 
@@ -177,6 +181,7 @@ class RunWriter:
         self.bad_evals = 0
         self.extra: dict[str, Any] = {}
         self.tracking: Any = None  # tracking.Tracking when report_to is set
+        self.selfeval: dict[str, Any] | None = None  # the self-evaluation's state (selfeval.Tracker), per checkpoint
 
     # ------------------------------------------------------------------ start
     def holds_run(self) -> list[str]:
@@ -298,7 +303,7 @@ class RunWriter:
         self._guarded(f"checkpoint {step}", tmp, lambda: self.save_models(models, tmp / "model"))
         acc.wait_for_everyone()  # every process has written its part (its RNG state) before the folder is renamed
         if self.main:
-            state = {"step": step, "best": self.best, "bad_evals": self.bad_evals}
+            state = {"step": step, "best": self.best, "bad_evals": self.bad_evals, "selfeval": self.selfeval}
 
             def write() -> None:
                 from .hub import write_card
@@ -336,6 +341,7 @@ class RunWriter:
         state = json.loads((last / "step.json").read_text())
         step = int(state["step"])
         self.best, self.bad_evals = state.get("best"), int(state.get("bad_evals", 0))
+        self.selfeval = state.get("selfeval")
         log = self.out / "metrics.jsonl"
         kept = read_metrics(log, upto=step)
         if self.main:
@@ -345,16 +351,51 @@ class RunWriter:
         acc.wait_for_everyone()
         return step, kept
 
-    def save_final(self, acc: Any, models: ModelsToSave) -> Path:
-        final = self.out / "final"
-        tmp = self.out / ".final.tmp"
+    def save_final(self, acc: Any, models: ModelsToSave, select_best: bool = False) -> Path:
+        """``final/``: the last weights; with ``select_best`` (and a ``best/``), the best weights become ``final/``
+        and the last ones are written to ``last/``. Every process calls it."""
+        best = self.out / "best"
+        keep_best = select_best and (best / "selfeval.json").is_file()
+        final = self.out / ("last" if keep_best else "final")
+        tmp = self.out / f".{final.name}.tmp"
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
         self._guarded("the final model", tmp, lambda: self.save_models(models, tmp))
         if self.main:
             self._guarded("the final model", tmp, lambda: atomic_replace(tmp, final))
+            if keep_best:
+                atomic_replace(best, self.out / "final")  # best/ is moved, not copied: final/ is now the best
         acc.wait_for_everyone()
-        return final
+        return self.out / "final"
+
+    def save_best(self, acc: Any, models: ModelsToSave, step: int, score: float) -> Path:
+        """``best/``: ``models`` and ``selfeval.json`` (``{"step", "score"}``), replacing the previous best
+        atomically. Every process calls it."""
+        best, tmp = self.out / "best", self.out / ".best.tmp"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._guarded("the best model", tmp, lambda: self.save_models(models, tmp))
+        if self.main:
+            def write() -> None:
+                dump_json(tmp / "selfeval.json", {"step": step, "score": score})
+                atomic_replace(tmp, best)
+
+            self._guarded("the best model", tmp, write)
+        acc.wait_for_everyone()
+        return best
+
+    def best_marker(self) -> dict[str, Any] | None:
+        """``best/selfeval.json``: the step and score of the weights kept in ``best/`` (None: none kept)."""
+        path = self.out / "best" / "selfeval.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_selfeval_base(self, base: dict[str, Any]) -> None:
+        if self.main:
+            dump_json(self.out / "selfeval.json", base)
+
+    def load_selfeval_base(self) -> dict[str, Any] | None:
+        path = self.out / "selfeval.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     # ------------------------------------------------------------------ monitoring
     def heldout(self, cfg: TrainConfig, gen_model: Any, und_model: Any) -> tuple[dict[str, float], float]:

@@ -7,9 +7,10 @@ and sharp at any zoom). It reads what the run folder holds (see ``suder.outputs`
 * ``config.yaml``: every field; bold ones were set by the user (a config file, flags or keywords: the layer that
   ``sources:`` records), the rest came from the defaults or the preset;
 * ``run.json``: the judged before/after table (toy backbone on ShapesWorld) and the run's summary;
-* ``metrics.jsonl``: one chart per metric, grouped by prefix (``gen/``, ``und/``, ``heldout/``, ``time/``, the rest
-  under "train"); an overview first with rewards, judge accuracy, losses, KL and the learning rate. Tick values
-  are round (1, 2 or 5 times a power of ten). How a metric is drawn:
+* ``metrics.jsonl``: one chart per metric, grouped by prefix (``gen/``, ``und/``, ``heldout/``, ``selfeval/`` and
+  ``drift/`` (``suder.selfeval``, ``suder.monitors``), ``time/``, the rest under "train"); an overview first with
+  rewards, judge accuracy, losses, KL, the learning rate and the self-score. Tick values are round (1, 2 or 5
+  times a power of ten). How a metric is drawn:
 
   - constant (one value over the whole run, every run): one line of text, no chart;
   - a step function (``is_step_metric``: the learning rate and counts, by name, or any metric that takes few
@@ -44,7 +45,7 @@ from typing import Any
 
 from .errors import DataError
 
-GROUP_ORDER = ("gen", "und", "heldout", "train", "time")
+GROUP_ORDER = ("gen", "und", "heldout", "selfeval", "drift", "train", "time")
 FIRST = ("reward_mean", "judge_acc", "loss", "kl", "simpo/accuracy", "simpo/margin", "grpo/kl", "lr", "grad_norm")
 JUDGE_COLUMNS = [
     ("t2i", "single", "T2I single"),
@@ -137,7 +138,8 @@ def _rank(key: str) -> tuple[int, str]:
 def overview_keys(groups: dict[str, dict[str, Any]]) -> list[str]:
     """Rewards, judge accuracy, losses, KL and learning rate: the curves a run is judged by."""
     keys = [k for g in groups.values() for k in g]
-    wanted = [r"/reward_mean$", r"/judge_acc$", r"(^|/)loss$", r"(^|/)kl(/mean)?$", r"^lr$", r"^heldout/"]
+    wanted = [r"/reward_mean$", r"/judge_acc$", r"(^|/)loss$", r"(^|/)kl(/mean)?$", r"^lr$", r"^heldout/",
+              r"^selfeval/score$", r"^selfeval/(gen|und)_frozen$"]
     return [k for pattern in wanted for k in keys if re.search(pattern, k)]
 
 
@@ -493,6 +495,17 @@ def summary_line(run: dict[str, Any], metrics: list[dict[str, Any]], config: dic
         bits.append("finished" + (" (stopped early)" if run.get("stopped_early") else ""))
     elif metrics:
         bits.append("in progress (no run.json yet)")
+    sel = run.get("selfeval") or {}
+    if sel.get("final_step") is not None:  # suder.selfeval: which step final/ holds, and what the guard did
+        chosen = "best self-score" if sel.get("select_final") == "best" else "last"
+        best = sel.get("best_step")
+        bits.append(f"final/ = step <b>{sel['final_step']}</b> ({chosen}; best self-score at step {best})")
+        if sel.get("rollbacks"):
+            bits.append(f"guard rolled back {len(sel['rollbacks'])}x")
+        if sel.get("stopped_at"):
+            bits.append(f"guard stopped at step {sel['stopped_at']}")
+        if sel.get("warned"):
+            bits.append("drift warnings: " + html.escape(", ".join(sel["warned"])))
     for key in ("base_model", "final_model"):
         if run.get(key):
             bits.append(f"{key.replace('_', ' ')} <code>{html.escape(str(run[key]))}</code>")

@@ -9,7 +9,7 @@ from typing import Any
 RUN_GROUPS = {  # help group of TrainConfig's fields (their ``group`` metadata) -> the group's name in --help
     "what to train": "model", "data": "data", "length and batch": "length", "optimiser": "optimiser",
     "SimPO": "simpo", "GRPO": "grpo", "rewards": "rewards", "sampling": "sampling", "engineering": "engineering",
-    "logging and saving": "logging",
+    "logging and saving": "logging", "self-evaluation": "selfeval",
 }
 RUN_DESCRIPTION = (
     "Self-improve a unified multimodal model with dual self-rewards; no options: the embedded ShapesWorld default. "

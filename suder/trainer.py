@@ -33,7 +33,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from . import monitors
 from . import rewards as rewards_mod
+from . import selfeval as selfeval_mod
 from .config import TrainConfig, resolve
 from .data import image_pool, prompt_pool
 from .distributed import (
@@ -130,6 +132,8 @@ def preflight(cfg: TrainConfig) -> Path | None:
         prompt_pool(cfg.prompts, cfg.seed)
     if "und" in cfg.directions:
         image_pool(cfg.images, cfg.seed)
+    if not cfg.shapes_world:  # the held-out files, and a slice that leaves something to train on
+        selfeval_mod.heldout_split(cfg, {d: None for d in cfg.directions})
     check_writable(Path(cfg.output_dir))
     return RunWriter(Path(cfg.output_dir), True).plan_start(cfg)
 
@@ -160,6 +164,9 @@ class Trainer:
             **accelerator_kwargs(cfg),  # report_to: log_with and project_dir
         )
         check_engine(self.acc, engine, cfg)
+        if cfg.guard_drop is not None and cfg.guard_action == "rollback" and is_sharded(self.acc):
+            raise ConfigError("guard_action rollback reloads whole weights, which ZeRO-3 and FSDP shard; use "
+                              "guard_action stop, or DDP or ZeRO-2.")
         self.out = Path(cfg.output_dir)
         self.writer = RunWriter(self.out, self.acc.is_main_process)
         # data and output folder are checked before the base model is built or loaded
@@ -169,6 +176,10 @@ class Trainer:
             self.pools["gen"] = prompt_pool(cfg.prompts, cfg.seed)
         if "und" in cfg.directions:
             self.pools["und"] = image_pool(cfg.images, cfg.seed)
+        # the held-out slice of the self-evaluation, removed from the training pools (None: no self-evaluation)
+        self.pools, self.held = selfeval_mod.heldout_split(cfg, self.pools)
+        self.tracker = selfeval_mod.Tracker(cfg.guard_drop, cfg.guard_action)
+        self.selfeval_base: dict[str, Any] | None = None
         self.base_path = cfg.model
         if policy is None:
             if cfg.model is None and (cfg.backbone == "toy" or cfg.shapes_world):
@@ -243,7 +254,7 @@ class Trainer:
         und_ref = "und" in c.directions and rewards_mod.needs_reference(c.und.reward, c.to_dict())
         frozen_scorer = any(scorer_of(c, d) == "frozen" for d in c.directions)
         grpo_kl = c.grpo_beta > 0 and any(c.algo_for(d) == "grpo" for d in c.directions)
-        return grpo_kl or c.simpo_kl_beta > 0 or und_ref or frozen_scorer
+        return grpo_kl or c.simpo_kl_beta > 0 or und_ref or frozen_scorer or self.held is not None
 
     def _build(self, policy: nn.Module) -> tuple[dict[str, Engine], Reference | None]:
         """The trained models, one ``Engine`` each (``policy``; ``gen`` and ``und`` for ``separate``), and the
@@ -356,6 +367,9 @@ class Trainer:
         writer.tracking = Tracking(self.acc, c)  # report_to (tracking.py); after start(), which clears logs/
         before = self.before()
         start, history = writer.restore(self.acc, self.resume_from) if self.resume_from else (0, [])
+        if self.held is not None:
+            self.tracker.load(writer.selfeval, self.decide(writer.best_marker))
+            self.selfeval_base = self.decide(self._selfeval_baseline, whole=self.engines)
         total = self.max_steps()
         stopped = False
         for step in range(start, total):
@@ -364,6 +378,16 @@ class Trainer:
             if self.judge and c.eval_every and (step + 1) % c.eval_every == 0:
                 held, stopped = self.decide(self._heldout, whole=self.engines)
                 metrics.update(held)
+            if self.held is not None and c.eval_every and (step + 1) % c.eval_every == 0:
+                held, action, state = self.decide(functools.partial(self._self_evaluate, step + 1),
+                                                  whole=self.engines)
+                self.tracker.load(state)  # every process holds rank 0's best, so that all decide the same
+                metrics.update(held)
+                stopped = self.act(action, step + 1, held["selfeval/score"]) or stopped
+            if self.acc.is_main_process:  # identical groups, every step (the rest is checked at evaluations)
+                monitors.check({k: v for k, v in metrics.items() if k.endswith("_identical_groups")}, {},
+                               self.tracker.warned, step + 1)
+                writer.selfeval = self.tracker.state()
             history.append(metrics)
             writer.log(metrics)
             if self.callback:
@@ -374,7 +398,12 @@ class Trainer:
                 break
             if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < total:
                 writer.checkpoint(self.acc, self.saved_models(), step + 1, c.save_total_limit)
-        final = writer.save_final(self.acc, self.saved_models())
+        select_best = self.held is not None and c.select_final == "best"
+        final = writer.save_final(self.acc, self.saved_models(), select_best=select_best)
+        if self.held is not None:
+            writer.extra["selfeval"] = self._selfeval_record(select_best, final, history)
+            if self.judge and writer.extra["selfeval"]["final_step"] != writer.extra["selfeval"]["last_step"]:
+                self.load_weights(final)  # the judge scores what final/ holds
         after = self.evaluate("after") if self.judge else {}
         return writer.finish(c, before, after, history, final, stopped)
 
@@ -396,6 +425,78 @@ class Trainer:
         held, score = self.writer.heldout(self.cfg, *(self.engines[k].backbone for k in keys))
         return held, self.writer.should_stop(score, self.cfg.early_stopping_patience)
 
+    # ------------------------------------------------------------------ self-evaluation (suder.selfeval)
+    def _selfeval_baseline(self) -> dict[str, Any]:
+        """The frozen base's own held-out evaluation (kept in ``selfeval.json``; a resumed run reads it back)."""
+        kept = self.writer.load_selfeval_base()
+        if kept is not None:
+            return kept
+        ref = self.reference
+        scores = selfeval_mod.self_evaluate(ref, ref, ref, self.held, self.cfg)
+        base = {
+            "summary": selfeval_mod.summary(scores),
+            "drift": monitors.sample_stats(scores),
+            "heldout": {"prompts": len(scores.get("gen_frozen", [])), "images": len(scores.get("und_frozen", []))},
+        }
+        self.writer.save_selfeval_base(base)
+        return base
+
+    def _self_evaluate(self, step: int) -> tuple[dict[str, float], str, dict[str, Any]]:
+        """The held-out self-evaluation of the trained model(s) at ``step`` (main process): its metrics
+        (``selfeval/...``, ``drift/...``), what the tracker says to do (``selfeval.Tracker.observe``) and the
+        tracker's state."""
+        keys = ("gen", "und") if self.cfg.strategy == "separate" else ("policy", "policy")
+        gen_model, und_model = (self.engines[k].backbone for k in keys)
+        scores = selfeval_mod.self_evaluate(gen_model, und_model, self.reference, self.held, self.cfg)
+        now, base = selfeval_mod.summary(scores), self.selfeval_base
+        value = selfeval_mod.score(now, base["summary"])
+        action = self.tracker.observe(value, step)
+        stats = monitors.sample_stats(scores)
+        out = {f"selfeval/{k}": v for k, v in now.items() if not k.endswith("_std")}
+        out |= {"selfeval/score": value, "selfeval/best_score": self.tracker.best_score,
+                "selfeval/best_step": self.tracker.best_step}
+        out |= monitors.drift_metrics(stats, base["drift"])
+        monitors.check(out, base["drift"], self.tracker.warned, step)
+        return out, action, self.tracker.state()
+
+    def act(self, action: str, step: int, value: float) -> bool:
+        """Every process: keep a new best's weights in ``best/`` (when ``select_final: best`` or a rollback guard
+        needs them), roll back, or say to stop (True)."""
+        c = self.cfg
+        if action == "improved" and (c.select_final == "best" or (c.guard_drop and c.guard_action == "rollback")):
+            self.writer.save_best(self.acc, self.saved_models(), step, value)
+        elif action == "rollback":
+            self.load_weights(self.out / "best")
+            for engine in self.engines.values():  # a fresh optimizer at a lower rate, from the best weights
+                opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+                opt.state.clear()
+                engine.scheduler.base_lrs = [lr * c.guard_lr_factor for lr in engine.scheduler.base_lrs]
+                for group in opt.param_groups:
+                    group["lr"] *= c.guard_lr_factor
+        if self.acc.is_main_process:
+            self.writer.selfeval = self.tracker.state()
+        return action == "stop"
+
+    def load_weights(self, folder: Path) -> None:
+        """Every trained model's weights from a saved folder (``best/``, ``final/``; ``gen/`` and ``und/`` inside
+        for the separate strategy), every process."""
+        for key, engine in self.engines.items():
+            path = folder / key if key in ("gen", "und") else folder
+            saved = load_backbone(self.cfg.backbone, model=str(path), **self.cfg.backbone_options)
+            engine.backbone.load_state_dict(saved.state_dict())
+        self.acc.wait_for_everyone()
+
+    def _selfeval_record(self, select_best: bool, final: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """``run.json``'s ``selfeval``: the base's scores, the tracker's state and which step ``final/`` holds."""
+        last = history[-1]["step"] if history else 0
+        chosen = self.tracker.best_step if select_best and (final / "selfeval.json").is_file() else last
+        return {
+            "select_final": self.cfg.select_final, "final_step": chosen, "last_step": last,
+            "last_model": str(self.out / "last") if (self.out / "last").is_dir() else str(final),
+            "base": (self.selfeval_base or {}).get("summary"), "heldout": (self.selfeval_base or {}).get("heldout"),
+            **self.tracker.state(),
+        }
+
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, Any]:
         """One training step, the same on every process: for each of ``grad_accum`` micro-batches and each direction
@@ -415,6 +516,8 @@ class Trainer:
                         with self.sampling(w.model):
                             samples = self.roll_out(w, step, m)
                             rollout = self.score(w, samples)
+                        metrics.add({f"drift/{w.direction}_identical_groups": monitors.identical_groups(
+                            w.direction, rollout.samples, rollout.group_size)})
                         seeds = [derive_seed(c.seed, step, m, it, 7) for it in range(c.grpo_iterations)]
                         batches[(w.model, w.direction)], prepared = self.prepare(w.model, rollout, seeds)
                     metrics.add(prepared)
@@ -502,7 +605,8 @@ class Trainer:
         of processes, since DDP/ZeRO/FSDP average gradients); ``acc.accumulate`` syncs (and lets DeepSpeed step)
         only at the last micro-batch, and ``acc.backward``'s division by ``grad_accum`` is undone."""
         engine = self.engines[key]
-        metrics: dict[str, Any] = {"lr": engine.scheduler.get_last_lr()[0]}  # the rate this step uses
+        # the rate this step uses (the optimizer's: a guard rollback lowers it between scheduler steps)
+        metrics: dict[str, Any] = {"lr": engine.scheduler.optimizer.param_groups[0]["lr"]}
         seen = StepMetrics()  # the losses' metrics, over micro-batches and inner iterations
         mine = [kd for kd in norm if kd[0] == key]
         if all(norm[kd]["count"] == 0 for kd in mine):  # every group of every process was skipped: no update

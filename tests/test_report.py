@@ -151,7 +151,7 @@ def test_report_of_a_finished_run(run_dir, tmp_path):
 
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     numeric = {k for line in lines for k, v in line.items() if k != "step" and isinstance(v, (int, float))}
-    assert set(page.groups) == {"gen", "und", "train", "time"}
+    assert set(page.groups) == {"gen", "und", "drift", "train", "time"}  # drift: identical groups, every step
     assert sorted(k for keys in page.groups.values() for k in keys) == sorted(numeric)  # a chart or a line each
     assert {"gen/reward_mean", "und/reward_mean", "gen/judge_acc", "gen/loss", "lr"} <= set(page.sections["overview"])
     for key, text in page.consts.items():  # one value over the run: one line of text, no chart
