@@ -345,6 +345,8 @@ def cmd_run(argv: list[str]) -> None:
 
         term.console(stderr=False).print(results_table(judge_rows(result.before, result.after)))
     console.print(f"Run folder: {result.output_dir}  final model: {result.final_model}")
+    if line := selfeval_line(Path(result.output_dir)):
+        console.print(line, highlight=False, soft_wrap=True)
     if result.hub_url:
         console.print(f"Pushed to the Hub: {result.hub_url}", highlight=False, soft_wrap=True)
 
@@ -397,6 +399,28 @@ def cmd_plan(argv: list[str]) -> None:
         out.print(f"[bold red]Does not fit:[/] {exc}", highlight=False)
         return
     out.print(f"Fits {name} ({total / memory.GiB:.1f} GiB): peak {p.peak / memory.GiB:.1f} GiB ({p.peak_phase}).")
+
+
+def selfeval_line(run: Path) -> str | None:
+    """The end of ``suder run`` with a held-out self-evaluation: which step ``final/`` holds, the best and last
+    self-scores, and what the guard did (``run.json``'s ``selfeval``); None without one."""
+    try:
+        record = json.loads((run / "run.json").read_text()).get("selfeval")
+    except (OSError, ValueError):
+        return None
+    if not record:
+        return None
+    parts = [f"Self-evaluation: final/ holds step {record['final_step']} (select_final: {record['select_final']})"]
+    if record.get("best_score") is not None:
+        parts.append(f"best held-out self-score {record['best_score']:+.3f} at step {record['best_step']}, "
+                     f"last {record['last_score']:+.3f}")
+    if record["final_step"] != record["last_step"]:
+        parts.append(f"the last step's weights are in {record['last_model']}")
+    if record.get("rollbacks"):
+        parts.append(f"{record['rollbacks']} rollback(s)")
+    if record.get("stopped_at"):
+        parts.append(f"the guard stopped the run at step {record['stopped_at']}")
+    return "; ".join(parts) + "."
 
 
 def start_plan(cfg: Any, console: Any) -> None:

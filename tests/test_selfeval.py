@@ -194,6 +194,24 @@ def test_select_final_best_keeps_the_best_steps_weights_and_the_last_beside(tiny
     assert not (tmp_path / "best").exists()  # moved, not copied
 
 
+def test_suder_run_says_which_step_final_holds(tiny_toy_path, tmp_path, monkeypatch, capsys):
+    """The user's path: `suder run --select-final best --eval-every 1` ends by saying which step final/ holds,
+    the best and last self-scores and where the last weights are."""
+    from suder.cli import main
+
+    _scripted(monkeypatch, [1.0, 3.0, 2.0])
+    args = ["run", "--model", str(tiny_toy_path), "--output-dir", str(tmp_path / "run"), "--steps", "3",
+            "--eval-every", "1", "--select-final", "best", "--selfeval-num", "4", "--group-size", "4",
+            "--gen.batch-size", "2", "--und.batch-size", "2", "--eval-num", "8", "--sample-every", "0",
+            "--save-every", "1"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    out = " ".join((captured.out + captured.err).split())
+    assert "Self-evaluation: final/ holds step 2 (select_final: best)" in out
+    assert "best held-out self-score +3.000 at step 2, last +2.000" in out
+    assert f"the last step's weights are in {tmp_path / 'run' / 'last'}" in out
+
+
 def test_select_final_last_is_the_last_weights(tiny_toy_path, tmp_path, monkeypatch):
     _scripted(monkeypatch, [1.0, 3.0, 2.0])
     suder.train("toy", model=tiny_toy_path, output_dir=str(tmp_path), steps=3, eval_every=1, lr=1e-2, **TINY)
