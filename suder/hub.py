@@ -254,6 +254,12 @@ def _intro(record: RunRecord, base: Base, step: int | None, name: str) -> str:
         f"multimodal model, started from {base.text}, trained with dual self-rewards (each direction rewarded by "
         "the model's own likelihood of the other) on unlabelled, unpaired data.",
     ]
+    chosen = (record.run.get("selfeval") or {}) if step is None else {}
+    if chosen and chosen.get("final_step") != chosen.get("last_step"):
+        lines += ["", f"These are the weights of step {chosen['final_step']} of {chosen['last_step']}, the best "
+                  "held-out self-score of the run (`select_final: best`: the frozen base's likelihood of the "
+                  "model's samples for held-out prompts and images, no labels); the sample grid below is the "
+                  "last one drawn at or before that step."]
     if base.license:
         lines += ["", f"License: `{base.license['license']}`, from the base model's card."]
     elif record.values.get("model") is None:
@@ -410,7 +416,11 @@ def write_card(run_dir: str | Path, folder: str | Path, step: int | None = None,
     run drew samples; each written under a temporary name and renamed into place."""
     folder = Path(folder)
     card = model_card(run_dir, step=step, repo_id=repo_id)
-    grid = sample_grid(run_dir, step)
+    held = step
+    if step is None:  # select_final best: final/ holds an earlier step's weights; show that step's samples
+        chosen = _json(Path(run_dir) / "run.json").get("selfeval") or {}
+        held = chosen["final_step"] if chosen.get("final_step") != chosen.get("last_step") else None
+    grid = sample_grid(run_dir, held)
     if grid is not None:
         tmp = folder / f".{GRID}.tmp.png"
         grid.save(tmp)

@@ -9,6 +9,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -185,9 +186,16 @@ def test_the_run_scores_with_the_frozen_base_while_the_policy_trains(tiny_toy_pa
 def test_select_final_best_keeps_the_best_steps_weights_and_the_last_beside(tiny_toy_path, tmp_path, monkeypatch):
     _scripted(monkeypatch, [1.0, 3.0, 2.0])
     res = suder.train("toy", model=tiny_toy_path, output_dir=str(tmp_path), steps=3, eval_every=1,
-                      select_final="best", lr=1e-2, **{**TINY, "save_every": 1})
+                      select_final="best", lr=1e-2, **{**TINY, "save_every": 1, "sample_every": 1})
     run = json.loads((tmp_path / "run.json").read_text())["selfeval"]
     assert (run["final_step"], run["last_step"], run["best_step"]) == (2, 3, 2)
+    # final/'s model card says which step it holds and shows that step's samples, not the last step's
+    from suder.hub import sample_grid
+
+    assert "These are the weights of step 2 of 3" in (tmp_path / "final" / "README.md").read_text()
+    shown = np.asarray(Image.open(tmp_path / "final" / "samples.png").convert("RGB"))
+    assert np.array_equal(shown, np.asarray(sample_grid(tmp_path, 2)))
+    assert not np.array_equal(shown, np.asarray(sample_grid(tmp_path)))
     assert _same(_weights(Path(res.final_model)), _weights(tmp_path / "checkpoints" / "step-000002" / "model"))
     assert not _same(_weights(tmp_path / "last"), _weights(tmp_path / "final"))
     assert json.loads((tmp_path / "final" / "selfeval.json").read_text()) == {"step": 2, "score": 3.0}
