@@ -212,7 +212,8 @@ def test_suder_run_stops_before_loading_weights_when_the_gpu_is_too_small(tiny_t
 def test_auto_rollout_chunk_is_the_largest_whose_plan_fits(tiny_toy_path):
     """``rollout_chunk_size: auto`` on a GPU: the whole group when the plan fits; else the largest halving of the
     group batch that fits; None when no chunk helps (the update decides the peak) or a number is given."""
-    cfg = resolve(model=str(tiny_toy_path), group_size=64, batch_size=1, steps=1)
+    # best-worst caption pairs: the update forwards 2 rows, so the rollout's 64 decide the peak
+    cfg = resolve(model=str(tiny_toy_path), group_size=64, batch_size=1, steps=1, und={"simpo_pairs": "best-worst"})
     f = memory.facts_for(cfg, "cuda")
 
     def device_for(peak: float) -> float:  # the device whose usable memory is just above ``peak``
@@ -238,7 +239,7 @@ def test_suder_run_starts_auto_chunks_where_the_plan_fits(tiny_toy_path, tmp_pat
     fits and the run samples in chunks of that size from its first step (the ``rollout/chunk_size`` metric)."""
     from suder.cli import main
 
-    cfg = resolve(model=str(tiny_toy_path), group_size=64, batch_size=1, steps=1)
+    cfg = resolve(model=str(tiny_toy_path), group_size=64, batch_size=1, steps=1, und={"simpo_pairs": "best-worst"})
     f = memory.facts_for(cfg, "cuda")
     device = memory.plan(cfg, f, chunk=16).peak / memory.FIT_MARGIN * 1.001
     expected = memory.auto_chunk(cfg, device, facts=f)
@@ -246,7 +247,8 @@ def test_suder_run_starts_auto_chunks_where_the_plan_fits(tiny_toy_path, tmp_pat
     monkeypatch.setattr(memory, "device_memory", lambda: ("cuda:0", device))
     out = tmp_path / "run"
     code = main(["run", "--model", str(tiny_toy_path), "--output-dir", str(out), "--steps", "1", "--group-size",
-                 "64", "--batch-size", "1", "--sample-every", "0", "--save-every", "0"])
+                 "64", "--batch-size", "1", "--und.simpo-pairs", "best-worst", "--sample-every", "0",
+                 "--save-every", "0"])
     text = capsys.readouterr()
     assert code == 0, text.err[-2000:]
     assert f"rollout_chunk_size auto: {expected} samples per call" in text.out + text.err

@@ -635,7 +635,7 @@ def test_reward_scorer_per_direction_from_the_cli(tiny_toy_path, tmp_path):
     args += ["--und-batch-size", "2", "--eval-num", "4", "--sample-every", "0", "--lr", "1e-3"]
     runs = {}
     for name, flags in {
-        "policy": [],
+        "policy": ["--reward-scorer", "policy"],  # the toy's preset scores captions with the frozen base
         "frozen": ["--reward-scorer", "frozen"],
         "split": ["--und-reward-scorer", "frozen"],
     }.items():
