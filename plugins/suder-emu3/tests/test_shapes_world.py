@@ -96,3 +96,27 @@ def test_suder_run_without_model_prints_the_judge_table(tiny_cache, tmp_path):
     assert "pretrain base" not in shown and "T2I" in shown, shown[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["before"] and run["after"] and run["base_model"].startswith(str(tiny_cache))
+
+
+def test_eval_and_caption_commands_on_the_base(tiny_cache, tmp_path):
+    """``suder eval`` and ``suder caption --backbone emu3 --model BASE`` work on a ShapesWorld base."""
+    from suder.worlds import shapes
+
+    base = str(next(tiny_cache.glob("emu3-base-*")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def suder(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "suder", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    result = json.loads(suder("eval", "--backbone", "emu3", "--model", base, "--num", "4", "--json").stdout)
+    assert {"t2i", "caption", "caption_greedy"} <= set(result) and result["t2i"]["n"] == 4, result
+    (tmp_path / "images").mkdir()
+    for i, scene in enumerate(shapes.sample_scenes(2, seed=3)):
+        shapes.render(scene).save(tmp_path / "images" / f"{i}.png")
+    suder("caption", "--backbone", "emu3", "--model", base, "--images", str(tmp_path / "images"), "--out",
+          str(tmp_path / "captions.jsonl"))
+    lines = (tmp_path / "captions.jsonl").read_text().splitlines()
+    assert [json.loads(x)["image"] for x in lines] == ["0.png", "1.png"]
