@@ -223,7 +223,7 @@ def recipe():
     return ShapesRecipe(
         build=build_shapes_base,
         version="v1",
-        pretrain=dict(steps=500, seed=0, batch_size=32, caption_batch_size=16, lr=1e-3, warmup_steps=50),
+        pretrain=dict(steps=1000, seed=0, batch_size=32, caption_batch_size=16, lr=1e-3, warmup_steps=50),
         preset=PRESET,
         shipped=SHIPPED if (SHIPPED / "pretrain.json").is_file() else None,
     )
