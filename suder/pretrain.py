@@ -408,7 +408,7 @@ def ensure_toy_base(
 # ------------------------------------------------------------------------------------------ image tokenizers
 def image_patches(x: torch.Tensor, stride: int) -> torch.Tensor:
     """(B, 3, S, S) pixels -> (B h w, 3 stride^2) patches, one per code of a stride-``stride`` image tokenizer,
-    in the codes' row-major order."""
+    in the codes' row-major order. Public, for plugins' recipes (docs/writing-a-plugin.md)."""
     return torch.nn.functional.unfold(x, stride, stride=stride).transpose(1, 2).reshape(-1, 3 * stride * stride)
 
 
@@ -416,8 +416,9 @@ def patch_clusters(num: int, stride: int, seed: int = 0, scenes: int = 512, iter
     """(k, 3 stride^2) centres, k <= ``num``, of the pixel patches (in [-1, 1]) of ``scenes`` rendered ShapesWorld
     scenes, one patch per code: the distinct patches themselves when there are at most ``num`` (at stride 8 there
     are 73: empty, or a quarter of one of 18 objects), else weighted k-means from farthest-point seeds
-    (deterministic). The ShapesWorld image tokenizers (Show-o's MAGVIT-v2, Janus-Pro's VQ) make these their codes:
-    each backbone trains its encoder to pick a patch's cluster and its decoder to draw the clusters."""
+    (deterministic). The ShapesWorld image tokenizers (Show-o's MAGVIT-v2, Janus-Pro's VQ, the Emu3 plugin's VQ-VAE)
+    make these their codes: each backbone trains its encoder to pick a patch's cluster and its decoder to draw the
+    clusters. Public, with ``image_patches``, for plugins' recipes (docs/writing-a-plugin.md)."""
     import numpy as np
 
     from .worlds import shapes

@@ -73,6 +73,14 @@ def _load_parts(model: str, dtype: Any, model_only: bool = False) -> tuple[Any, 
     return built.eval(), tokenizer, image_processor
 
 
+def shapes_recipe():
+    """Emu3's ShapesWorld default (``suder_emu3.shapes_world``), imported when first needed."""
+    from .shapes_world import recipe
+
+    return recipe()
+
+
 @hookimpl
 def register_backbones(register):
-    register("emu3", build_emu3, summary="BAAI Emu3 (Gen / Chat checkpoints), next-token prediction over VQ codes")
+    register("emu3", build_emu3, summary="BAAI Emu3 (Gen / Chat checkpoints), next-token prediction over VQ codes",
+             shapes_recipe=shapes_recipe)
