@@ -385,8 +385,7 @@ class Trainer:
                 metrics.update(held)
                 stopped = self.act(action, step + 1, held["selfeval/score"]) or stopped
             if self.acc.is_main_process:  # identical groups, every step (the rest is checked at evaluations)
-                monitors.check({k: v for k, v in metrics.items() if k.endswith("_identical_groups")}, {},
-                               self.tracker.warned, step + 1)
+                monitors.check_identical([*history, metrics], self.tracker.warned, step + 1)
                 writer.selfeval = self.tracker.state()
             history.append(metrics)
             writer.log(metrics)

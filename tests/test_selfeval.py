@@ -316,6 +316,21 @@ def test_a_drift_warning_is_given_once_per_monitor():
     assert warned == ["brightness", "caption_words"]
 
 
+def test_identical_groups_warn_on_a_sustained_rise_over_the_runs_start():
+    """A base that starts with many identical groups (a confident captioner) is not a drift, nor is one noisy
+    step; the mean of the last 20 steps 0.25 above the first 20's (and above 0.5) is."""
+    start = [{"drift/und_identical_groups": 0.6, "drift/gen_identical_groups": 0.0}] * 20
+    warned: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert monitors.check_identical(start[:10] + [{"drift/und_identical_groups": 1.0}], warned, 11) == []
+        noisy = start + start[:19] + [{"drift/und_identical_groups": 1.0, "drift/gen_identical_groups": 1.0}]
+        assert monitors.check_identical(noisy, warned, 40) == []
+    risen = start + [{"drift/und_identical_groups": 0.9, "drift/gen_identical_groups": 0.0}] * 20
+    with pytest.warns(monitors.DriftWarning, match="und_identical_groups averaged over 20 steps is above 0.5"):
+        assert monitors.check_identical(risen, warned, 40) == ["und_identical_groups"]
+
+
 def test_drift_metrics_are_logged_every_step_and_at_evaluations(tiny_toy_path, tmp_path):
     suder.train("toy", model=tiny_toy_path, output_dir=str(tmp_path), steps=2, eval_every=2, **TINY)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
