@@ -6,8 +6,9 @@ and the run's settings, and adds up what one process holds:
 - **weights** of every model the run keeps (the policy; a second one for ``strategy: separate``), divided by the
   processes under ZeRO-3 and FSDP2, which shard them; while the rollout reads whole weights (``whole_weights``)
   a sharded run gathers a full copy on top of its shard;
-- **reference**: the frozen copy that a GRPO KL term, ``simpo_kl_beta``, a frozen reward scorer or the
-  ``dsr-consensus`` reward reads; under LoRA the reference is the adapters only (``reference_scope``);
+- **reference**: the frozen copy that a GRPO KL term, ``simpo_kl_beta``, a frozen reward scorer, the held-out
+  self-evaluation or the ``dsr-consensus`` reward reads; under LoRA the reference is the adapters only
+  (``reference_scope``);
 - **gradients** of the trained parameters (the directions' ``trainable_parameters``, or the LoRA adapters, kept
   in float32 by the backbones): divided by the processes under ZeRO-2, ZeRO-3 and FSDP2; DDP with several
   processes keeps a second copy in its buckets;
@@ -434,7 +435,8 @@ def needs_reference(cfg: Any) -> bool:
     und = "und" in cfg.directions and reward_needs(cfg.und.reward, cfg.to_dict())
     frozen = cfg.strategy != "separate" and any(cfg.side(d).reward_scorer == "frozen" for d in cfg.directions)
     grpo_kl = cfg.grpo_beta > 0 and any(cfg.algo_for(d) == "grpo" for d in cfg.directions)
-    return grpo_kl or cfg.simpo_kl_beta > 0 or und or frozen
+    selfeval = bool(getattr(cfg, "eval_every", 0) and getattr(cfg, "selfeval_num", 0))  # the frozen base scores it
+    return grpo_kl or cfg.simpo_kl_beta > 0 or und or frozen or selfeval
 
 
 def _chunk(cfg: Any, samples: int, chunk: int | None) -> int:

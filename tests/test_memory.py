@@ -129,6 +129,9 @@ def test_lora_trains_the_adapters_and_its_reference_is_the_adapters():
     lora = _terms(memory.plan(janus_cfg(algo="grpo", backbone_options={"lora": True}), f))
     assert lora["reference"] == f.lora * 4 and lora["optimizer"] == f.lora * 8 and lora["gradients"] == f.lora * 4
     assert "reference" not in _terms(memory.plan(janus_cfg(strategy="gen", grpo_beta=0.0), f))  # nothing reads one
+    # the held-out self-evaluation is scored by the frozen base
+    held = janus_cfg(strategy="gen", grpo_beta=0.0, eval_every=50, heldout=0.05)
+    assert _terms(memory.plan(held, f))["reference"] == f.weight_bytes
 
 
 def test_gradient_checkpointing_keeps_each_layers_input_and_one_layer():
