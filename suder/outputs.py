@@ -33,7 +33,6 @@ cadence), and each such change is recorded in ``config.yaml``'s ``history:``; an
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, TrainingError
+from .hf_save import no_deepspeed_probe
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -494,27 +494,6 @@ class RunWriter:
                 f"{str(exc).rstrip('.')}; the run is saved in '{self.out}': push it with `suder push {self.out} "
                 f"--repo-id {cfg.hub_repo_id}`."
             ) from None
-
-
-@contextlib.contextmanager
-def no_deepspeed_probe():
-    """transformers' ``save_pretrained`` unwraps the model with accelerate's ``extract_model_from_parallel``, which
-    imports DeepSpeed whenever it is installed, to test for its engine class: seconds, and DeepSpeed's "Setting
-    accelerator" warning in a run that never launched it. Unless DeepSpeed is already imported (a DeepSpeed launch
-    imports it in ``prepare``), no model can be its engine, so the probe answers "not available" while saving."""
-    import sys
-
-    if "deepspeed" in sys.modules:
-        yield
-        return
-    import accelerate.utils.other as other
-
-    probe = other.is_deepspeed_available
-    other.is_deepspeed_available = lambda: False
-    try:
-        yield
-    finally:
-        other.is_deepspeed_available = probe
 
 
 # ---------------------------------------------------------------------------------------------- grids

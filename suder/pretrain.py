@@ -54,6 +54,8 @@ from typing import Any
 
 import torch
 
+from .hf_save import no_deepspeed_probe
+
 BASE_VERSION = "v1"
 PRETRAIN_DEFAULTS: dict[str, Any] = dict(
     steps=500, seed=0, batch_size=48, lr=1e-3, warmup_steps=100, cond_dropout=0.1
@@ -221,7 +223,8 @@ def pretrain(
     model.eval()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if out:
-        model.save_pretrained(out)
+        with no_deepspeed_probe():
+            model.save_pretrained(out)
         name = model_name if isinstance(model_name, str) else getattr(model, "name", None)
         info = {"backbone": name, "steps": steps, "seed": seed, "seconds": seconds, "cpu_seconds": cpu}
         info |= {"final_loss": losses[-1] if losses else None, "version": recipe.version if recipe else None}

@@ -138,6 +138,9 @@ SAVE_JANUS = (
     "view = contextlib.contextmanager(lambda: (yield backbone))\n"
     "if sys.argv[1] == 'run':\n"
     "    RunWriter(out, True).save_models(ModelsToSave({'': view}, None), out / 'final')\n"
+    "elif sys.argv[1] == 'pretrain':\n"
+    "    from suder.pretrain import pretrain\n"
+    "    pretrain(backbone, out=str(out / 'final'), steps=1, batch_size=2, caption_batch_size=2)\n"
     "else:\n"
     "    backbone.save_pretrained(str(out / 'final'))\n"
     "assert (out / 'final' / 'config.json').is_file()\n"
@@ -148,13 +151,14 @@ SAVE_JANUS = (
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed installed to matter")
 def test_saving_a_transformers_backbone_outside_a_deepspeed_launch_never_imports_it():
     """Janus-Pro (and Emu3) save through transformers' save_pretrained, whose unwrap imports DeepSpeed when it is
-    installed; a run's save does not (the plain call, the control, does)."""
+    installed; a run's save and ``suder pretrain``'s do not (the plain call, the control, does)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     outputs = {}
-    for how in ("run", "plain"):
+    for how in ("run", "pretrain", "plain"):
         proc = subprocess.run([sys.executable, "-c", SAVE_JANUS, how], capture_output=True, text=True, cwd=ROOT,
                               env=dict(env, OMP_NUM_THREADS="1"), timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outputs[how] = proc.stdout + proc.stderr
-    assert "IMPORTED False" in outputs["run"] and "Setting accelerator" not in outputs["run"]
+    for how in ("run", "pretrain"):
+        assert "IMPORTED False" in outputs[how] and "Setting accelerator" not in outputs[how], how
     assert "IMPORTED True" in outputs["plain"]  # the control: without the guard, the save imports it
