@@ -415,6 +415,22 @@ def image_patches(x: torch.Tensor, stride: int) -> torch.Tensor:
     return torch.nn.functional.unfold(x, stride, stride=stride).transpose(1, 2).reshape(-1, 3 * stride * stride)
 
 
+def reconstruction_accuracy(
+    encode: Callable[[list[Any]], torch.Tensor], decode: Callable[[torch.Tensor], list[Any]], num: int = 400,
+    seed: int = 999,
+) -> dict[str, float]:
+    """How often the judge (``shapes.parse_image``) reads a held-out scene, encoded to codes by ``encode`` (PIL
+    images -> a code tensor) and drawn back by ``decode`` (codes -> PIL images), as the scene itself:
+    ``{"scenes": fraction, "codes_used": distinct codes seen}``. The check of an image tokenizer that every
+    ShapesWorld recipe runs (each passes its own encode/decode). Public, for plugins' recipes."""
+    from .worlds import shapes
+
+    scenes = shapes.sample_scenes(num, seed=seed)
+    codes = encode([shapes.render(s) for s in scenes])
+    hits = [shapes.parse_image(im) == s for im, s in zip(decode(codes), scenes, strict=True)]
+    return {"scenes": sum(hits) / num, "codes_used": int(codes.unique().numel())}
+
+
 def patch_clusters(num: int, stride: int, seed: int = 0, scenes: int = 512, iters: int = 10) -> torch.Tensor:
     """(k, 3 stride^2) centres, k <= ``num``, of the pixel patches (in [-1, 1]) of ``scenes`` rendered ShapesWorld
     scenes, one patch per code: the distinct patches themselves when there are at most ``num`` (at stride 8 there

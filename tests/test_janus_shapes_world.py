@@ -177,6 +177,8 @@ def test_the_base_loads_back_and_is_judged(tiny_janus_base):
     assert image.size == (32, 32)
     result = evaluate(model, num=8, batch=8)
     assert result["t2i"]["n"] == 8 and result["caption_greedy"]["n"] == 8
+    tokenizer = jsw.reconstruction_accuracy(model, num=8)
+    assert 0 <= tokenizer["scenes"] <= 1 and tokenizer["codes_used"] >= 1
 
 
 def test_dsr_on_the_base_runs_and_reports_the_judge_table(tiny_janus_base, tmp_path):

@@ -72,6 +72,27 @@ def test_tokenizer_training_lowers_the_reconstruction_loss():
     assert 0 <= result["scenes"] <= 1 and result["codes_used"] >= 1
 
 
+def test_reconstruction_accuracy_counts_scenes_the_judge_reads_back():
+    """The public check every recipe's tokenizer runs: a lossless encode/decode is read back whole, one that draws
+    nothing is not, and the codes seen are counted."""
+    from suder.pretrain import reconstruction_accuracy
+    from suder.worlds import shapes
+
+    def encode(images):
+        return torch.stack([torch.from_numpy(shapes.render_array(shapes.parse_image(im))) for im in images])
+
+    def decode(codes, blank=False):
+        from PIL import Image
+
+        arrays = codes.numpy().astype("uint8")
+        return [Image.fromarray(a * 0 if blank else a) for a in arrays]
+
+    exact = reconstruction_accuracy(encode, decode, num=12)
+    seen = encode([shapes.render(s) for s in shapes.sample_scenes(12, seed=999)]).unique().numel()
+    assert exact["scenes"] == 1.0 and exact["codes_used"] == seen
+    assert reconstruction_accuracy(encode, functools.partial(decode, blank=True), num=12)["scenes"] == 0.0
+
+
 def test_text_tokenizer_has_one_token_per_word():
     from suder.worlds import shapes
 

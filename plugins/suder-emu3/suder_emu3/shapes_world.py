@@ -181,15 +181,11 @@ def train_tokenizer(vq: Any, *, steps: int = 1200, batch_size: int = 8, lr: floa
 
 @torch.no_grad()
 def reconstruction_accuracy(backbone: Any, num: int = 400, seed: int = 999) -> dict[str, float]:
-    """How often the judge (``shapes.parse_image``) reads a held-out scene, VQ-encoded and decoded through the
-    backbone (``image_codes``, ``decode_images``), as the scene itself: ``{"scenes": fraction, "codes_used": n}``."""
-    from suder.worlds import shapes
+    """``suder.pretrain.reconstruction_accuracy`` through the backbone's VQ-VAE (``image_codes``,
+    ``decode_images``): how often the judge reads a held-out scene, encoded and decoded, as the scene itself."""
+    from suder.pretrain import reconstruction_accuracy as accuracy
 
-    scenes = shapes.sample_scenes(num, seed=seed)
-    codes = backbone.image_codes([shapes.render(s) for s in scenes])
-    images = backbone.decode_images(codes)
-    hits = [shapes.parse_image(im) == s for im, s in zip(images, scenes, strict=True)]
-    return {"scenes": sum(hits) / num, "codes_used": int(codes.unique().numel())}
+    return accuracy(backbone.image_codes, backbone.decode_images, num, seed)
 
 
 # --------------------------------------------------------------------------------------------- the recipe

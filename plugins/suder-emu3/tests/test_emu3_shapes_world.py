@@ -46,6 +46,13 @@ def tiny_cache(tmp_path_factory):
 def test_recipe_end_to_end_at_tiny_size(tiny_cache):
     saved = json.loads(next(tiny_cache.glob("emu3-base-*/suder_emu3.json")).read_text())
     assert saved["negative_prompt"] == "" and saved["positive_prompt"] == "" and saved["top_k"] is None
+    from suder_emu3.shapes_world import reconstruction_accuracy
+
+    from suder import load_backbone
+
+    model = load_backbone("emu3", model=str(next(tiny_cache.glob("emu3-base-*"))))
+    tokenizer = reconstruction_accuracy(model, num=8)
+    assert 0 <= tokenizer["scenes"] <= 1 and tokenizer["codes_used"] >= 1
 
 
 def test_shapes_words_are_single_tokens():

@@ -174,17 +174,13 @@ def train_tokenizer(
 
 @torch.no_grad()
 def reconstruction_accuracy(vq: Any, num: int = 400, seed: int = 999) -> dict[str, float]:
-    """How often the judge (``shapes.parse_image``) reads a reconstructed held-out scene as the scene itself:
-    ``{"scenes": fraction, "codes_used": distinct codes seen}``."""
-    from ...worlds import shapes
+    """``suder.pretrain.reconstruction_accuracy`` through the MAGVIT-v2 tokenizer ``vq`` (``get_code``,
+    ``decode_code``): how often the judge reads a held-out scene, encoded and decoded, as the scene itself."""
+    from ...pretrain import reconstruction_accuracy as accuracy
     from .magvit import tensor_to_images
 
-    scenes = shapes.sample_scenes(num, seed=seed)
-    x = _pixels([shapes.render(s) for s in scenes])
-    codes = vq.get_code(x)
-    images = tensor_to_images(vq.decode_code(codes))
-    hits = [shapes.parse_image(im) == s for im, s in zip(images, scenes)]
-    return {"scenes": sum(hits) / num, "codes_used": int(codes.unique().numel())}
+    return accuracy(lambda images: vq.get_code(_pixels(images)), lambda codes: tensor_to_images(vq.decode_code(codes)),
+                    num, seed)
 
 
 # --------------------------------------------------------------------------------------------- the recipe
