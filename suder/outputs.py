@@ -244,13 +244,16 @@ class RunWriter:
             if self.tracking:
                 self.tracking.log(metrics)
 
-    def save_before(self, before: dict[str, Any]) -> None:
+    def save_record(self, name: str, record: dict[str, Any]) -> None:
+        """A JSON record of the run, kept for a resume (``before.json``: the judge before training;
+        ``selfeval.json``: the base's held-out self-evaluation); main process only."""
         if self.main:
-            dump_json(self.out / "before.json", before)
+            dump_json(self.out / name, record)
 
-    def load_before(self) -> dict[str, Any] | None:
-        path = self.out / "before.json"
-        return json.loads(path.read_text()) if path.exists() else None
+    def load_record(self, name: str) -> dict[str, Any] | None:
+        """The record ``save_record`` wrote, or None."""
+        path = self.out / name
+        return json.loads(path.read_text()) if path.is_file() else None
 
     # ------------------------------------------------------------------ checkpoints
     def save_models(self, models: ModelsToSave, folder: Path) -> None:
@@ -387,14 +390,6 @@ class RunWriter:
     def best_marker(self) -> dict[str, Any] | None:
         """``best/selfeval.json``: the step and score of the weights kept in ``best/`` (None: none kept)."""
         path = self.out / "best" / "selfeval.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def save_selfeval_base(self, base: dict[str, Any]) -> None:
-        if self.main:
-            dump_json(self.out / "selfeval.json", base)
-
-    def load_selfeval_base(self) -> dict[str, Any] | None:
-        path = self.out / "selfeval.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
     # ------------------------------------------------------------------ monitoring

@@ -412,11 +412,11 @@ class Trainer:
         if not self.judge:
             return {}
         if self.resume_from is not None:
-            kept = self.decide(self.writer.load_before)
+            kept = self.decide(lambda: self.writer.load_record("before.json"))
             if kept is not None:
                 return kept
         before = self.evaluate("before")  # still the base: checkpoints are restored after this
-        self.writer.save_before(before)
+        self.writer.save_record("before.json", before)
         return before
 
     def _heldout(self) -> tuple[dict[str, float], bool]:
@@ -427,7 +427,7 @@ class Trainer:
     # ------------------------------------------------------------------ self-evaluation (suder.selfeval)
     def _selfeval_baseline(self) -> dict[str, Any]:
         """The frozen base's own held-out evaluation (kept in ``selfeval.json``; a resumed run reads it back)."""
-        kept = self.writer.load_selfeval_base()
+        kept = self.writer.load_record("selfeval.json")
         if kept is not None:
             return kept
         ref = self.reference
@@ -437,7 +437,7 @@ class Trainer:
             "drift": monitors.sample_stats(scores),
             "heldout": {"prompts": len(scores.get("gen_frozen", [])), "images": len(scores.get("und_frozen", []))},
         }
-        self.writer.save_selfeval_base(base)
+        self.writer.save_record("selfeval.json", base)
         return base
 
     def _self_evaluate(self, step: int) -> tuple[dict[str, float], str, dict[str, Any]]:
