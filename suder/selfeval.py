@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import monitors
 from .data import Pool, check_images, list_images, load_image, read_prompts
 from .errors import DataError
 
@@ -227,6 +228,43 @@ def score(now: dict[str, float], base: dict[str, float]) -> float:
             spread = max(base.get(f"{d}_std", 0.0), 1e-6 * max(1.0, abs(base[f"{d}_frozen"])))
             parts.append((now[f"{d}_frozen"] - base[f"{d}_frozen"]) / spread)
     return sum(parts) / len(parts) if parts else float("nan")
+
+
+def base_record(frozen: Any, held: HeldOut, cfg: TrainConfig) -> dict[str, Any]:
+    """The frozen base's own held-out evaluation (``selfeval.json``): its summary, which ``score`` measures gains
+    against, its samples' statistics, which the drift monitors compare with, and the held-out sizes."""
+    scores = self_evaluate(frozen, frozen, frozen, held, cfg)
+    return {
+        "summary": summary(scores),
+        "drift": monitors.sample_stats(scores),
+        "heldout": {"prompts": len(scores.get("gen_frozen", [])), "images": len(scores.get("und_frozen", []))},
+    }
+
+
+def evaluate_step(gen_model: Any, und_model: Any, frozen: Any, held: HeldOut, cfg: TrainConfig,
+                  base: dict[str, Any], tracker: Tracker, step: int) -> tuple[dict[str, float], str]:
+    """The held-out self-evaluation at ``step``: its metrics (``selfeval/...``, ``drift/...``, a drift warning
+    at most once each) and what ``tracker`` says to do (``Tracker.observe``)."""
+    scores = self_evaluate(gen_model, und_model, frozen, held, cfg)
+    now = summary(scores)
+    value = score(now, base["summary"])
+    action = tracker.observe(value, step)
+    out = {f"selfeval/{k}": v for k, v in now.items() if not k.endswith("_std")}
+    out |= {"selfeval/score": value, "selfeval/best_score": tracker.best_score, "selfeval/best_step": tracker.best_step}
+    out |= monitors.drift_metrics(monitors.sample_stats(scores), base["drift"])
+    monitors.check(out, base["drift"], tracker.warned, step)
+    return out, action
+
+
+def run_record(cfg: TrainConfig, tracker: Tracker, base: dict[str, Any] | None, out: Path, final: Path,
+               last_step: int, select_best: bool) -> dict[str, Any]:
+    """``run.json``'s ``selfeval``: the base's scores, the tracker's state and which step ``final/`` holds."""
+    chosen = tracker.best_step if select_best and (final / "selfeval.json").is_file() else last_step
+    return {
+        "select_final": cfg.select_final, "final_step": chosen, "last_step": last_step,
+        "last_model": str(out / "last") if (out / "last").is_dir() else str(final),
+        "base": (base or {}).get("summary"), "heldout": (base or {}).get("heldout"), **tracker.state(),
+    }
 
 
 # ------------------------------------------------------------------------------------------- selection

@@ -400,7 +400,9 @@ class Trainer:
         select_best = self.held is not None and c.select_final == "best"
         final = writer.save_final(self.acc, self.saved_models(), select_best=select_best)
         if self.held is not None:
-            writer.extra["selfeval"] = self._selfeval_record(select_best, final, history)
+            last = history[-1]["step"] if history else 0
+            writer.extra["selfeval"] = selfeval_mod.run_record(c, self.tracker, self.selfeval_base, self.out, final,
+                                                               last, select_best)
             if self.judge and writer.extra["selfeval"]["final_step"] != writer.extra["selfeval"]["last_step"]:
                 self.load_weights(final)  # the judge scores what final/ holds
         after = self.evaluate("after") if self.judge else {}
@@ -419,43 +421,28 @@ class Trainer:
         self.writer.save_record("before.json", before)
         return before
 
-    def _heldout(self) -> tuple[dict[str, float], bool]:
+    def _trained(self) -> tuple[Any, Any]:
+        """The trained model that draws and the one that captions (the same one unless ``separate``)."""
         keys = ("gen", "und") if self.cfg.strategy == "separate" else ("policy", "policy")
-        held, score = self.writer.heldout(self.cfg, *(self.engines[k].backbone for k in keys))
+        return self.engines[keys[0]].backbone, self.engines[keys[1]].backbone
+
+    def _heldout(self) -> tuple[dict[str, float], bool]:
+        held, score = self.writer.heldout(self.cfg, *self._trained())
         return held, self.writer.should_stop(score, self.cfg.early_stopping_patience)
 
     # ------------------------------------------------------------------ self-evaluation (suder.selfeval)
     def _selfeval_baseline(self) -> dict[str, Any]:
         """The frozen base's own held-out evaluation (kept in ``selfeval.json``; a resumed run reads it back)."""
         kept = self.writer.load_record("selfeval.json")
-        if kept is not None:
-            return kept
-        ref = self.reference
-        scores = selfeval_mod.self_evaluate(ref, ref, ref, self.held, self.cfg)
-        base = {
-            "summary": selfeval_mod.summary(scores),
-            "drift": monitors.sample_stats(scores),
-            "heldout": {"prompts": len(scores.get("gen_frozen", [])), "images": len(scores.get("und_frozen", []))},
-        }
-        self.writer.save_record("selfeval.json", base)
-        return base
+        if kept is None:
+            kept = selfeval_mod.base_record(self.reference, self.held, self.cfg)
+            self.writer.save_record("selfeval.json", kept)
+        return kept
 
     def _self_evaluate(self, step: int) -> tuple[dict[str, float], str, dict[str, Any]]:
-        """The held-out self-evaluation of the trained model(s) at ``step`` (main process): its metrics
-        (``selfeval/...``, ``drift/...``), what the tracker says to do (``selfeval.Tracker.observe``) and the
-        tracker's state."""
-        keys = ("gen", "und") if self.cfg.strategy == "separate" else ("policy", "policy")
-        gen_model, und_model = (self.engines[k].backbone for k in keys)
-        scores = selfeval_mod.self_evaluate(gen_model, und_model, self.reference, self.held, self.cfg)
-        now, base = selfeval_mod.summary(scores), self.selfeval_base
-        value = selfeval_mod.score(now, base["summary"])
-        action = self.tracker.observe(value, step)
-        stats = monitors.sample_stats(scores)
-        out = {f"selfeval/{k}": v for k, v in now.items() if not k.endswith("_std")}
-        out |= {"selfeval/score": value, "selfeval/best_score": self.tracker.best_score,
-                "selfeval/best_step": self.tracker.best_step}
-        out |= monitors.drift_metrics(stats, base["drift"])
-        monitors.check(out, base["drift"], self.tracker.warned, step)
+        """``selfeval.evaluate_step`` of the trained model(s) at ``step`` (main process), and the tracker's state."""
+        out, action = selfeval_mod.evaluate_step(*self._trained(), self.reference, self.held, self.cfg,
+                                                 self.selfeval_base, self.tracker, step)
         return out, action, self.tracker.state()
 
     def act(self, action: str, step: int, value: float) -> bool:
@@ -484,17 +471,6 @@ class Trainer:
             saved = load_backbone(self.cfg.backbone, model=str(path), **self.cfg.backbone_options)
             engine.backbone.load_state_dict(saved.state_dict())
         self.acc.wait_for_everyone()
-
-    def _selfeval_record(self, select_best: bool, final: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """``run.json``'s ``selfeval``: the base's scores, the tracker's state and which step ``final/`` holds."""
-        last = history[-1]["step"] if history else 0
-        chosen = self.tracker.best_step if select_best and (final / "selfeval.json").is_file() else last
-        return {
-            "select_final": self.cfg.select_final, "final_step": chosen, "last_step": last,
-            "last_model": str(self.out / "last") if (self.out / "last").is_dir() else str(final),
-            "base": (self.selfeval_base or {}).get("summary"), "heldout": (self.selfeval_base or {}).get("heldout"),
-            **self.tracker.state(),
-        }
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> dict[str, Any]:
