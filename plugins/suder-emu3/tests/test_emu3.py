@@ -22,14 +22,6 @@ HERE = Path(__file__).resolve().parent
 PROMPTS = ["a red circle", "a green triangle left of a yellow star"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TestEmu3Conformance(BackboneConformance):
     backbone_name = "emu3"
     prompts = tuple(PROMPTS)
